@@ -1,0 +1,272 @@
+//! Who is calling: the peer of the connection, the workload identity in its client
+//! certificate, and the authenticated [`Principal`] the layer puts into request
+//! extensions for handlers to read.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+
+use crate::access::Access;
+use crate::error::{ApiError, reason};
+
+/// A kiln service identity from a certificate URI SAN
+/// `spiffe://<trust-domain>/service/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadId {
+    pub trust_domain: String,
+    pub service: String,
+}
+
+impl WorkloadId {
+    /// Parses a SPIFFE id of the form kiln uses; anything else is `None`.
+    pub fn parse(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (trust_domain, path) = rest.split_once('/')?;
+        let service = path.strip_prefix("service/")?;
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        };
+        (valid(trust_domain) && valid(service)).then(|| Self {
+            trust_domain: trust_domain.to_owned(),
+            service: service.to_owned(),
+        })
+    }
+
+    pub fn uri(&self) -> String {
+        format!("spiffe://{}/service/{}", self.trust_domain, self.service)
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+/// What the transport knows about the other end of a connection. Set once per
+/// connection (the certificate is parsed at handshake, not per request) and available
+/// in every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// A client certificate was presented and verified against the trust bundle.
+    pub client_certificate: bool,
+    /// The kiln workload identity in that certificate, if it has one.
+    pub workload: Option<WorkloadId>,
+}
+
+/// A role of an end user (or an API key), ordered: viewer < user < admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Viewer,
+    User,
+    Admin,
+}
+
+impl Role {
+    /// Whether this role may call an RPC of `access` level (SERVICE is never a role's).
+    pub fn satisfies(self, access: Access) -> bool {
+        match access {
+            Access::Public | Access::Viewer => true,
+            Access::User => self >= Role::User,
+            Access::Admin => self == Role::Admin,
+            Access::Service => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::User => "user",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// How a principal proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// An access JWT issued by kiln-auth.
+    Token,
+    /// An API key (`kiln_…`).
+    ApiKey,
+    /// A kiln service's workload certificate.
+    Workload,
+}
+
+/// The authenticated caller of one request. Handlers read it from the request
+/// extensions with [`principal`]; they never parse tokens themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The user id (for services: the workload URI).
+    pub subject: String,
+    /// The user name (for services: the service name).
+    pub username: String,
+    /// `None` for a workload, which has no end-user role.
+    pub role: Option<Role>,
+    pub auth_method: AuthMethod,
+    /// When the credential stops being valid, when known.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Principal {
+    pub fn workload(id: &WorkloadId) -> Self {
+        Self {
+            subject: id.uri(),
+            username: id.service.clone(),
+            role: None,
+            auth_method: AuthMethod::Workload,
+            expires_at: None,
+        }
+    }
+}
+
+/// Reads the principal the layer authenticated. Missing only for PUBLIC RPCs.
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ApiError> {
+    request.extensions().get::<Principal>().ok_or_else(|| {
+        ApiError::unauthenticated(reason::MISSING_CREDENTIALS, "this RPC needs a bearer token")
+    })
+}
+
+/// A credential taken from the `authorization` header: `Bearer <token>` where the token
+/// is an access JWT or an API key (`kiln_…`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// Longest `authorization` header accepted; real tokens are well under 2 KiB.
+    pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+    /// Parses the header value. `Ok(None)` when there is no header.
+    pub fn from_header(value: Option<&http::HeaderValue>) -> Result<Option<Self>, ApiError> {
+        let Some(value) = value else { return Ok(None) };
+        let malformed = |why: &str| {
+            ApiError::unauthenticated(
+                reason::MALFORMED_CREDENTIALS,
+                format!("the authorization header {why}; send `authorization: Bearer <token>`"),
+            )
+        };
+        if value.len() > Self::MAX_HEADER_BYTES {
+            return Err(malformed(&format!(
+                "is longer than {} bytes",
+                Self::MAX_HEADER_BYTES
+            )));
+        }
+        let text = value
+            .to_str()
+            .map_err(|_| malformed("is not printable ASCII"))?;
+        let (scheme, token) = text
+            .split_once(' ')
+            .ok_or_else(|| malformed("has no scheme"))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(malformed("does not use the Bearer scheme"));
+        }
+        let token = token.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err(malformed("has an empty or broken token"));
+        }
+        Ok(Some(Self(token.to_owned())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    // Never print a credential, not even in debug logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken(…)")
+    }
+}
+
+/// The seam where token verification plugs in: JWTs against the JWKS, API keys through
+/// kiln-auth. The layer calls it for every RPC above PUBLIC.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a BearerToken,
+        peer: &'a PeerInfo,
+    ) -> BoxFuture<'a, Result<Principal, ApiError>>;
+}
+
+/// The authenticator of a server that has no identity provider: every token is refused
+/// with a clear reason, never accepted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoTokenVerification;
+
+impl Authenticator for NoTokenVerification {
+    fn authenticate<'a>(
+        &'a self,
+        _token: &'a BearerToken,
+        _peer: &'a PeerInfo,
+    ) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        Box::pin(async {
+            Err(ApiError::unauthenticated(
+                reason::TOKEN_VERIFICATION_UNAVAILABLE,
+                "this server cannot verify tokens: no identity provider is configured",
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_ids_parse_only_the_kiln_shape() {
+        let id = WorkloadId::parse("spiffe://kiln.local/service/build").expect("valid");
+        assert_eq!(id.trust_domain, "kiln.local");
+        assert_eq!(id.service, "build");
+        assert_eq!(id.uri(), "spiffe://kiln.local/service/build");
+        for bad in [
+            "https://kiln.local/service/build",
+            "spiffe://kiln.local/user/alice",
+            "spiffe://kiln.local/service/",
+            "spiffe:///service/build",
+            "spiffe://kiln.local/service/build/../admin",
+        ] {
+            assert_eq!(WorkloadId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Viewer.satisfies(Access::Viewer));
+        assert!(!Role::Viewer.satisfies(Access::User));
+        assert!(Role::User.satisfies(Access::User));
+        assert!(!Role::User.satisfies(Access::Admin));
+        assert!(Role::Admin.satisfies(Access::Admin));
+        assert!(!Role::Admin.satisfies(Access::Service));
+    }
+
+    #[test]
+    fn bearer_header_parsing_refuses_garbage() {
+        let parse = |s: &str| {
+            BearerToken::from_header(Some(&http::HeaderValue::from_str(s).expect("header")))
+        };
+        assert_eq!(
+            parse("Bearer abc").expect("ok").expect("some").as_str(),
+            "abc"
+        );
+        assert_eq!(
+            parse("bearer  abc ").expect("ok").expect("some").as_str(),
+            "abc"
+        );
+        for bad in ["Basic abc", "Bearer", "Bearer ", "abc", "Bearer a b"] {
+            let err = parse(bad).expect_err(bad);
+            assert_eq!(err.reason(), reason::MALFORMED_CREDENTIALS, "{bad}");
+        }
+        let huge = format!("Bearer {}", "a".repeat(BearerToken::MAX_HEADER_BYTES));
+        assert_eq!(
+            parse(&huge).expect_err("huge").reason(),
+            reason::MALFORMED_CREDENTIALS
+        );
+        assert!(BearerToken::from_header(None).expect("ok").is_none());
+    }
+}

@@ -1,0 +1,88 @@
+//! kiln-rpc: what every kiln service and client shares on the wire.
+//!
+//! - [`server`]: one listener with TLS, the layer chain, health, reflection (v1 and
+//!   v1alpha), keepalive, message limits and graceful shutdown;
+//! - [`layer`]: request id, access policy, authentication seam, authorization;
+//! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
+//! - [`identity`]: peers, workload identities, principals, roles;
+//! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
+//! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub mod access;
+pub mod client;
+pub mod error;
+pub mod identity;
+pub mod incoming;
+pub mod layer;
+pub mod limit;
+pub mod pki;
+pub mod server;
+pub mod tls;
+
+pub use access::Access;
+pub use error::{ApiError, FieldViolation};
+pub use identity::{Principal, Role, principal};
+pub use layer::RequestId;
+pub use server::{KilnServer, ServerSettings, shutdown_signal};
+
+/// Failures of setting up servers and clients (configuration, files, sockets).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("TLS file {path}: {message}")]
+    Tls { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Pki(String),
+    #[error("invalid setting {field}: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Descriptor(#[from] access::DescriptorError),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("client: {0}")]
+    Client(String),
+}
+
+impl Error {
+    pub(crate) fn tls(path: &Path, message: impl std::fmt::Display) -> Self {
+        Self::Tls {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Transport(_) => {
+                ApiError::unavailable(format!("a kiln service is unreachable: {err}"))
+            }
+            other => ApiError::internal("setting up a connection", &other),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Serving kiln services: one listener, TLS, the layer chain, health, reflection,
+//! keepalive, message limits and graceful shutdown — the same for every service and for
+//! `kiln up`, which puts all three on one listener.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::Service;
+
+use crate::Error;
+use crate::access::AccessPolicy;
+use crate::identity::{Authenticator, NoTokenVerification};
+use crate::incoming::tls_incoming;
+use crate::layer::{Gate, KilnLayer};
+use crate::limit::MAX_MESSAGE_BYTES_CEILING;
+use crate::tls::{ReloadingServerConfig, TlsFiles};
+
+/// Settings of one listener. Every default is stated on its field.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address to listen on. `kiln up` default: 127.0.0.1:7443.
+    pub listen: SocketAddr,
+    /// Server certificate, key and the trust bundle for client certificates.
+    pub tls: TlsFiles,
+    /// Refuse handshakes without a client certificate. Default: false (end users
+    /// authenticate with tokens; SERVICE RPCs still need a workload certificate).
+    pub require_client_cert: bool,
+    /// Trust domain of workload identities accepted for SERVICE RPCs. Default: kiln.local.
+    pub trust_domain: String,
+    /// Largest request message accepted, in bytes. Default: 4 MiB; at most 64 MiB.
+    pub max_message_bytes: usize,
+    /// How long in-flight calls and streams may run on after a shutdown signal.
+    /// Default: 30 s.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 PING interval on idle connections. Default: 30 s.
+    pub keepalive_interval: Duration,
+    /// How long to wait for a PING ack before closing. Default: 10 s.
+    pub keepalive_timeout: Duration,
+    /// How often the TLS files are checked for changes. Default: 10 s.
+    pub tls_reload_interval: Duration,
+}
+
+impl ServerSettings {
+    pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    pub const DEFAULT_TRUST_DOMAIN: &str = "kiln.local";
+
+    /// Defaults for everything but the address and the TLS files.
+    pub fn new(listen: SocketAddr, tls: TlsFiles) -> Self {
+        Self {
+            listen,
+            tls,
+            require_client_cert: false,
+            trust_domain: Self::DEFAULT_TRUST_DOMAIN.to_owned(),
+            max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
+            shutdown_grace: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            tls_reload_interval: Duration::from_secs(10),
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES_CEILING {
+            return Err(Error::Config {
+                field: "max_message_bytes",
+                message: format!("must be between 1 and {MAX_MESSAGE_BYTES_CEILING}"),
+            });
+        }
+        if self.trust_domain.is_empty() {
+            return Err(Error::Config {
+                field: "trust_domain",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A listener being put together: add services, then [`KilnServer::bind`].
+pub struct KilnServer {
+    settings: ServerSettings,
+    routes: RoutesBuilder,
+    services: Vec<&'static str>,
+    authenticator: Arc<dyn Authenticator>,
+}
+
+impl std::fmt::Debug for KilnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KilnServer")
+            .field("settings", &self.settings)
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KilnServer {
+    pub fn new(settings: ServerSettings) -> Self {
+        Self {
+            settings,
+            routes: RoutesBuilder::default(),
+            services: Vec::new(),
+            authenticator: Arc::new(NoTokenVerification),
+        }
+    }
+
+    /// Plugs in token verification (default: [`NoTokenVerification`]).
+    pub fn with_authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
+        self.authenticator = authenticator;
+        self
+    }
+
+    /// Adds a generated tonic service; its RPCs get the access levels of the contract,
+    /// and health reports it by its full name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.services.push(S::NAME);
+        self
+    }
+
+    /// Validates the settings, loads TLS and binds the socket (port 0 picks a free one).
+    pub async fn bind(self) -> Result<BoundServer, Error> {
+        self.settings.validate()?;
+        let tls = ReloadingServerConfig::load(
+            self.settings.tls.clone(),
+            self.settings.require_client_cert,
+        )?;
+        let listener = TcpListener::bind(self.settings.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: self.settings.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: self.settings.listen,
+            source,
+        })?;
+        let policy =
+            AccessPolicy::from_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET, &self.services)?;
+        Ok(BoundServer {
+            inner: self,
+            listener,
+            local_addr,
+            tls,
+            policy,
+        })
+    }
+}
+
+/// A listener bound to its address, ready to serve.
+pub struct BoundServer {
+    inner: KilnServer,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    tls: Arc<ReloadingServerConfig>,
+    policy: AccessPolicy,
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Full names of the services on this listener.
+    pub fn services(&self) -> &[&'static str] {
+        &self.inner.services
+    }
+
+    /// Serves until `shutdown` completes, then: health NOT_SERVING, no new connections,
+    /// in-flight calls get `shutdown_grace` to finish, and the rest are dropped.
+    pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let KilnServer {
+            settings,
+            mut routes,
+            services,
+            authenticator,
+        } = self.inner;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, &services, ServingStatus::Serving).await;
+        routes.add_service(health_service);
+        // grpcurl 1.8 speaks only v1alpha reflection, newer clients v1: serve both.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        routes.add_service(
+            reflection()
+                .build_v1()
+                .map_err(|e| Error::Reflection(e.to_string()))?,
+        );
+        routes.add_service(
+            reflection()
+                .build_v1alpha()
+                .map_err(|e| Error::Reflection(e.to_string()))?,
+        );
+
+        let layer = KilnLayer::new(Gate {
+            policy: self.policy,
+            authenticator,
+            trust_domain: settings.trust_domain.clone(),
+            max_message_bytes: settings.max_message_bytes,
+        });
+        let _tls_watch = AbortOnDrop(self.tls.watch(settings.tls_reload_interval));
+        let incoming = tls_incoming(self.listener, self.tls);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(settings.keepalive_interval))
+            .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+            .layer(layer)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        tokio::pin!(server);
+        tracing::info!(addr = %self.local_addr, services = ?services, "serving");
+        tokio::select! {
+            result = &mut server => return result.map_err(Error::from),
+            () = shutdown => {}
+        }
+        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: NOT_SERVING, letting in-flight calls finish");
+        set_health(&health, &services, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(settings.shutdown_grace, server).await {
+            Ok(result) => result.map_err(Error::from),
+            Err(_) => {
+                tracing::warn!("shutdown grace period over; dropping the remaining connections");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Sets the status of every service and of the server as a whole ("").
+async fn set_health(health: &HealthReporter, services: &[&str], status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for name in services {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM: the signals a terminal and Kubernetes send.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C will stop the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,168 @@
+//! rustls server configuration from PEM files, reloaded when the files change.
+//!
+//! Client certificates are requested on every handshake and verified against the trust
+//! bundle when presented; `require_client_cert` makes them mandatory. Certificates and
+//! keys are re-read when their files change (SPIFFE-style certificates live an hour), so
+//! new connections get the new ones without a restart; a broken new file is logged and
+//! the previous configuration stays in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::Error;
+use crate::identity::WorkloadId;
+
+/// Where a listener's TLS material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain of the server, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of the server (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM trust bundle: the CAs whose client certificates are accepted.
+    pub client_ca: PathBuf,
+}
+
+/// The process-wide crypto provider: ring only (no aws-lc, no C toolchain surprises).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate in a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| Error::tls(path, e))?;
+    if certs.is_empty() {
+        return Err(Error::tls(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key in a PEM file.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::tls(path, e))
+}
+
+/// Builds a root store from a PEM trust bundle.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| Error::tls(path, e))?;
+    }
+    Ok(roots)
+}
+
+/// A server configuration built from `files`, advertising HTTP/2 only (gRPC).
+pub fn server_config(
+    files: &TlsFiles,
+    require_client_cert: bool,
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = crypto_provider();
+    let roots = Arc::new(read_roots(&files.client_ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let verifier = if require_client_cert {
+        verifier
+    } else {
+        verifier.allow_unauthenticated()
+    };
+    let verifier = verifier
+        .build()
+        .map_err(|e| Error::tls(&files.client_ca, e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| Error::tls(&files.cert, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(&files.cert)?, read_key(&files.key)?)
+        .map_err(|e| Error::tls(&files.key, e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The kiln workload identity in a (verified) certificate, if it carries one.
+pub fn workload_identity(cert: &CertificateDer<'_>) -> Option<WorkloadId> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => WorkloadId::parse(uri),
+        _ => None,
+    })
+}
+
+/// A server configuration that follows its files.
+#[derive(Debug)]
+pub struct ReloadingServerConfig {
+    files: TlsFiles,
+    require_client_cert: bool,
+    current: RwLock<(Arc<rustls::ServerConfig>, Option<SystemTime>)>,
+}
+
+impl ReloadingServerConfig {
+    pub fn load(files: TlsFiles, require_client_cert: bool) -> Result<Arc<Self>, Error> {
+        let config = server_config(&files, require_client_cert)?;
+        let stamp = newest_mtime(&files);
+        Ok(Arc::new(Self {
+            files,
+            require_client_cert,
+            current: RwLock::new((Arc::new(config), stamp)),
+        }))
+    }
+
+    /// The configuration for the next handshake.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Re-reads the files if any changed since the last load. Returns whether it swapped.
+    pub fn reload_if_changed(&self) -> bool {
+        let stamp = newest_mtime(&self.files);
+        if stamp == self.current.read().unwrap_or_else(|e| e.into_inner()).1 {
+            return false;
+        }
+        match server_config(&self.files, self.require_client_cert) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                    (Arc::new(config), stamp);
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, "TLS files changed but cannot be loaded; keeping the previous ones");
+                false
+            }
+        }
+    }
+
+    /// Checks the files every `interval` for as long as the returned task runs.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(this) = this.upgrade() else { return };
+                this.reload_if_changed();
+            }
+        })
+    }
+}
+
+fn newest_mtime(files: &TlsFiles) -> Option<SystemTime> {
+    [&files.cert, &files.key, &files.client_ca]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
+}
