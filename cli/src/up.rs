@@ -48,6 +48,8 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Before anything else, so that a signal during start-up still stops us cleanly.
+    let shutdown = shutdown_signal()?;
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     create_private_dir(&data_dir)?;
     let pki = ensure_dev_pki(&data_dir.join("pki"), &args.trust_domain, SERVICES)
@@ -75,7 +77,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         "  try:            grpcurl -cacert {} {addr} list",
         pki.ca_cert().display()
     );
-    server.serve_until(shutdown_signal()).await?;
+    server.serve_until(shutdown).await?;
     println!("kiln stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -74,6 +74,14 @@ impl CertificateAuthority {
         })
     }
 
+    /// A CA from its PEM certificate and key (e.g. the development CA on disk).
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
+        let key_pem = key.serialize_pem();
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(pki_err)?;
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), key_pem })
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }

@@ -205,11 +205,14 @@ impl BoundServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, &services, ServingStatus::Serving).await;
         routes.add_service(health_service);
-        // grpcurl 1.8 speaks only v1alpha reflection, newer clients v1: serve both.
+        // grpcurl 1.8 speaks only v1alpha reflection, newer clients v1: serve both. The
+        // google.rpc types are served too, so that generic clients can decode the error
+        // details (ErrorInfo, BadRequest, RetryInfo) of kiln's errors.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         routes.add_service(
             reflection()
@@ -274,19 +277,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Completes on SIGINT or SIGTERM: the signals a terminal and Kubernetes send.
-pub async fn shutdown_signal() {
+/// A future that completes on SIGINT or SIGTERM (what a terminal and Kubernetes send).
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// a signal that arrives between start-up and serving must stop the server cleanly
+/// instead of killing it with the default action.
+pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Error> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(err) => {
-            tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C will stop the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let io = |source| Error::Io { path: "signal handler".into(), source };
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
+    })
 }

