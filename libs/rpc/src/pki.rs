@@ -79,7 +79,11 @@ impl CertificateAuthority {
         let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
         let key_pem = key.serialize_pem();
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(pki_err)?;
-        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), key_pem })
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem,
+        })
     }
 
     pub fn cert_pem(&self) -> &str {

@@ -284,7 +284,10 @@ impl Drop for AbortOnDrop {
 /// instead of killing it with the default action.
 pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Error> {
     use tokio::signal::unix::{SignalKind, signal};
-    let io = |source| Error::Io { path: "signal handler".into(), source };
+    let io = |source| Error::Io {
+        path: "signal handler".into(),
+        source,
+    };
     let mut term = signal(SignalKind::terminate()).map_err(io)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io)?;
     Ok(async move {
