@@ -78,6 +78,16 @@ impl Role {
         }
     }
 
+    /// `viewer`, `user` or `admin`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "viewer" => Some(Self::Viewer),
+            "user" => Some(Self::User),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Viewer => "viewer",
@@ -111,6 +121,10 @@ pub struct Principal {
     pub auth_method: AuthMethod,
     /// When the credential stops being valid, when known.
     pub expires_at: Option<SystemTime>,
+    /// The session (JWT `sid`) for a token.
+    pub session_id: Option<String>,
+    /// The key id for an API key.
+    pub api_key_id: Option<String>,
 }
 
 impl Principal {
@@ -121,6 +135,8 @@ impl Principal {
             role: None,
             auth_method: AuthMethod::Workload,
             expires_at: None,
+            session_id: None,
+            api_key_id: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The one layer chain every kiln listener runs in front of its handlers:
 //!
-//! request id → tracing span → message size limit → access policy → authenticate →
-//! authorize → handler.
+//! request id → tracing span → access policy → rate limit → authenticate → authorize →
+//! message size limit → handler.
 //!
 //! It is a tower layer, not a tonic interceptor, because authentication needs I/O (API
 //! key look-ups) and the connection's peer certificate. On success it leaves a typed
@@ -24,6 +24,7 @@ use crate::access::{Access, AccessPolicy, Verdict};
 use crate::error::{ApiError, reason};
 use crate::identity::{Authenticator, BearerToken, PeerInfo, Principal};
 use crate::limit::LimitedBody;
+use crate::ratelimit::RateLimiter;
 
 /// The `x-request-id` header, echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -73,6 +74,8 @@ pub struct Gate {
     /// SERVICE RPCs accept workload certificates of this trust domain only.
     pub trust_domain: String,
     pub max_message_bytes: usize,
+    /// Per caller and method; `None` disables rate limiting.
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 impl fmt::Debug for Gate {
@@ -111,11 +114,15 @@ impl Gate {
             .get::<PeerInfo>()
             .cloned()
             .unwrap_or_default();
+        let authorization = request.headers().get(http::header::AUTHORIZATION);
+        if let Some(limiter) = &self.rate_limiter {
+            limiter.check(authorization, &peer, path)?;
+        }
         let principal = match access {
             Access::Public => return Ok(()),
             Access::Service => self.workload_principal(&peer)?,
             Access::Viewer | Access::User | Access::Admin => {
-                let token = BearerToken::from_header(request.headers().get(http::header::AUTHORIZATION))?
+                let token = BearerToken::from_header(authorization)?
                     .ok_or_else(|| {
                         ApiError::unauthenticated(
                             reason::MISSING_CREDENTIALS,
@@ -172,6 +179,21 @@ impl KilnLayer {
         Self {
             gate: Arc::new(gate),
         }
+    }
+
+    /// Periodically drops rate-limit state of idle callers, so memory stays bounded.
+    pub fn spawn_housekeeping(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let gate = Arc::downgrade(&self.gate);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            loop {
+                ticker.tick().await;
+                let Some(gate) = gate.upgrade() else { return };
+                if let Some(limiter) = &gate.rate_limiter {
+                    limiter.forget_idle();
+                }
+            }
+        })
     }
 }
 

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub mod access;
+pub mod authn;
 pub mod client;
 pub mod error;
 pub mod identity;
@@ -19,8 +20,10 @@ pub mod incoming;
 pub mod layer;
 pub mod limit;
 pub mod pki;
+pub mod ratelimit;
 pub mod server;
 pub mod tls;
+pub mod token;
 
 pub use access::Access;
 pub use error::{ApiError, FieldViolation};

@@ -24,6 +24,7 @@ use crate::identity::{Authenticator, NoTokenVerification};
 use crate::incoming::tls_incoming;
 use crate::layer::{Gate, KilnLayer};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
+use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::tls::{ReloadingServerConfig, TlsFiles};
 
 /// Settings of one listener. Every default is stated on its field.
@@ -49,6 +50,9 @@ pub struct ServerSettings {
     pub keepalive_timeout: Duration,
     /// How often the TLS files are checked for changes. Default: 10 s.
     pub tls_reload_interval: Duration,
+    /// Requests per caller and method; `None` turns rate limiting off. Default: 200/s,
+    /// burst 400.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl ServerSettings {
@@ -67,6 +71,7 @@ impl ServerSettings {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             tls_reload_interval: Duration::from_secs(10),
+            rate_limit: Some(RateLimit::default()),
         }
     }
 
@@ -193,6 +198,12 @@ impl BoundServer {
         &self.inner.services
     }
 
+    /// Plugs in token verification once the address is known (an authenticator that
+    /// talks to this very listener, as in `kiln up`, needs it).
+    pub fn set_authenticator(&mut self, authenticator: Arc<dyn Authenticator>) {
+        self.inner.authenticator = authenticator;
+    }
+
     /// Serves until `shutdown` completes, then: health NOT_SERVING, no new connections,
     /// in-flight calls get `shutdown_grace` to finish, and the rest are dropped.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
@@ -225,12 +236,15 @@ impl BoundServer {
                 .map_err(|e| Error::Reflection(e.to_string()))?,
         );
 
+        let rate_limiter = settings.rate_limit.map(RateLimiter::new);
         let layer = KilnLayer::new(Gate {
             policy: self.policy,
             authenticator,
             trust_domain: settings.trust_domain.clone(),
             max_message_bytes: settings.max_message_bytes,
+            rate_limiter,
         });
+        let _forget = AbortOnDrop(layer.spawn_housekeeping(Duration::from_secs(60)));
         let _tls_watch = AbortOnDrop(self.tls.watch(settings.tls_reload_interval));
         let incoming = tls_incoming(self.listener, self.tls);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

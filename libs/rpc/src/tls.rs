@@ -166,3 +166,71 @@ fn newest_mtime(files: &TlsFiles) -> Option<SystemTime> {
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .max()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CertificateAuthority, write_file};
+
+    fn write_pair(dir: &Path, ca: &CertificateAuthority) -> TlsFiles {
+        let issued = ca.issue_server(&["localhost"]).expect("cert");
+        let files = TlsFiles {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca: dir.join("ca.pem"),
+        };
+        write_file(&files.cert, &issued.cert_pem, false).expect("write");
+        write_file(&files.key, &issued.key_pem, true).expect("write");
+        write_file(&files.client_ca, ca.cert_pem(), false).expect("write");
+        files
+    }
+
+    #[test]
+    fn changed_files_are_picked_up_and_broken_files_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = write_pair(dir.path(), &CertificateAuthority::new("first").expect("ca"));
+        let reloading = ReloadingServerConfig::load(files.clone(), false).expect("loads");
+        let before = reloading.current();
+        assert!(!reloading.reload_if_changed(), "nothing changed yet");
+
+        // New certificate from another CA: swapped in.
+        // (a pause, so the new files get a later modification time)
+        std::thread::sleep(Duration::from_millis(20));
+        write_pair(
+            dir.path(),
+            &CertificateAuthority::new("second").expect("ca"),
+        );
+        assert!(reloading.reload_if_changed());
+        let after = reloading.current();
+        assert!(
+            !Arc::ptr_eq(&before, &after),
+            "a new configuration is in force"
+        );
+
+        // A half-written key: logged and ignored, the working configuration stays.
+        std::thread::sleep(Duration::from_millis(20));
+        write_file(&files.key, "-----BEGIN PRIVATE KEY-----\ngarbage\n", true).expect("write");
+        assert!(!reloading.reload_if_changed());
+        assert!(
+            Arc::ptr_eq(&after, &reloading.current()),
+            "the working configuration stays"
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_files_give_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            cert: dir.path().join("nope.pem"),
+            key: dir.path().join("nope-key.pem"),
+            client_ca: dir.path().join("ca.pem"),
+        };
+        std::fs::write(&files.client_ca, "").expect("write");
+        let err = server_config(&files, false).expect_err("no files");
+        let text = err.to_string();
+        assert!(
+            text.contains("ca.pem") || text.contains("nope.pem"),
+            "{text}"
+        );
+    }
+}

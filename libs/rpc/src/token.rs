@@ -1,0 +1,303 @@
+//! kiln access tokens: the claims, the JWKS format and verification.
+//!
+//! kiln-auth signs access tokens; every service verifies them locally with the public
+//! keys of the JWKS (never a shared secret). The format lives here so that the signer
+//! and the verifiers cannot drift apart.
+//!
+//! Algorithm: **EdDSA (Ed25519)**. It is asymmetric (the JWKS can be public), keys are
+//! 32 bytes and generated in microseconds (rotation is cheap), signatures are
+//! deterministic, and verification is fast and constant-time; hot callers pay for it
+//! once per token anyway because verified tokens are cached (see `authn`). RS256 would
+//! verify somewhat faster but signs ~50× slower and needs multi-kilobyte keys; ES256
+//! verifies slower than Ed25519. `bench/` measures the three.
+//!
+//! Verification accepts EdDSA only: `alg: none`, HS256 made with the public key
+//! (algorithm confusion) and every other algorithm are refused before any key is used.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{AuthMethod, Principal, Role};
+
+/// The only algorithm kiln signs and accepts.
+pub const ALGORITHM: Algorithm = Algorithm::EdDSA;
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// The claims of a kiln access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// Issuer, e.g. `kiln`.
+    pub iss: String,
+    /// Audience, e.g. `kiln`.
+    pub aud: String,
+    /// The user id.
+    pub sub: String,
+    /// The username at issue time (saves a look-up for logs and WhoAmI).
+    pub name: String,
+    /// `viewer`, `user` or `admin`.
+    pub role: String,
+    /// The session (refresh token family) id.
+    pub sid: String,
+    /// Unique token id.
+    pub jti: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Not before, Unix seconds.
+    pub nbf: u64,
+    /// Expires at, Unix seconds.
+    pub exp: u64,
+}
+
+impl AccessClaims {
+    /// The principal these claims stand for; `None` for an unknown role.
+    pub fn principal(&self) -> Option<Principal> {
+        Some(Principal {
+            subject: self.sub.clone(),
+            username: self.name.clone(),
+            role: Some(Role::parse(&self.role)?),
+            auth_method: AuthMethod::Token,
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(self.exp)),
+            session_id: Some(self.sid.clone()),
+            api_key_id: None,
+        })
+    }
+}
+
+/// One public key of the JWKS (RFC 8037 OKP key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicJwk {
+    pub kid: String,
+    /// Always `OKP`.
+    pub kty: String,
+    /// Always `Ed25519`.
+    pub crv: String,
+    /// The public key, base64url without padding.
+    pub x: String,
+    /// Always `EdDSA`.
+    pub alg: String,
+    /// Always `sig`.
+    #[serde(rename = "use")]
+    pub use_: String,
+}
+
+impl PublicJwk {
+    pub fn ed25519(kid: impl Into<String>, public_key: &[u8]) -> Self {
+        Self {
+            kid: kid.into(),
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: URL_SAFE_NO_PAD.encode(public_key),
+            alg: "EdDSA".into(),
+            use_: "sig".into(),
+        }
+    }
+}
+
+/// A JSON Web Key Set: `{"keys": [...]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<PublicJwk>,
+}
+
+/// A private signing key (Ed25519, PKCS#8 DER) and its key id.
+pub struct SigningKey {
+    pub kid: String,
+    encoding: EncodingKey,
+    public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    /// A fresh Ed25519 key; returns it with its PKCS#8 DER for storage.
+    pub fn generate(kid: impl Into<String>) -> Result<(Self, Vec<u8>), TokenError> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| TokenError::KeyGeneration)?;
+        let key = Self::from_pkcs8(kid, pkcs8.as_ref())?;
+        Ok((key, pkcs8.as_ref().to_vec()))
+    }
+
+    /// A key from stored PKCS#8 DER.
+    pub fn from_pkcs8(kid: impl Into<String>, pkcs8: &[u8]) -> Result<Self, TokenError> {
+        use ring::signature::KeyPair;
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| TokenError::BadKey)?;
+        Ok(Self {
+            kid: kid.into(),
+            encoding: EncodingKey::from_ed_der(pkcs8),
+            public_key: pair.public_key().as_ref().to_vec(),
+        })
+    }
+
+    pub fn public_jwk(&self) -> PublicJwk {
+        PublicJwk::ed25519(&self.kid, &self.public_key)
+    }
+
+    /// Signs `claims` with this key, `kid` in the header.
+    pub fn sign(&self, claims: &AccessClaims) -> Result<String, TokenError> {
+        let mut header = Header::new(ALGORITHM);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| TokenError::Signing(e.to_string()))
+    }
+}
+
+/// Why a token was refused. Messages are safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token's algorithm is not accepted (only EdDSA)")]
+    Algorithm,
+    #[error("the token has no key id")]
+    MissingKid,
+    #[error("the token was signed with an unknown key")]
+    UnknownKey,
+    #[error("the token's signature is invalid")]
+    Signature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token was issued for another issuer or audience")]
+    WrongIssuerOrAudience,
+    #[error("the token's claims are invalid")]
+    Claims,
+    #[error("cannot generate a signing key")]
+    KeyGeneration,
+    #[error("the signing key is unusable")]
+    BadKey,
+    #[error("cannot sign the token: {0}")]
+    Signing(String),
+}
+
+/// Verifies access tokens against a JWKS.
+pub struct TokenVerifier {
+    keys: HashMap<String, DecodingKey>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier for tokens of `issuer` and `audience` signed by a key of `jwks`. Keys
+    /// that are not Ed25519 OKP keys are ignored.
+    pub fn new(jwks: &Jwks, issuer: &str, audience: &str) -> Self {
+        let keys = jwks
+            .keys
+            .iter()
+            .filter(|k| k.kty == "OKP" && k.crv == "Ed25519" && k.alg == "EdDSA")
+            .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
+            .collect();
+        let mut validation = Validation::new(ALGORITHM);
+        validation.algorithms = vec![ALGORITHM];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        Self { keys, validation }
+    }
+
+    pub fn knows(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    /// Checks the token's header, signature and claims.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != ALGORITHM {
+            return Err(TokenError::Algorithm);
+        }
+        let kid = header.kid.ok_or(TokenError::MissingKid)?;
+        let key = self.keys.get(&kid).ok_or(TokenError::UnknownKey)?;
+        let data =
+            jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::ExpiredSignature => TokenError::Expired,
+                    K::ImmatureSignature => TokenError::NotYetValid,
+                    K::InvalidIssuer | K::InvalidAudience => TokenError::WrongIssuerOrAudience,
+                    K::InvalidSignature => TokenError::Signature,
+                    K::InvalidAlgorithm => TokenError::Algorithm,
+                    K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                        TokenError::Malformed
+                    }
+                    _ => TokenError::Claims,
+                }
+            })?;
+        Ok(data.claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(now: u64) -> AccessClaims {
+        AccessClaims {
+            iss: "kiln".into(),
+            aud: "kiln".into(),
+            sub: "u-1".into(),
+            name: "alice".into(),
+            role: "user".into(),
+            sid: "s-1".into(),
+            jti: "j-1".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 900,
+        }
+    }
+
+    fn setup() -> (SigningKey, TokenVerifier) {
+        let (key, _) = SigningKey::generate("k1").expect("key");
+        let jwks = Jwks {
+            keys: vec![key.public_jwk()],
+        };
+        (key, TokenVerifier::new(&jwks, "kiln", "kiln"))
+    }
+
+    #[test]
+    fn a_signed_token_verifies_and_maps_to_a_principal() {
+        let (key, verifier) = setup();
+        let token = key.sign(&claims(unix_now())).expect("signed");
+        let verified = verifier.verify(&token).expect("valid");
+        let principal = verified.principal().expect("known role");
+        assert_eq!(principal.role, Some(Role::User));
+        assert_eq!(principal.session_id.as_deref(), Some("s-1"));
+    }
+
+    #[test]
+    fn stored_keys_round_trip() {
+        let (key, pkcs8) = SigningKey::generate("k1").expect("key");
+        let again = SigningKey::from_pkcs8("k1", &pkcs8).expect("loads");
+        assert_eq!(key.public_jwk(), again.public_jwk());
+    }
+}
