@@ -2,7 +2,8 @@
 //!
 //! - **Access JWTs** are verified locally against the JWKS fetched from kiln-auth over
 //!   mTLS. The key set is cached; a token with an unknown `kid` triggers a refetch, at
-//!   most once per `jwks_min_refresh`, so a flood of forged kids cannot hammer kiln-auth.
+//!   most once per `jwks_min_refresh` (1 s), so a flood of forged kids cannot hammer
+//!   kiln-auth, while a token of a freshly rotated key is never refused.
 //!   Verified tokens are cached by their SHA-256 until they expire, so a hot client pays
 //!   one hash and one map look-up per call.
 //! - **API keys** (`kiln_…`) are resolved through `AuthenticateApiKey` (a SERVICE RPC,
@@ -35,7 +36,7 @@ pub struct AuthnConfig {
     pub issuer: String,
     /// Expected `aud`. Default: `kiln`.
     pub audience: String,
-    /// Least time between two JWKS fetches. Default: 10 s.
+    /// Least time between two JWKS fetches. Default: 1 s.
     pub jwks_min_refresh: Duration,
     /// How long an accepted API key is trusted without asking kiln-auth. Default: 30 s.
     pub api_key_ttl: Duration,
@@ -52,7 +53,7 @@ impl AuthnConfig {
             auth,
             issuer: "kiln".into(),
             audience: "kiln".into(),
-            jwks_min_refresh: Duration::from_secs(10),
+            jwks_min_refresh: Duration::from_secs(1),
             api_key_ttl: Duration::from_secs(30),
             api_key_negative_ttl: Duration::from_secs(5),
             max_cached: 100_000,
@@ -126,16 +127,18 @@ impl SuiteAuthenticator {
             .clone()
     }
 
-    /// Fetches the JWKS unless another caller just did (or is doing it now).
+    /// Fetches the JWKS, at most once per `jwks_min_refresh`: a caller that comes too
+    /// soon waits for the interval instead of failing, so a token of a freshly rotated
+    /// key is accepted, while a flood of forged kids still causes at most one fetch per
+    /// interval (callers queue on the lock).
     async fn refresh_jwks(&self, wanted_kid: Option<&str>) -> Result<(), ApiError> {
         let mut last = self.last_fetch.lock().await;
-        if let Some(kid) = wanted_kid
-            && self.current_verifier().knows(kid)
-        {
-            return Ok(()); // someone else fetched it while we waited for the lock
+        if wanted_kid.is_some_and(|kid| self.current_verifier().knows(kid)) {
+            return Ok(()); // fetched by someone else while we waited for the lock
         }
-        if last.is_some_and(|at| at.elapsed() < self.config.jwks_min_refresh) {
-            return Ok(());
+        if let Some(at) = *last {
+            let next = at + self.config.jwks_min_refresh;
+            tokio::time::sleep_until(next.into()).await;
         }
         *last = Some(Instant::now());
         let response = self
