@@ -1,5 +1,6 @@
 //! Logs go to stderr: readable on a terminal, JSON lines for machines (production).
-//! `RUST_LOG` (or `KILN_LOG`) picks the levels; the default is `info`.
+//! `KILN_LOG` (or `RUST_LOG`) picks the levels; the default is `info` for `kiln up` and
+//! `warn` for client commands.
 
 use std::io::IsTerminal;
 
@@ -12,12 +13,12 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init(format: LogFormat) {
+pub fn init(format: LogFormat, default_level: &str) {
     let filter = std::env::var("KILN_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(default_level));
     let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Json => true,

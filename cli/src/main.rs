@@ -5,9 +5,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod archive;
+mod cmd;
+mod context;
 mod health;
 mod logging;
+mod output;
 mod up;
+
+use context::{ClientArgs, Context};
 
 /// kiln: remote, sandboxed builds and LLM code generation over gRPC.
 #[derive(Debug, Parser)]
@@ -16,6 +22,9 @@ struct Cli {
     /// Log format: `auto` (readable on a terminal, JSON otherwise), `text` or `json`.
     #[arg(long, global = true, env = "KILN_LOG_FORMAT", default_value = "auto")]
     log_format: logging::LogFormat,
+
+    #[command(flatten)]
+    client: ClientArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -26,12 +35,58 @@ enum Command {
     /// Run auth, build and agent in one process on one port, with a development PKI.
     Up(up::UpArgs),
     /// Ask a kiln endpoint whether each service is SERVING (gRPC health).
-    Health(health::HealthArgs),
+    Health,
+    /// Log in and keep the tokens for later commands (refreshed on their own).
+    Login(cmd::auth::LoginArgs),
+    /// End this session and forget its tokens.
+    Logout(cmd::auth::LogoutArgs),
+    /// Who the saved login (or KILN_TOKEN) is.
+    Whoami,
+    /// API keys: create, list, revoke.
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
+    /// Users (admins): create, list, update, delete.
+    #[command(subcommand)]
+    Users(cmd::users::UsersCommand),
+    /// Workspaces: create (from a directory), ls, cat, download, rm.
+    #[command(subcommand, alias = "ws")]
+    Workspace(cmd::workspace::WorkspaceCommand),
+    /// Builds: run (and stream), watch, list, get, cancel.
+    #[command(subcommand)]
+    Build(cmd::build::BuildCommand),
+    /// The LLM agent: run a task.
+    #[command(subcommand)]
+    Agent(cmd::agent::AgentCommand),
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Up(args) = cli.command {
+        return up::run(args).await;
+    }
+    let ctx = Context::resolve(&cli.client)?;
+    match cli.command {
+        Command::Up(_) => unreachable!("handled above"),
+        Command::Health => health::run(&ctx).await,
+        Command::Login(args) => cmd::auth::login(&ctx, args).await.map(|()| 0),
+        Command::Logout(args) => cmd::auth::logout(&ctx, args).await.map(|()| 0),
+        Command::Whoami => cmd::auth::whoami(&ctx).await.map(|()| 0),
+        Command::Keys(command) => cmd::keys::run(&ctx, command).await.map(|()| 0),
+        Command::Users(command) => cmd::users::run(&ctx, command).await.map(|()| 0),
+        Command::Workspace(command) => cmd::workspace::run(&ctx, command).await.map(|()| 0),
+        Command::Build(command) => cmd::build::run(&ctx, command).await,
+        Command::Agent(command) => cmd::agent::run(&ctx, command).await,
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // Client commands log only warnings unless asked: their output is the result.
+    let default_level = if matches!(cli.command, Command::Up(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    logging::init(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,14 +97,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Up(args) => up::run(args).await,
-            Command::Health(args) => health::run(args).await,
-        }
-    });
-    match result {
-        Ok(code) => code,
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(err) => {
             eprintln!("kiln: {err:#}");
             ExitCode::FAILURE

@@ -68,26 +68,21 @@ async fn a_client_certificate_from_another_ca_fails_the_handshake() {
 async fn a_client_without_a_certificate_reaches_public_rpcs() {
     let suite = Suite::start();
     let mut auth = AuthServiceClient::new(suite.channel().await);
-    // The handler answers (not yet implemented), so the layer let the call through.
+    // The handler answers (no such user), so the layer let the call through.
     let status = auth
         .login(LoginRequest {
             username: "alice".into(),
             password: "correct horse".into(),
         })
         .await
-        .expect_err("Login is not implemented yet");
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert_eq!(reason(&status), "NOT_IMPLEMENTED");
-    assert!(
-        status.message().contains("kiln.auth.v1.AuthService/Login"),
-        "{}",
-        status.message()
-    );
-    let status = auth
+        .expect_err("no such user");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_CREDENTIALS");
+    let jwks = auth
         .get_jwks(GetJwksRequest::default())
         .await
-        .expect_err("not implemented yet");
-    assert_eq!(reason(&status), "NOT_IMPLEMENTED");
+        .expect("public keys");
+    assert!(!jwks.into_inner().keys.is_empty());
 }
 
 #[tokio::test]
@@ -169,12 +164,13 @@ async fn a_service_rpc_with_the_suites_workload_certificate_reaches_its_handler(
         .connect()
         .await
         .expect("connects");
+    // The handler itself answers: the key is unknown.
     let status = AuthServiceClient::new(channel)
         .authenticate_api_key(authenticate_request())
         .await
-        .expect_err("not implemented yet");
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert_eq!(reason(&status), "NOT_IMPLEMENTED");
+        .expect_err("unknown key");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_API_KEY");
 }
 
 #[tokio::test]
@@ -250,8 +246,7 @@ async fn garbage_and_oversized_authorization_headers_are_refused() {
 }
 
 #[tokio::test]
-async fn a_well_formed_token_is_not_accepted_without_an_identity_provider() {
-    // Until kiln-auth verifies tokens, no token may ever pass: deny, with a clear reason.
+async fn a_token_not_signed_by_kiln_auth_is_refused() {
     let suite = Suite::start();
     let channel = suite
         .client()
@@ -264,5 +259,5 @@ async fn a_well_formed_token_is_not_accepted_without_an_identity_provider() {
         .await
         .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert_eq!(reason(&status), "TOKEN_VERIFICATION_UNAVAILABLE");
+    assert_eq!(reason(&status), "INVALID_TOKEN");
 }

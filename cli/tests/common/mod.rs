@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use kiln_rpc::client::{ClientConfig, KilnChannel};
 use kiln_rpc::pki::DevPki;
 
+/// The bootstrap admin's password in every test suite.
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+
 pub struct Suite {
     child: Child,
     /// `https://127.0.0.1:<port>`
@@ -44,6 +47,7 @@ impl Suite {
             .arg(data.path())
             .args(extra_args)
             .env("KILN_LOG", "info,kiln_rpc=debug")
+            .env("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -96,6 +100,60 @@ impl Suite {
             .connect()
             .await
             .expect("connects to the suite")
+    }
+
+    /// Logs in over TLS and returns the access and refresh tokens.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<(String, String), tonic::Status> {
+        use kiln_proto::auth::{LoginRequest, auth_service_client::AuthServiceClient};
+        let mut auth = AuthServiceClient::new(self.channel().await);
+        let response = auth
+            .login(LoginRequest {
+                username: username.into(),
+                password: password.into(),
+            })
+            .await?
+            .into_inner();
+        Ok((response.access_token, response.refresh_token))
+    }
+
+    /// An access token of the bootstrap admin.
+    pub async fn admin_token(&self) -> String {
+        self.login("admin", ADMIN_PASSWORD)
+            .await
+            .expect("admin logs in")
+            .0
+    }
+
+    /// A channel carrying `token`.
+    pub async fn channel_as(&self, token: &str) -> KilnChannel {
+        self.client()
+            .token(token)
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    /// Creates a user (as admin) and returns an access token of it.
+    pub async fn user_token(&self, username: &str, role: kiln_proto::auth::Role) -> String {
+        use kiln_proto::auth::{CreateUserRequest, auth_service_client::AuthServiceClient};
+        let password = format!("{username}-password-123");
+        AuthServiceClient::new(self.channel_as(&self.admin_token().await).await)
+            .create_user(CreateUserRequest {
+                username: username.into(),
+                password: password.clone(),
+                role: role as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("user created");
+        self.login(username, &password)
+            .await
+            .expect("user logs in")
+            .0
     }
 
     /// The suite's log so far (JSON lines).

@@ -1,136 +1,226 @@
-//! kiln-auth: users, passwords, tokens, API keys, roles and the auth audit trail.
+//! kiln-auth: users, passwords, sessions, API keys, signing keys and the auth audit
+//! trail of the kiln suite (`kiln.auth.v1.AuthService`, DESIGN §3.1).
 //!
-//! The RPCs of `kiln.auth.v1.AuthService` are served here. This release carries the contract and
-//! the shared server layer only; every RPC answers UNIMPLEMENTED (reason
-//! NOT_IMPLEMENTED) with a message naming it, until the auth service lands (users, tokens, API keys).
+//! [`AuthApi::open`] opens the store, runs its migrations, bootstraps the first admin,
+//! loads the signing keys and starts the rotation task; [`service`] wraps it for
+//! `KilnServer::add_service`. The kiln layer authenticates callers and enforces each
+//! RPC's access level before a handler runs; handlers read the resulting
+//! [`kiln_rpc::Principal`] from the request extensions and check ownership.
+//!
+//! Modules: [`config`] (settings and defaults), `store` (SQLite, migrations), `password`
+//! (rules, Argon2id pool), `secret` (random tokens, digests), `keys` (signing keys,
+//! JWKS, rotation), `sessions` (login, refresh, logout, password change), `api_keys`,
+//! `users` (admin RPCs), `audit`, `throttle`, `handlers` (the gRPC trait), [`error`].
 
-use kiln_proto::auth as pb;
-use kiln_proto::auth::auth_service_server::{AuthService, AuthServiceServer};
-use kiln_rpc::ApiError;
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_proto::auth::auth_service_server::AuthServiceServer;
+use kiln_rpc::identity::PeerInfo;
 use kiln_rpc::limit::MAX_MESSAGE_BYTES_CEILING;
-use tonic::Status;
+use kiln_rpc::{Principal, Role};
 
-/// The auth service's handlers.
-#[derive(Debug, Default)]
-pub struct AuthApi {}
+mod api_keys;
+mod audit;
+mod bootstrap;
+pub mod config;
+mod convert;
+pub mod error;
+mod handlers;
+mod keys;
+mod paging;
+mod password;
+mod secret;
+mod sessions;
+mod store;
+mod throttle;
+mod users;
+
+pub use bootstrap::{ADMIN_PASSWORD_FILE, ADMIN_USERNAME};
+pub use config::{AuthConfig, Clock, ManualClock, PasswordCost, SystemClock, ThrottleConfig};
+pub use error::{AuthError, reason};
+pub use password::{MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES, MIN_PASSWORD_CHARS};
+pub use store::DB_FILE;
+
+use error::Result;
+use keys::KeyRing;
+use password::PasswordHasher;
+use store::Store;
+use throttle::LoginThrottle;
+
+/// The auth service: implements `kiln_proto::auth::auth_service_server::AuthService`.
+/// Cheap to clone (the state is shared).
+#[derive(Debug, Clone)]
+pub struct AuthApi {
+    inner: Arc<Inner>,
+}
+
+/// The shared state behind [`AuthApi`]; each module adds its operations to it.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    config: AuthConfig,
+    store: Store,
+    hasher: PasswordHasher,
+    keys: KeyRing,
+    throttle: LoginThrottle,
+}
+
+impl Inner {
+    fn now(&self) -> SystemTime {
+        self.config.clock.now()
+    }
+}
+
+impl AuthApi {
+    /// Opens (or creates) `<data_dir>/auth.db` — SQLite in WAL mode, file mode 0600 in a
+    /// 0700 directory — runs the embedded migrations, creates the first admin on an
+    /// empty store, loads or creates the signing key (rotating it if it is older than
+    /// the rotation interval) and starts the background rotation task. The task stops
+    /// when the last clone of the returned `AuthApi` is dropped.
+    pub async fn open(config: AuthConfig) -> Result<AuthApi> {
+        validate(&config)?;
+        let store = Store::open(&config.data_dir).await?;
+        let hasher = PasswordHasher::new(config.password_cost, config.hashing_concurrency).await?;
+        let now = config.clock.now();
+        bootstrap::ensure_admin(
+            &store,
+            &hasher,
+            &config.data_dir,
+            config.admin_password.as_deref(),
+            now,
+        )
+        .await?;
+        let keys = KeyRing::load(&store, now, config.access_ttl).await?;
+        keys.rotate_if_due(&store, now, config.key_rotation_interval)
+            .await?;
+        let inner = Arc::new(Inner {
+            throttle: LoginThrottle::new(config.throttle.clone()),
+            config,
+            store,
+            hasher,
+            keys,
+        });
+        tokio::spawn(rotate_on_schedule(Arc::downgrade(&inner)));
+        Ok(AuthApi { inner })
+    }
+
+    /// Rotates the signing key now (on demand, e.g. after a suspected key leak, or from
+    /// an operator command) and returns the new key id. Tokens signed by the previous
+    /// key keep verifying until they expire; it stays in the JWKS until then.
+    pub async fn rotate_signing_key(&self) -> Result<String> {
+        self.inner
+            .keys
+            .rotate(&self.inner.store, self.inner.now())
+            .await
+    }
+
+    /// The id of the key that signs new tokens.
+    pub fn current_key_id(&self) -> String {
+        self.inner.keys.current_kid()
+    }
+
+    /// Closes the store's connections (for a clean shutdown; dropping also works).
+    pub async fn close(&self) {
+        self.inner.store.close().await;
+    }
+}
+
+fn validate(config: &AuthConfig) -> Result<()> {
+    let bad = |what: &str| Err(AuthError::Config(what.to_owned()));
+    if config.issuer.is_empty() || config.audience.is_empty() {
+        return bad("issuer and audience must not be empty");
+    }
+    if config.access_ttl < Duration::from_secs(1) {
+        return bad("access_ttl must be at least 1 second");
+    }
+    if config.refresh_idle_ttl.is_zero() || config.refresh_absolute_ttl < config.refresh_idle_ttl {
+        return bad("refresh_idle_ttl must be positive and at most refresh_absolute_ttl");
+    }
+    if config.key_rotation_interval < config.access_ttl {
+        return bad("key_rotation_interval must be at least access_ttl");
+    }
+    if config.key_rotation_check.is_zero() {
+        return bad("key_rotation_check must be positive");
+    }
+    Ok(())
+}
+
+/// Checks every `key_rotation_check` whether the signing key is due, until the service
+/// is dropped. A failed rotation is logged and retried at the next check; the old key
+/// keeps signing meanwhile.
+async fn rotate_on_schedule(inner: Weak<Inner>) {
+    let Some(period) = inner.upgrade().map(|i| i.config.key_rotation_check) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let (now, interval) = (inner.now(), inner.config.key_rotation_interval);
+        if let Err(e) = inner.keys.rotate_if_due(&inner.store, now, interval).await {
+            tracing::error!(error = %e, "scheduled signing-key rotation failed; will retry");
+        }
+    }
+}
 
 /// The tonic service, ready for `KilnServer::add_service`. Its own decode limit is set to
 /// the ceiling because the kiln layer enforces the configured limit (answering
 /// RESOURCE_EXHAUSTED, as gRPC clients expect) before a message reaches tonic.
-pub fn service() -> AuthServiceServer<AuthApi> {
-    AuthServiceServer::new(AuthApi::default()).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
+pub fn service(api: AuthApi) -> AuthServiceServer<AuthApi> {
+    AuthServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
 }
 
-fn not_implemented(rpc: &str) -> Status {
-    ApiError::not_implemented(
-        &format!("kiln.auth.v1.AuthService/{rpc}"),
-        "kiln-auth is not built yet in this release",
-    )
-    .into()
+/// Who is calling, taken from the request extensions the kiln layer filled.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    principal: Option<Principal>,
+    /// The peer address for the audit trail, `unknown` when not known.
+    peer: String,
+    /// The peer's IP, for throttling.
+    ip: Option<IpAddr>,
 }
 
-#[tonic::async_trait]
-impl AuthService for AuthApi {
-    async fn login(
-        &self,
-        _request: tonic::Request<pb::LoginRequest>,
-    ) -> Result<tonic::Response<pb::LoginResponse>, Status> {
-        Err(not_implemented("Login"))
+impl Caller {
+    fn of<T>(request: &tonic::Request<T>) -> Self {
+        let addr = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .or_else(|| request.remote_addr());
+        Self {
+            principal: request.extensions().get::<Principal>().cloned(),
+            peer: addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            ip: addr.map(|a| a.ip()),
+        }
     }
-    async fn refresh(
-        &self,
-        _request: tonic::Request<pb::RefreshRequest>,
-    ) -> Result<tonic::Response<pb::RefreshResponse>, Status> {
-        Err(not_implemented("Refresh"))
+
+    /// The authenticated end user (a token or API key; not a workload).
+    fn user(&self) -> Result<&Principal> {
+        let principal = self.principal.as_ref().ok_or(AuthError::MissingPrincipal)?;
+        if principal.role.is_none() {
+            return Err(AuthError::PermissionDenied {
+                reason: kiln_rpc::error::reason::INSUFFICIENT_ROLE,
+                message: "this RPC is for end users, not services".into(),
+            });
+        }
+        Ok(principal)
     }
-    async fn logout(
-        &self,
-        _request: tonic::Request<pb::LogoutRequest>,
-    ) -> Result<tonic::Response<pb::LogoutResponse>, Status> {
-        Err(not_implemented("Logout"))
+
+    /// The caller, if it is an admin. The layer already enforces ADMIN RPCs; this
+    /// second check keeps a handler safe if it is ever mounted without the layer.
+    fn admin(&self) -> Result<&Principal> {
+        let principal = self.user()?;
+        if principal.role != Some(Role::Admin) {
+            return Err(AuthError::PermissionDenied {
+                reason: reason::NOT_ADMIN,
+                message: "this RPC needs the admin role".into(),
+            });
+        }
+        Ok(principal)
     }
-    async fn who_am_i(
-        &self,
-        _request: tonic::Request<pb::WhoAmIRequest>,
-    ) -> Result<tonic::Response<pb::WhoAmIResponse>, Status> {
-        Err(not_implemented("WhoAmI"))
-    }
-    async fn change_password(
-        &self,
-        _request: tonic::Request<pb::ChangePasswordRequest>,
-    ) -> Result<tonic::Response<pb::ChangePasswordResponse>, Status> {
-        Err(not_implemented("ChangePassword"))
-    }
-    async fn create_api_key(
-        &self,
-        _request: tonic::Request<pb::CreateApiKeyRequest>,
-    ) -> Result<tonic::Response<pb::CreateApiKeyResponse>, Status> {
-        Err(not_implemented("CreateApiKey"))
-    }
-    async fn list_api_keys(
-        &self,
-        _request: tonic::Request<pb::ListApiKeysRequest>,
-    ) -> Result<tonic::Response<pb::ListApiKeysResponse>, Status> {
-        Err(not_implemented("ListApiKeys"))
-    }
-    async fn revoke_api_key(
-        &self,
-        _request: tonic::Request<pb::RevokeApiKeyRequest>,
-    ) -> Result<tonic::Response<pb::RevokeApiKeyResponse>, Status> {
-        Err(not_implemented("RevokeApiKey"))
-    }
-    async fn create_user(
-        &self,
-        _request: tonic::Request<pb::CreateUserRequest>,
-    ) -> Result<tonic::Response<pb::User>, Status> {
-        Err(not_implemented("CreateUser"))
-    }
-    async fn get_user(
-        &self,
-        _request: tonic::Request<pb::GetUserRequest>,
-    ) -> Result<tonic::Response<pb::User>, Status> {
-        Err(not_implemented("GetUser"))
-    }
-    async fn list_users(
-        &self,
-        _request: tonic::Request<pb::ListUsersRequest>,
-    ) -> Result<tonic::Response<pb::ListUsersResponse>, Status> {
-        Err(not_implemented("ListUsers"))
-    }
-    async fn update_user(
-        &self,
-        _request: tonic::Request<pb::UpdateUserRequest>,
-    ) -> Result<tonic::Response<pb::UpdateUserResponse>, Status> {
-        Err(not_implemented("UpdateUser"))
-    }
-    async fn delete_user(
-        &self,
-        _request: tonic::Request<pb::DeleteUserRequest>,
-    ) -> Result<tonic::Response<pb::DeleteUserResponse>, Status> {
-        Err(not_implemented("DeleteUser"))
-    }
-    async fn revoke_user_sessions(
-        &self,
-        _request: tonic::Request<pb::RevokeUserSessionsRequest>,
-    ) -> Result<tonic::Response<pb::RevokeUserSessionsResponse>, Status> {
-        Err(not_implemented("RevokeUserSessions"))
-    }
-    async fn list_audit_events(
-        &self,
-        _request: tonic::Request<pb::ListAuditEventsRequest>,
-    ) -> Result<tonic::Response<pb::ListAuditEventsResponse>, Status> {
-        Err(not_implemented("ListAuditEvents"))
-    }
-    async fn get_jwks(
-        &self,
-        _request: tonic::Request<pb::GetJwksRequest>,
-    ) -> Result<tonic::Response<pb::GetJwksResponse>, Status> {
-        Err(not_implemented("GetJwks"))
-    }
-    async fn authenticate_api_key(
-        &self,
-        _request: tonic::Request<pb::AuthenticateApiKeyRequest>,
-    ) -> Result<tonic::Response<pb::AuthenticateApiKeyResponse>, Status> {
-        Err(not_implemented("AuthenticateApiKey"))
-    }
+}
+
+/// Unix seconds of `t`.
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

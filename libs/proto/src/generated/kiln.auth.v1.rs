@@ -202,8 +202,9 @@ pub struct CreateApiKeyRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateApiKeyResponse {
-    /// The secret, shown only here and only once: `kiln_` followed by 43 URL-safe base64
-    /// characters. Send it as `authorization: Bearer <key>`.
+    /// The secret, shown only here and only once: `kiln_<id>_<secret>`, where id is the
+    /// key's 32 hex digits and secret 43 URL-safe base64 characters. Send it as
+    /// `authorization: Bearer <key>`.
     #[prost(string, tag = "1")]
     pub key: ::prost::alloc::string::String,
     /// The key resource.
@@ -548,6 +549,21 @@ pub struct GetJwksResponse {
     #[prost(string, tag = "4")]
     pub audience: ::prost::alloc::string::String,
 }
+/// RotateSigningKeyRequest asks for a new signing key; it has no fields.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateSigningKeyRequest {}
+/// RotateSigningKeyResponse names the keys before and after the rotation.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateSigningKeyResponse {
+    /// The `kid` of the new current signing key.
+    #[prost(string, tag = "1")]
+    pub key_id: ::prost::alloc::string::String,
+    /// The `kid` of the key it replaced, still in the JWKS until its tokens expire.
+    #[prost(string, tag = "2")]
+    pub previous_key_id: ::prost::alloc::string::String,
+}
 /// AuthenticateApiKeyRequest carries an API key to resolve.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -818,8 +834,9 @@ pub mod auth_service_client {
         /// Reusing an already rotated refresh token is treated as theft: the whole token family
         /// (the session) is revoked and the call fails UNAUTHENTICATED (reason
         /// REFRESH_TOKEN_REUSED). A reuse within a short grace window (a few seconds) after the
-        /// rotation, e.g. two concurrent refreshes, is not theft: it returns the tokens of the
-        /// rotation instead. An unknown, expired or revoked token, or a disabled user, answers
+        /// rotation, e.g. two concurrent refreshes, is not theft: it returns a fresh pair of
+        /// tokens of the same session (only hashes are stored, so the first pair cannot be
+        /// repeated). An unknown, expired or revoked token, or a disabled user, answers
         /// UNAUTHENTICATED (reason INVALID_REFRESH_TOKEN).
         pub async fn refresh(
             &mut self,
@@ -1224,6 +1241,33 @@ pub mod auth_service_client {
                 .insert(GrpcMethod::new("kiln.auth.v1.AuthService", "GetJwks"));
             self.inner.unary(req, path, codec).await
         }
+        /// RotateSigningKey makes a new signing key current at once, e.g. after a suspected
+        /// leak (keys also rotate on a schedule). The previous key stays in the JWKS until every
+        /// token it signed has expired, so no request fails. Access: ADMIN.
+        pub async fn rotate_signing_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateSigningKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateSigningKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/kiln.auth.v1.AuthService/RotateSigningKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("kiln.auth.v1.AuthService", "RotateSigningKey"));
+            self.inner.unary(req, path, codec).await
+        }
         /// AuthenticateApiKey resolves an API key to its principal, for the auth layer of the
         /// other kiln services, and records the key's last-used time. Access: SERVICE (a kiln
         /// workload certificate; never an end user's token).
@@ -1290,8 +1334,9 @@ pub mod auth_service_server {
         /// Reusing an already rotated refresh token is treated as theft: the whole token family
         /// (the session) is revoked and the call fails UNAUTHENTICATED (reason
         /// REFRESH_TOKEN_REUSED). A reuse within a short grace window (a few seconds) after the
-        /// rotation, e.g. two concurrent refreshes, is not theft: it returns the tokens of the
-        /// rotation instead. An unknown, expired or revoked token, or a disabled user, answers
+        /// rotation, e.g. two concurrent refreshes, is not theft: it returns a fresh pair of
+        /// tokens of the same session (only hashes are stored, so the first pair cannot be
+        /// repeated). An unknown, expired or revoked token, or a disabled user, answers
         /// UNAUTHENTICATED (reason INVALID_REFRESH_TOKEN).
         async fn refresh(
             &self,
@@ -1433,6 +1478,16 @@ pub mod auth_service_server {
             &self,
             request: tonic::Request<super::GetJwksRequest>,
         ) -> std::result::Result<tonic::Response<super::GetJwksResponse>, tonic::Status>;
+        /// RotateSigningKey makes a new signing key current at once, e.g. after a suspected
+        /// leak (keys also rotate on a schedule). The previous key stays in the JWKS until every
+        /// token it signed has expired, so no request fails. Access: ADMIN.
+        async fn rotate_signing_key(
+            &self,
+            request: tonic::Request<super::RotateSigningKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RotateSigningKeyResponse>,
+            tonic::Status,
+        >;
         /// AuthenticateApiKey resolves an API key to its principal, for the auth layer of the
         /// other kiln services, and records the key's last-used time. Access: SERVICE (a kiln
         /// workload certificate; never an end user's token).
@@ -2238,6 +2293,52 @@ pub mod auth_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetJwksSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/kiln.auth.v1.AuthService/RotateSigningKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateSigningKeySvc<T: AuthService>(pub Arc<T>);
+                    impl<
+                        T: AuthService,
+                    > tonic::server::UnaryService<super::RotateSigningKeyRequest>
+                    for RotateSigningKeySvc<T> {
+                        type Response = super::RotateSigningKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateSigningKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthService>::rotate_signing_key(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateSigningKeySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

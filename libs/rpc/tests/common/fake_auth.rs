@@ -136,6 +136,12 @@ impl AuthService for FakeAuth {
     ) -> Result<tonic::Response<pb::ListAuditEventsResponse>, Status> {
         Err(not_implemented("ListAuditEvents"))
     }
+    async fn rotate_signing_key(
+        &self,
+        _request: tonic::Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<tonic::Response<pb::RotateSigningKeyResponse>, Status> {
+        Err(not_implemented("RotateSigningKey"))
+    }
     async fn get_jwks(
         &self,
         request: tonic::Request<pb::GetJwksRequest>,

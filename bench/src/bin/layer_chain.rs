@@ -1,0 +1,325 @@
+//! What kiln's layer chain costs, and what token verification and login cost.
+//!
+//! 1. Unary RPC throughput over the same TLS listener code: a bare tonic server vs the
+//!    full kiln chain (request id, access policy, rate limit, JWT authentication from a
+//!    cached verifier, authorization, size limit). Budget (DESIGN §6): chain ≥ 85 % of bare.
+//! 2. Access-token verification per call: cold (signature + claims every time) and
+//!    cached (what a hot client pays), EdDSA vs ES256.
+//! 3. Login's cost: one Argon2id verification with the OWASP parameters kiln uses.
+//!
+//! `cargo run --release -p kiln-bench --bin layer_chain [seconds-per-case]`
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use kiln_proto::auth as pb;
+use kiln_proto::auth::auth_service_client::AuthServiceClient;
+use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
+use kiln_rpc::client::ClientConfig;
+use kiln_rpc::identity::{Authenticator, BearerToken, PeerInfo};
+use kiln_rpc::incoming::tls_incoming;
+use kiln_rpc::pki::ensure_dev_pki;
+use kiln_rpc::tls::ReloadingServerConfig;
+use kiln_rpc::token::{AccessClaims, Jwks, SigningKey, TokenVerifier, unix_now};
+use kiln_rpc::{KilnServer, ServerSettings};
+use tonic::body::Body;
+use tonic::server::{NamedService, UnaryService};
+
+/// A two-RPC stand-in for kiln-auth: WhoAmI (the measured call; VIEWER in the contract)
+/// and GetJwks (so the chain's authenticator can fetch keys from it).
+#[derive(Clone)]
+struct BenchAuth {
+    jwks_json: Arc<String>,
+}
+
+impl NamedService for BenchAuth {
+    const NAME: &'static str = "kiln.auth.v1.AuthService";
+}
+
+struct WhoAmI;
+impl UnaryService<pb::WhoAmIRequest> for WhoAmI {
+    type Response = pb::WhoAmIResponse;
+    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, tonic::Status>>;
+    fn call(&mut self, request: tonic::Request<pb::WhoAmIRequest>) -> Self::Future {
+        let username = request
+            .extensions()
+            .get::<kiln_rpc::Principal>()
+            .map(|p| p.username.clone())
+            .unwrap_or_default();
+        Box::pin(async move {
+            Ok(tonic::Response::new(pb::WhoAmIResponse {
+                principal: Some(pb::Principal {
+                    username,
+                    ..Default::default()
+                }),
+            }))
+        })
+    }
+}
+
+struct GetJwks(Arc<String>);
+impl UnaryService<pb::GetJwksRequest> for GetJwks {
+    type Response = pb::GetJwksResponse;
+    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, tonic::Status>>;
+    fn call(&mut self, _request: tonic::Request<pb::GetJwksRequest>) -> Self::Future {
+        let jwks_json = (*self.0).clone();
+        Box::pin(async move {
+            Ok(tonic::Response::new(pb::GetJwksResponse {
+                jwks_json,
+                ..Default::default()
+            }))
+        })
+    }
+}
+
+impl tower::Service<http::Request<Body>> for BenchAuth {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let jwks = self.jwks_json.clone();
+        Box::pin(async move {
+            use tonic::server::Grpc;
+            use tonic_prost::ProstCodec;
+            Ok(match request.uri().path() {
+                "/kiln.auth.v1.AuthService/WhoAmI" => {
+                    Grpc::new(ProstCodec::default())
+                        .unary(WhoAmI, request)
+                        .await
+                }
+                "/kiln.auth.v1.AuthService/GetJwks" => {
+                    Grpc::new(ProstCodec::default())
+                        .unary(GetJwks(jwks), request)
+                        .await
+                }
+                _ => tonic::Status::unimplemented("bench").into_http(),
+            })
+        })
+    }
+}
+
+fn claims(role: &str) -> AccessClaims {
+    let now = unix_now();
+    AccessClaims {
+        iss: "kiln".into(),
+        aud: "kiln".into(),
+        sub: "u-bench".into(),
+        name: "bench".into(),
+        role: role.into(),
+        sid: "s-bench".into(),
+        jti: "j-bench".into(),
+        iat: now,
+        nbf: now,
+        exp: now + 3600,
+    }
+}
+
+/// Calls WhoAmI from `clients` concurrent tasks for `duration`; returns calls/s.
+async fn throughput(
+    endpoint: &str,
+    ca: &str,
+    token: &str,
+    clients: usize,
+    duration: Duration,
+) -> f64 {
+    let mut tasks = Vec::new();
+    let deadline = Instant::now() + duration;
+    for _ in 0..clients {
+        let config = ClientConfig::new(endpoint).ca_pem(ca).token(token);
+        tasks.push(tokio::spawn(async move {
+            let mut client = AuthServiceClient::new(config.connect().await.expect("connects"));
+            let mut calls = 0u64;
+            while Instant::now() < deadline {
+                client
+                    .who_am_i(pb::WhoAmIRequest::default())
+                    .await
+                    .expect("call succeeds");
+                calls += 1;
+            }
+            calls
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("join");
+    }
+    total as f64 / duration.as_secs_f64()
+}
+
+fn per_call<F: FnMut()>(iterations: u32, mut f: F) -> Duration {
+    for _ in 0..iterations / 10 {
+        f();
+    }
+    let started = Instant::now();
+    for _ in 0..iterations {
+        f();
+    }
+    started.elapsed() / iterations
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let duration = Duration::from_secs(seconds);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = ensure_dev_pki(dir.path(), "kiln.local", &["auth"]).expect("pki");
+    let ca = std::fs::read_to_string(pki.ca_cert()).expect("ca");
+    let (key, _) = SigningKey::generate("bench").expect("key");
+    let jwks = Jwks {
+        keys: vec![key.public_jwk()],
+    };
+    let service = BenchAuth {
+        jwks_json: Arc::new(serde_json::to_string(&jwks).expect("json")),
+    };
+    let token = key.sign(&claims("user")).expect("token");
+
+    // Bare: tonic with kiln's TLS acceptor, no layer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bare_addr = listener.local_addr().expect("addr");
+    let tls = ReloadingServerConfig::load(pki.server_tls(), false).expect("tls");
+    let bare = tonic::transport::Server::builder().add_service(service.clone());
+    tokio::spawn(bare.serve_with_incoming(tls_incoming(listener, tls)));
+
+    // Chain: the full kiln layer, authenticating against the JWKS of the same service.
+    let mut settings = ServerSettings::new("127.0.0.1:0".parse().expect("addr"), pki.server_tls());
+    settings.rate_limit = None; // one client hammering one method is not abuse here
+    let mut chain = KilnServer::new(settings)
+        .add_service(service)
+        .bind()
+        .await
+        .expect("bind");
+    let chain_addr = chain.local_addr();
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
+    let authn = AuthnConfig::new(
+        ClientConfig::new(format!("https://{chain_addr}"))
+            .ca_pem(ca.clone())
+            .identity(
+                read(pki.workload_cert("auth")),
+                read(pki.workload_key("auth")),
+            ),
+    );
+    chain.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
+    tokio::spawn(chain.serve_until(std::future::pending()));
+
+    println!("kiln layer chain benchmark: {seconds} s per case, 2 runs each, best kept\n");
+    println!("1. unary WhoAmI over TLS, calls/s (higher is better)");
+    for clients in [1usize, 16] {
+        let bare_url = format!("https://{bare_addr}");
+        let chain_url = format!("https://{chain_addr}");
+        // Warm the chain's JWKS and token caches before measuring.
+        throughput(&chain_url, &ca, &token, 1, Duration::from_millis(200)).await;
+        let mut best = (0.0f64, 0.0f64);
+        for _ in 0..2 {
+            best.0 = best
+                .0
+                .max(throughput(&bare_url, &ca, &token, clients, duration).await);
+            best.1 = best
+                .1
+                .max(throughput(&chain_url, &ca, &token, clients, duration).await);
+        }
+        println!(
+            "   {clients:>2} client(s): bare tonic {:>8.0}/s   kiln chain {:>8.0}/s   chain/bare = {:.2}",
+            best.0,
+            best.1,
+            best.1 / best.0
+        );
+    }
+
+    println!("\n2. access-token verification, per call");
+    let verifier = TokenVerifier::new(&jwks, "kiln", "kiln");
+    let eddsa_cold = per_call(20_000, || {
+        verifier.verify(&token).expect("valid");
+    });
+    let cached = SuiteAuthenticator::new(AuthnConfig::new(
+        ClientConfig::new(format!("https://{chain_addr}")).ca_pem(ca.clone()),
+    ));
+    let bearer =
+        BearerToken::from_header(Some(&format!("Bearer {token}").parse().expect("header")))
+            .expect("parses")
+            .expect("present");
+    let peer = PeerInfo::default();
+    cached
+        .authenticate(&bearer, &peer)
+        .await
+        .expect("first verification fetches the JWKS");
+    let started = Instant::now();
+    let n = 200_000u32;
+    for _ in 0..n {
+        cached.authenticate(&bearer, &peer).await.expect("cached");
+    }
+    let eddsa_cached = started.elapsed() / n;
+    let es256_cold = es256_verify_cost();
+    println!(
+        "   EdDSA (Ed25519), cold:   {:>8.1} µs",
+        eddsa_cold.as_secs_f64() * 1e6
+    );
+    println!(
+        "   ES256 (P-256), cold:     {:>8.1} µs   (the alternative considered)",
+        es256_cold.as_secs_f64() * 1e6
+    );
+    println!(
+        "   EdDSA, cached verifier:  {:>8.2} µs   ({:.0}× cheaper than cold)",
+        eddsa_cached.as_secs_f64() * 1e6,
+        eddsa_cold.as_secs_f64() / eddsa_cached.as_secs_f64()
+    );
+
+    println!("\n3. login: one Argon2id verification (m=19456 KiB, t=2, p=1)");
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        argon2::Params::new(19_456, 2, 1, None).expect("params"),
+    );
+    use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
+    let hash = argon
+        .hash_password(b"correct horse battery")
+        .expect("hash")
+        .to_string();
+    let login = per_call(20, || {
+        argon
+            .verify_password(b"correct horse battery", hash.as_str())
+            .expect("verifies");
+    });
+    println!(
+        "   {:.1} ms per login (hashing runs on a bounded blocking pool)",
+        login.as_secs_f64() * 1e3
+    );
+}
+
+/// Cold verification cost of an ES256 token with the same claims.
+fn es256_verify_cost() -> Duration {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("p256 key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("pair");
+    let point = pair.public_key().as_ref(); // 0x04 || x || y
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (x, y) = (b64.encode(&point[1..33]), b64.encode(&point[33..65]));
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims("user"),
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )
+    .expect("es256 token");
+    let key = jsonwebtoken::DecodingKey::from_ec_components(&x, &y).expect("decoding key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["kiln"]);
+    per_call(5_000, || {
+        jsonwebtoken::decode::<AccessClaims>(&token, &key, &validation).expect("valid");
+    })
+}

@@ -1,0 +1,360 @@
+//! cgroup limits (memory, pids, CPU) for a step's tree, on v1 and v2 hierarchies.
+//!
+//! Steps get a child cgroup of the service's own cgroup (never one elsewhere in the
+//! tree): a step stays inside whatever limits the service itself runs under, and the
+//! service only needs its own subtree delegated (as Kubernetes and systemd do).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::outcome::{Control, Enforcement, Mechanism};
+use crate::spec::Limits;
+
+/// Which cgroup hierarchy the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Legacy per-controller hierarchies.
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+/// Where step cgroups are created: one base directory per controller (v1) or one (v2).
+#[derive(Debug, Clone)]
+pub(crate) struct CgroupBase {
+    pub version: CgroupVersion,
+    /// (controller, directory). In v2 every controller maps to the same directory.
+    pub dirs: Vec<(&'static str, PathBuf)>,
+}
+
+const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
+
+impl CgroupBase {
+    /// Finds the service's own cgroups and checks that children can be created there.
+    pub fn detect() -> Result<Self, String> {
+        let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let base = if let Some(v2) = detect_v2(&own, &mountinfo)? {
+            v2
+        } else {
+            detect_v1(&own, &mountinfo)?
+        };
+        base.check_writable()?;
+        Ok(base)
+    }
+
+    fn check_writable(&self) -> Result<(), String> {
+        let probe = format!("kiln-probe-{}", std::process::id());
+        for (_, dir) in &self.dirs {
+            let d = dir.join(&probe);
+            fs::create_dir(&d)
+                .map_err(|e| format!("cannot create a cgroup under {}: {e}", dir.display()))?;
+            let _ = fs::remove_dir(&d);
+        }
+        Ok(())
+    }
+
+    /// The controllers we can use.
+    pub fn controllers(&self) -> Vec<&'static str> {
+        self.dirs.iter().map(|(c, _)| *c).collect()
+    }
+}
+
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn detect_v2(own: &str, mountinfo: &str) -> Result<Option<CgroupBase>, String> {
+    let Some(mount) = cgroup2_mount(mountinfo) else {
+        return Ok(None);
+    };
+    // A pure v2 host lists only "0::/path"; a hybrid host (v1 controllers + an empty v2
+    // tree) is treated as v1.
+    if own.lines().any(|l| !l.starts_with("0::")) {
+        return Ok(None);
+    }
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Ok(None);
+    };
+    let base = mount.join(path.trim_start_matches('/'));
+    enable_v2_controllers(&base)?;
+    let enabled = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
+    let dirs = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| enabled.split_whitespace().any(|e| e == *c))
+        .map(|c| (c, base.clone()))
+        .collect::<Vec<_>>();
+    if dirs.is_empty() {
+        return Err(format!("no controller enabled in {}", base.display()));
+    }
+    Ok(Some(CgroupBase {
+        version: CgroupVersion::V2,
+        dirs,
+    }))
+}
+
+/// v2 forbids processes in a cgroup whose children have controllers ("no internal
+/// processes"), so if the service sits in its delegated cgroup with controllers off, it
+/// moves itself into a `kiln-service` leaf first and then turns them on for its subtree.
+fn enable_v2_controllers(base: &Path) -> Result<(), String> {
+    let control = base.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&control).map_err(|e| e.to_string())?;
+    let available = fs::read_to_string(base.join("cgroup.controllers")).unwrap_or_default();
+    let missing: Vec<_> = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let request: String = missing.iter().map(|c| format!("+{c} ")).collect();
+    if fs::write(&control, request.trim()).is_ok() {
+        return Ok(());
+    }
+    let leaf = base.join("kiln-service");
+    let _ = fs::create_dir(&leaf);
+    let procs = fs::read_to_string(base.join("cgroup.procs")).map_err(|e| e.to_string())?;
+    for pid in procs.lines() {
+        // Kernel threads and vanished processes cannot move; ignore them.
+        let _ = fs::write(leaf.join("cgroup.procs"), pid);
+    }
+    fs::write(&control, request.trim())
+        .map_err(|e| format!("cannot enable {missing:?} in {}: {e}", control.display()))
+}
+
+fn detect_v1(own: &str, mountinfo: &str) -> Result<CgroupBase, String> {
+    let mut dirs = Vec::new();
+    for controller in CONTROLLERS {
+        let Some(path) = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrls.split(',').any(|c| c == controller).then_some(path)
+        }) else {
+            continue;
+        };
+        let Some(mount) = mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            if r.next()? != "cgroup" || !r.nth(1)?.split(',').any(|o| o == controller) {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        }) else {
+            continue;
+        };
+        let dir = mount.join(path.trim_start_matches('/'));
+        // cpu and cpuacct are often co-mounted: both names then map to one directory,
+        // which create() and attach() handle once.
+        dirs.push((controller, dir));
+    }
+    if dirs.is_empty() {
+        return Err("no cgroup v1 controller mounted".into());
+    }
+    Ok(CgroupBase {
+        version: CgroupVersion::V1,
+        dirs,
+    })
+}
+
+/// The cgroup(s) of one step.
+#[derive(Debug)]
+pub(crate) struct StepCgroup {
+    version: CgroupVersion,
+    dirs: Vec<(&'static str, PathBuf)>,
+}
+
+impl StepCgroup {
+    /// Creates the step's cgroup(s) and writes the limits. Returns what was enforced.
+    pub fn create(
+        base: &CgroupBase,
+        name: &str,
+        limits: &Limits,
+    ) -> io::Result<(Self, Vec<Enforcement>)> {
+        let mut dirs: Vec<(&'static str, PathBuf)> = Vec::new();
+        for (controller, dir) in &base.dirs {
+            let d = dir.join(name);
+            if !dirs.iter().any(|(_, x)| x == &d) {
+                fs::create_dir(&d)?;
+            }
+            dirs.push((controller, d));
+        }
+        let cg = StepCgroup {
+            version: base.version,
+            dirs,
+        };
+        let mechanism = match cg.version {
+            CgroupVersion::V1 => Mechanism::CgroupV1,
+            CgroupVersion::V2 => Mechanism::CgroupV2,
+        };
+        let mut enforced = Vec::new();
+        let mut note = |control| enforced.push(Enforcement { control, mechanism });
+        if let (Some(bytes), Some(dir)) = (limits.memory_bytes, cg.dir("memory")) {
+            match cg.version {
+                CgroupVersion::V1 => {
+                    fs::write(dir.join("memory.limit_in_bytes"), bytes.to_string())?;
+                    // No swapping around the limit where swap accounting exists.
+                    let _ = fs::write(dir.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+                }
+                CgroupVersion::V2 => {
+                    fs::write(dir.join("memory.max"), bytes.to_string())?;
+                    let _ = fs::write(dir.join("memory.swap.max"), "0");
+                    // One OOM kill takes the whole tree down, like a failed step should.
+                    let _ = fs::write(dir.join("memory.oom.group"), "1");
+                }
+            }
+            note(Control::Memory);
+        }
+        if let (Some(n), Some(dir)) = (limits.processes, cg.dir("pids")) {
+            fs::write(dir.join("pids.max"), n.to_string())?;
+            note(Control::Processes);
+        }
+        if let (Some(cores), Some(dir)) = (limits.cpu_cores, cg.dir("cpu")) {
+            let period = 100_000u64;
+            let quota = ((cores * period as f64) as u64).max(1000);
+            match cg.version {
+                CgroupVersion::V1 => {
+                    fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+                    fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+                }
+                CgroupVersion::V2 => fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?,
+            }
+            note(Control::CpuBandwidth);
+        }
+        if limits.cpu_time.is_some() && cg.cpu_usage().is_some() {
+            note(Control::CpuTimeTree);
+        }
+        Ok((cg, enforced))
+    }
+
+    fn dir(&self, controller: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(c, _)| *c == controller)
+            .map(|(_, d)| d.as_path())
+    }
+
+    /// Moves `pid` (and so everything it will start) into the step's cgroup(s).
+    pub fn attach(&self, pid: i32) -> io::Result<()> {
+        let mut done: Vec<&Path> = Vec::new();
+        for (_, dir) in &self.dirs {
+            if !done.contains(&dir.as_path()) {
+                fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+                done.push(dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// CPU time used by the tree so far.
+    pub fn cpu_usage(&self) -> Option<Duration> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let dir = self.dir("cpuacct")?;
+                let ns: u64 = read_trimmed(&dir.join("cpuacct.usage"))?.parse().ok()?;
+                Some(Duration::from_nanos(ns))
+            }
+            CgroupVersion::V2 => {
+                let stat = fs::read_to_string(self.dirs.first()?.1.join("cpu.stat")).ok()?;
+                let usec = keyed(&stat, "usage_usec")?;
+                Some(Duration::from_micros(usec))
+            }
+        }
+    }
+
+    /// The tree's memory high-water mark.
+    pub fn peak_memory(&self) -> Option<u64> {
+        let dir = self.dir("memory")?;
+        let file = match self.version {
+            CgroupVersion::V1 => "memory.max_usage_in_bytes",
+            CgroupVersion::V2 => "memory.peak",
+        };
+        read_trimmed(&dir.join(file))?.parse().ok()
+    }
+
+    /// Whether the OOM killer fired in this cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = self.dir("memory") else {
+            return false;
+        };
+        let (file, key) = match self.version {
+            CgroupVersion::V1 => ("memory.oom_control", "oom_kill"),
+            CgroupVersion::V2 => ("memory.events", "oom_kill"),
+        };
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|s| keyed(&s, key))
+            .is_some_and(|n| n > 0)
+    }
+
+    /// SIGKILLs every process in the cgroup (a backstop behind the supervisor).
+    pub fn kill_all(&self) {
+        if self.version == CgroupVersion::V2
+            && let Some((_, dir)) = self.dirs.first()
+            && fs::write(dir.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        for _ in 0..16 {
+            let mut any = false;
+            for (_, dir) in &self.dirs {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                    any = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if !any {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Tries once to remove the cgroup(s); true when they are all gone.
+    pub fn try_remove(&self) -> bool {
+        self.dirs.iter().all(|(_, dir)| match fs::remove_dir(dir) {
+            Ok(()) => true,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        })
+    }
+
+    /// Removes the cgroup(s); the tree must be gone. A v1 memory cgroup may need a moment
+    /// to let go of its last task, hence the retry.
+    pub fn remove(&self) {
+        for (_, dir) in &self.dirs {
+            for attempt in 0..50 {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if attempt == 49 => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove step cgroup");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+}
+
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}

@@ -1,0 +1,190 @@
+//! The seccomp deny list, compiled once per [`Sandbox`](crate::Sandbox) with seccompiler.
+//!
+//! A deny list (not an allow list) because build tools use a very wide and changing set of
+//! system calls; what is denied is what lets a process leave or attack its sandbox: new
+//! namespaces and mounts, tracing other processes, kernel keyrings, BPF, kernel modules,
+//! perf, userfaultfd (used to widen kernel race windows), handle-based opens that bypass
+//! path checks, terminal injection, io_uring (whose operations bypass seccomp).
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::error::{Error, Result};
+
+/// System calls that fail with EPERM, whatever their arguments.
+const DENIED: &[(i64, &str)] = &[
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_chroot, "chroot"),
+    (libc::SYS_unshare, "unshare"),
+    (libc::SYS_setns, "setns"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsconfig, "fsconfig"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fspick, "fspick"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_mount_setattr, "mount_setattr"),
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_process_madvise, "process_madvise"),
+    (libc::SYS_pidfd_getfd, "pidfd_getfd"),
+    (libc::SYS_kcmp, "kcmp"),
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_io_uring_setup, "io_uring_setup"),
+    (libc::SYS_io_uring_enter, "io_uring_enter"),
+    (libc::SYS_io_uring_register, "io_uring_register"),
+    (libc::SYS_acct, "acct"),
+    (libc::SYS_swapon, "swapon"),
+    (libc::SYS_swapoff, "swapoff"),
+    (libc::SYS_reboot, "reboot"),
+    (libc::SYS_syslog, "syslog"),
+    (libc::SYS_quotactl, "quotactl"),
+    (libc::SYS_settimeofday, "settimeofday"),
+    (libc::SYS_clock_settime, "clock_settime"),
+    (libc::SYS_clock_adjtime, "clock_adjtime"),
+    (libc::SYS_adjtimex, "adjtimex"),
+    (libc::SYS_iopl, "iopl"),
+    (libc::SYS_ioperm, "ioperm"),
+    (libc::SYS_lookup_dcookie, "lookup_dcookie"),
+    (libc::SYS_vhangup, "vhangup"),
+    (libc::SYS_fanotify_init, "fanotify_init"),
+];
+
+/// The clone flags that create namespaces: `clone` with any of them is denied like
+/// `unshare`.
+const NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWCGROUP
+    | 0x80) as u64; // CLONE_NEWTIME
+
+/// The names of the denied system calls, for the README and GetPolicy.
+pub fn denied_syscalls() -> Vec<&'static str> {
+    let mut names: Vec<_> = DENIED.iter().map(|(_, n)| *n).collect();
+    names.extend([
+        "clone(CLONE_NEW*)",
+        "clone3 (ENOSYS)",
+        "ioctl(TIOCSTI/TIOCLINUX)",
+    ]);
+    names
+}
+
+/// The compiled filters, installed in order right before `execve`.
+#[derive(Debug)]
+pub(crate) struct SeccompFilters {
+    pub programs: Vec<BpfProgram>,
+}
+
+fn arch() -> Result<TargetArch> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| Error::Seccomp(format!("unsupported architecture: {e}")))
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+        .map_err(|e| Error::Seccomp(e.to_string()))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
+    SeccompRule::new(conditions).map_err(|e| Error::Seccomp(e.to_string()))
+}
+
+impl SeccompFilters {
+    pub fn build() -> Result<Self> {
+        let arch = arch()?;
+        let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
+            DENIED.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
+        // One rule per flag (rules are OR-ed): any single namespace flag is enough to deny.
+        let per_flag: Result<Vec<_>> = (0..64)
+            .map(|bit| 1u64 << bit)
+            .filter(|flag| NAMESPACE_FLAGS & flag != 0)
+            .map(|flag| rule(vec![cond(0, SeccompCmpOp::MaskedEq(flag), flag)?]))
+            .collect();
+        denied.insert(libc::SYS_clone, per_flag?);
+        denied.insert(
+            libc::SYS_ioctl,
+            vec![
+                rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCSTI)?])?,
+                rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
+            ],
+        );
+        let eperm = SeccompFilter::new(
+            denied,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            arch,
+        )
+        .map_err(|e| Error::Seccomp(e.to_string()))?;
+        // clone3 passes its flags in memory, out of BPF's reach: answer ENOSYS so libc
+        // falls back to clone, whose flags the filter above can see.
+        let enosys = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            arch,
+        )
+        .map_err(|e| Error::Seccomp(e.to_string()))?;
+        let programs = [eperm, enosys]
+            .into_iter()
+            .map(|f| BpfProgram::try_from(f).map_err(|e| Error::Seccomp(e.to_string())))
+            .collect::<Result<_>>()?;
+        Ok(SeccompFilters { programs })
+    }
+
+    /// Installs the filters on the calling thread. Async-signal-safe: system calls only.
+    /// `no_new_privs` must already be set.
+    pub fn apply(&self) -> Result<(), i32> {
+        for program in &self.programs {
+            let prog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: prog points at a valid BPF program that outlives the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &prog as *const libc::sock_fprog,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filters_compile() {
+        let f = super::SeccompFilters::build().unwrap();
+        assert_eq!(f.programs.len(), 2);
+    }
+}

@@ -1,0 +1,186 @@
+//! kiln-auth's configuration: every knob with its default, and the clock.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// Settings of the auth service. [`AuthConfig::new`] gives the defaults stated on each
+/// field; `kiln up` layers its configuration file and `KILN_*` environment on top.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Where `auth.db` (and, when generated, `admin-password`) live. Created 0700 if
+    /// missing. No default: the caller chooses.
+    pub data_dir: PathBuf,
+    /// The `iss` claim of access tokens. Default `kiln`.
+    pub issuer: String,
+    /// The `aud` claim of access tokens. Default `kiln`.
+    pub audience: String,
+    /// Lifetime of an access token. Default 15 minutes: short, because access tokens are
+    /// verified locally by every service and cannot be revoked before they expire.
+    pub access_ttl: Duration,
+    /// A refresh token unused for this long expires (idle lifetime). Default 7 days.
+    pub refresh_idle_ttl: Duration,
+    /// No session outlives this, however often it is refreshed (absolute lifetime).
+    /// Default 30 days.
+    pub refresh_absolute_ttl: Duration,
+    /// A rotated refresh token presented again within this window is taken for a
+    /// concurrent refresh (two tabs, a retried request) and answered with new tokens of
+    /// the same session instead of revoking it. Default 5 seconds.
+    pub refresh_reuse_grace: Duration,
+    /// The signing key is replaced when it is older than this. Default 24 hours.
+    pub key_rotation_interval: Duration,
+    /// How often the background task checks whether the signing key is due. Default 1
+    /// minute.
+    pub key_rotation_check: Duration,
+    /// Login throttling; see [`ThrottleConfig`].
+    pub throttle: ThrottleConfig,
+    /// Argon2id cost; see [`PasswordCost`]. Default: the OWASP parameters.
+    pub password_cost: PasswordCost,
+    /// Password of the bootstrap `admin` user, used only when the store is empty. `kiln
+    /// up` fills it from `KILN_ADMIN_PASSWORD`. Default `None`: a password is generated
+    /// and written once to `<data_dir>/admin-password` (mode 0600).
+    pub admin_password: Option<String>,
+    /// Concurrent Argon2 computations. Default: the number of CPU cores, so that hashing
+    /// (about 20 ms of one core each) never takes every blocking thread and logins queue
+    /// instead of starving the runtime.
+    pub hashing_concurrency: usize,
+    /// The source of the current time. Default: the system clock. Tests use
+    /// [`ManualClock`] to expire tokens and lockouts without sleeping.
+    pub clock: std::sync::Arc<dyn Clock>,
+}
+
+impl AuthConfig {
+    /// The defaults, with the store in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            issuer: "kiln".into(),
+            audience: "kiln".into(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_idle_ttl: Duration::from_secs(7 * 24 * 3600),
+            refresh_absolute_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_grace: Duration::from_secs(5),
+            key_rotation_interval: Duration::from_secs(24 * 3600),
+            key_rotation_check: Duration::from_secs(60),
+            throttle: ThrottleConfig::default(),
+            password_cost: PasswordCost::OWASP,
+            admin_password: None,
+            hashing_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            clock: std::sync::Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Login throttling. Failures are counted per account (the username as typed, whether
+/// or not it exists, so an unknown user is throttled exactly like a known one) and per
+/// peer IP address. The failure that brings a counter to its allowance, and every one
+/// after it, locks the account (or peer) for a period that doubles with each failure:
+/// `base_lockout`, then twice that, up to `max_lockout` (defaults: the 5th wrong
+/// password for one account locks it 30 s, the 6th 60 s, … at most 15 min). While locked, logins answer RESOURCE_EXHAUSTED
+/// (reason LOGIN_THROTTLED) with RetryInfo without checking the password. A successful
+/// login clears its account's counter (not the peer's: one valid account must not let an
+/// attacker reset the peer's count). Counters are forgotten after `failure_window`
+/// without failures.
+#[derive(Debug, Clone)]
+pub struct ThrottleConfig {
+    /// The number of failures per account that starts the first lockout. Default 5.
+    pub account_free_failures: u32,
+    /// The number of failures per peer IP (over all accounts) that starts its first
+    /// lockout. Default 20.
+    pub peer_free_failures: u32,
+    /// The first lockout. Default 30 seconds.
+    pub base_lockout: Duration,
+    /// The longest lockout. Default 15 minutes.
+    pub max_lockout: Duration,
+    /// Counters without a failure for this long are dropped. Default 1 hour.
+    pub failure_window: Duration,
+    /// At most this many counters are kept per kind; when full, expired counters are
+    /// dropped first, then the oldest. Default 100 000.
+    pub max_entries: usize,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        Self {
+            account_free_failures: 5,
+            peer_free_failures: 20,
+            base_lockout: Duration::from_secs(30),
+            max_lockout: Duration::from_secs(15 * 60),
+            failure_window: Duration::from_secs(3600),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordCost {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Iterations.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl PasswordCost {
+    /// OWASP's recommendation for Argon2id: 19 MiB, 2 iterations, 1 lane.
+    pub const OWASP: Self = Self {
+        memory_kib: 19 * 1024,
+        iterations: 2,
+        parallelism: 1,
+    };
+    /// The cheapest Argon2id allows. **For tests only**: it makes hashes fast to crack.
+    pub const INSECURE_FOR_TESTS: Self = Self {
+        memory_kib: 8,
+        iterations: 1,
+        parallelism: 1,
+    };
+}
+
+/// The current time. A trait so that tests can move time forward instead of sleeping.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that starts at the system time and moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: Mutex<SystemTime>,
+}
+
+impl ManualClock {
+    pub fn new() -> Self {
+        Self {
+            now: Mutex::new(SystemTime::now()),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        *now += by;
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,244 @@
+//! Login throttling with a growing lockout, per account and per peer IP.
+//!
+//! The counters live in memory: a restart forgives, which is acceptable for a single
+//! process (the lockout only needs to make online guessing slow, and an attacker cannot
+//! restart the server). The policy and its defaults are documented on
+//! [`ThrottleConfig`].
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use crate::config::ThrottleConfig;
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    failures: u32,
+    last_failure: SystemTime,
+    locked_until: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+struct Table<K> {
+    free_failures: u32,
+    counters: Mutex<HashMap<K, Counter>>,
+}
+
+impl<K: Hash + Eq + Clone> Table<K> {
+    fn new(free_failures: u32) -> Self {
+        Self {
+            free_failures,
+            counters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Counter>> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long `key` is still locked at `now`.
+    fn locked_for(&self, key: &K, now: SystemTime) -> Option<Duration> {
+        let until = self.lock().get(key)?.locked_until?;
+        until.duration_since(now).ok().filter(|d| !d.is_zero())
+    }
+
+    fn failure(&self, key: &K, now: SystemTime, cfg: &ThrottleConfig) {
+        let mut counters = self.lock();
+        if !counters.contains_key(key) && counters.len() >= cfg.max_entries {
+            evict(&mut counters, now, cfg);
+        }
+        let counter = counters.entry(key.clone()).or_insert(Counter {
+            failures: 0,
+            last_failure: now,
+            locked_until: None,
+        });
+        if now
+            .duration_since(counter.last_failure)
+            .is_ok_and(|idle| idle > cfg.failure_window)
+        {
+            counter.failures = 0;
+        }
+        counter.failures = counter.failures.saturating_add(1);
+        counter.last_failure = now;
+        if counter.failures >= self.free_failures {
+            let doublings = (counter.failures - self.free_failures).min(20);
+            let lockout = cfg
+                .base_lockout
+                .saturating_mul(1u32 << doublings)
+                .min(cfg.max_lockout);
+            counter.locked_until = Some(now + lockout);
+        }
+    }
+
+    fn clear(&self, key: &K) {
+        self.lock().remove(key);
+    }
+}
+
+/// Drops counters that no longer matter; if that frees nothing, the oldest one.
+fn evict<K: Hash + Eq + Clone>(
+    counters: &mut HashMap<K, Counter>,
+    now: SystemTime,
+    cfg: &ThrottleConfig,
+) {
+    counters.retain(|_, c| {
+        let locked = c.locked_until.is_some_and(|until| until > now);
+        let recent = now
+            .duration_since(c.last_failure)
+            .map_or(true, |idle| idle <= cfg.failure_window);
+        locked || recent
+    });
+    if counters.len() >= cfg.max_entries
+        && let Some(oldest) = counters
+            .iter()
+            .min_by_key(|(_, c)| c.last_failure)
+            .map(|(k, _)| k.clone())
+    {
+        counters.remove(&oldest);
+    }
+}
+
+/// The peer a failure is counted against: the IPv4 address, or the /64 network of an
+/// IPv6 address (one host usually has a whole /64 and could hop through it).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let net = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(net.into())
+            }
+        },
+    }
+}
+
+/// The login throttle: one table keyed by account name, one by peer IP.
+#[derive(Debug)]
+pub struct LoginThrottle {
+    cfg: ThrottleConfig,
+    accounts: Table<String>,
+    peers: Table<IpAddr>,
+}
+
+impl LoginThrottle {
+    pub fn new(cfg: ThrottleConfig) -> Self {
+        Self {
+            accounts: Table::new(cfg.account_free_failures.max(1)),
+            peers: Table::new(cfg.peer_free_failures.max(1)),
+            cfg,
+        }
+    }
+
+    /// `Some(retry_after)` while the account or the peer is locked out.
+    pub fn locked_for(
+        &self,
+        account: &str,
+        peer: Option<IpAddr>,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        let by_account = self.accounts.locked_for(&account.to_owned(), now);
+        let by_peer = peer.and_then(|ip| self.peers.locked_for(&peer_key(ip), now));
+        by_account.max(by_peer)
+    }
+
+    /// Counts a failed attempt against both the account and the peer.
+    pub fn failure(&self, account: &str, peer: Option<IpAddr>, now: SystemTime) {
+        self.accounts.failure(&account.to_owned(), now, &self.cfg);
+        if let Some(ip) = peer {
+            self.peers.failure(&peer_key(ip), now, &self.cfg);
+        }
+    }
+
+    /// Forgets the account's failures after a successful login.
+    pub fn success(&self, account: &str) {
+        self.accounts.clear(&account.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ThrottleConfig {
+        ThrottleConfig {
+            account_free_failures: 3,
+            peer_free_failures: 5,
+            base_lockout: Duration::from_secs(10),
+            max_lockout: Duration::from_secs(35),
+            ..ThrottleConfig::default()
+        }
+    }
+
+    #[test]
+    fn lockout_grows_and_is_capped() {
+        let t = LoginThrottle::new(cfg());
+        let now = SystemTime::now();
+        for _ in 0..2 {
+            t.failure("alice", None, now);
+        }
+        assert_eq!(t.locked_for("alice", None, now), None);
+        t.failure("alice", None, now);
+        assert_eq!(
+            t.locked_for("alice", None, now),
+            Some(Duration::from_secs(10))
+        );
+        t.failure("alice", None, now);
+        assert_eq!(
+            t.locked_for("alice", None, now),
+            Some(Duration::from_secs(20))
+        );
+        t.failure("alice", None, now);
+        assert_eq!(
+            t.locked_for("alice", None, now),
+            Some(Duration::from_secs(35))
+        );
+        assert_eq!(t.locked_for("bob", None, now), None);
+        t.success("alice");
+        assert_eq!(t.locked_for("alice", None, now), None);
+    }
+
+    #[test]
+    fn peers_are_counted_across_accounts() {
+        let t = LoginThrottle::new(cfg());
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let now = SystemTime::now();
+        for i in 0..5 {
+            t.failure(&format!("user{i}"), Some(ip), now);
+        }
+        assert!(t.locked_for("fresh", Some(ip), now).is_some());
+        assert!(
+            t.locked_for("fresh", Some([10, 0, 0, 2].into()), now)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn ipv6_peers_are_counted_per_64_network() {
+        let t = LoginThrottle::new(cfg());
+        let now = SystemTime::now();
+        for i in 0..5u16 {
+            let ip: IpAddr = [0x2001, 0xdb8, 0, 1, 0, 0, 0, i].into();
+            t.failure(&format!("user{i}"), Some(ip), now);
+        }
+        let same_net: IpAddr = [0x2001, 0xdb8, 0, 1, 9, 9, 9, 9].into();
+        let other_net: IpAddr = [0x2001, 0xdb8, 0, 2, 0, 0, 0, 1].into();
+        assert!(t.locked_for("x", Some(same_net), now).is_some());
+        assert!(t.locked_for("x", Some(other_net), now).is_none());
+    }
+
+    #[test]
+    fn table_stays_bounded() {
+        let t = LoginThrottle::new(ThrottleConfig {
+            max_entries: 10,
+            ..cfg()
+        });
+        let now = SystemTime::now();
+        for i in 0..100 {
+            t.failure(&format!("user{i}"), None, now);
+        }
+        assert!(t.accounts.lock().len() <= 10);
+    }
+}

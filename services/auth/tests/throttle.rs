@@ -1,0 +1,118 @@
+//! Brute force: per-account and per-peer lockout, growing, with RetryInfo.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kiln_proto::auth as pb;
+use tonic::Code;
+
+async fn fail(h: &Harness, user: &str, times: usize, peer: &str) {
+    for _ in 0..times {
+        let err = h
+            .login_from(user, "wrong-password", peer)
+            .await
+            .expect_err("wrong");
+        assert_status(&err, Code::Unauthenticated, "INVALID_CREDENTIALS");
+    }
+}
+
+#[tokio::test]
+async fn brute_force_on_one_account_locks_it_with_retry_info() {
+    let h = harness().await;
+    let (_, pw) = h.user("alice", pb::Role::User).await;
+    fail(&h, "alice", 5, PEER).await;
+    // Locked: even the right password is not checked.
+    let err = h.login("alice", &pw).await.expect_err("locked");
+    assert_status(&err, Code::ResourceExhausted, "LOGIN_THROTTLED");
+    assert_eq!(retry_after(&err), Some(Duration::from_secs(30)));
+    // Other accounts from other peers are not affected.
+    h.login_from("admin", ADMIN_PASSWORD, "198.51.100.1:1")
+        .await
+        .expect("admin");
+    let events = h
+        .audit(pb::ListAuditEventsRequest {
+            action: Some("login.locked_out".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(events.len(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_user_is_locked_out_exactly_like_a_known_one() {
+    let h = harness().await;
+    h.user("alice", pb::Role::User).await;
+    fail(&h, "alice", 5, "198.51.100.1:1").await;
+    fail(&h, "ghost", 5, "198.51.100.2:1").await;
+    let known = h
+        .login_from("alice", "x-password", "198.51.100.1:1")
+        .await
+        .expect_err("locked");
+    let unknown = h
+        .login_from("ghost", "x-password", "198.51.100.2:1")
+        .await
+        .expect_err("locked");
+    assert_status(&known, Code::ResourceExhausted, "LOGIN_THROTTLED");
+    assert_status(&unknown, Code::ResourceExhausted, "LOGIN_THROTTLED");
+    assert_eq!(known.message(), unknown.message());
+    assert_eq!(retry_after(&known), retry_after(&unknown));
+}
+
+#[tokio::test]
+async fn lockout_grows_with_each_further_failure_and_expires() {
+    let h = harness().await;
+    let (_, pw) = h.user("alice", pb::Role::User).await;
+    fail(&h, "alice", 5, PEER).await;
+    h.clock.advance(Duration::from_secs(31));
+    // The first attempt after the lockout fails again: the next lockout is twice as long.
+    fail(&h, "alice", 1, PEER).await;
+    let err = h.login("alice", &pw).await.expect_err("locked");
+    assert_eq!(retry_after(&err), Some(Duration::from_secs(60)));
+    h.clock.advance(Duration::from_secs(61));
+    h.login("alice", &pw).await.expect("lockout over");
+    // Success clears the account's counter.
+    fail(&h, "alice", 4, PEER).await;
+    h.login("alice", &pw)
+        .await
+        .expect("still below the threshold");
+}
+
+#[tokio::test]
+async fn one_peer_guessing_many_accounts_is_locked_out() {
+    let h = harness_with(|c| c.throttle.peer_free_failures = 6).await;
+    let attacker = "203.0.113.7:5555";
+    for i in 0..6 {
+        let err = h
+            .login_from(&format!("user{i}"), "guess-password", attacker)
+            .await
+            .expect_err("wrong");
+        assert_eq!(reason(&err), "INVALID_CREDENTIALS");
+    }
+    // Another port of the same IP is the same peer.
+    let err = h
+        .login_from("admin", ADMIN_PASSWORD, "203.0.113.7:6666")
+        .await
+        .expect_err("peer locked");
+    assert_status(&err, Code::ResourceExhausted, "LOGIN_THROTTLED");
+    assert!(retry_after(&err).is_some());
+    // Another peer logs in fine.
+    h.login_from("admin", ADMIN_PASSWORD, "203.0.113.8:1")
+        .await
+        .expect("other peer");
+}
+
+#[tokio::test]
+async fn username_case_does_not_bypass_the_account_counter() {
+    let h = harness().await;
+    h.user("alice", pb::Role::User).await;
+    for name in ["alice", "Alice", "ALICE", "aLice", "alicE"] {
+        h.login(name, "wrong-password").await.expect_err("wrong");
+    }
+    let err = h
+        .login("alice", "wrong-password")
+        .await
+        .expect_err("locked");
+    assert_eq!(reason(&err), "LOGIN_THROTTLED");
+}
