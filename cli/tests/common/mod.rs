@@ -202,6 +202,81 @@ impl Drop for Suite {
     }
 }
 
+/// The `kiln` CLI pointed at a suite, with its own config directory (credentials).
+pub struct Cli<'a> {
+    pub suite: &'a Suite,
+    pub config_dir: tempfile::TempDir,
+}
+
+impl<'a> Cli<'a> {
+    pub fn new(suite: &'a Suite) -> Self {
+        Self {
+            suite,
+            config_dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .args(args)
+            .env("KILN_ENDPOINT", &self.suite.endpoint)
+            .env("KILN_CA", self.suite.pki().ca_cert())
+            .env("KILN_CONFIG_DIR", self.config_dir.path())
+            .env_remove("KILN_TOKEN")
+            .env_remove("KILN_OUTPUT");
+        command
+    }
+
+    /// Runs `kiln ARGS` with `stdin` as its standard input.
+    pub fn run(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("stdin written");
+        child.wait_with_output().expect("kiln finishes")
+    }
+
+    /// Runs `kiln ARGS` and returns its stdout, failing the test if it fails.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args, "");
+        assert!(
+            output.status.success(),
+            "kiln {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn login_admin(&self) {
+        let output = self.run(
+            &["login", "--username", "admin", "--password-stdin"],
+            &format!("{ADMIN_PASSWORD}\n"),
+        );
+        assert!(
+            output.status.success(),
+            "login: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn credentials(&self) -> serde_json::Value {
+        let text = read(&self.config_dir.path().join("credentials.json"));
+        serde_json::from_str(&text).expect("credentials are JSON")
+    }
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -147,9 +147,8 @@ impl ApiError {
 
     /// RESOURCE_EXHAUSTED with RetryInfo telling the client when to come back.
     pub fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Self {
-        let mut err = Self::new(Code::ResourceExhausted, reason::RATE_LIMITED, message);
-        err.retry_after = Some(retry_after);
-        err
+        Self::new(Code::ResourceExhausted, reason::RATE_LIMITED, message)
+            .with_retry_after(retry_after)
     }
 
     /// UNIMPLEMENTED for an RPC of the contract that this server does not serve yet.
@@ -187,6 +186,12 @@ impl ApiError {
             field: field.into(),
             description: description.into(),
         });
+        self
+    }
+
+    /// Adds `google.rpc.RetryInfo`: when the client may try again.
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
         self
     }
 

@@ -4,15 +4,13 @@
 //! reason from [`reason`]; store, file and hashing failures become INTERNAL with the
 //! cause logged, never sent (no SQL, no server paths in messages).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_rpc::error::{ERROR_DOMAIN, FieldViolation};
+use kiln_rpc::error::FieldViolation;
 use kiln_rpc::token::TokenError;
 use kiln_rpc::{ApiError, error::reason as common};
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 /// Reasons specific to kiln-auth (the ErrorInfo `reason`). Stable: clients match on them.
 pub mod reason {
@@ -175,8 +173,11 @@ impl From<AuthError> for ApiError {
             | AuthError::RefreshTokenReused
             | AuthError::InvalidApiKey
             | AuthError::MissingPrincipal => ApiError::unauthenticated(reason, err.to_string()),
+            // Its own reason (not RATE_LIMITED), so clients can tell a locked account
+            // from the per-method rate limit.
             AuthError::LoginThrottled { retry_after } => {
-                ApiError::rate_limited(err.to_string(), retry_after)
+                ApiError::new(Code::ResourceExhausted, reason, err.to_string())
+                    .with_retry_after(retry_after)
             }
             AuthError::NotFound { kind, id } => ApiError::not_found(kind, &id),
             AuthError::PermissionDenied { message, .. } => {
@@ -195,18 +196,6 @@ impl From<AuthError> for ApiError {
 
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
-        // ApiError::rate_limited always says RATE_LIMITED; a throttled login says
-        // LOGIN_THROTTLED so that clients can tell it from the per-method rate limit.
-        if let AuthError::LoginThrottled { retry_after } = err {
-            let mut details = ErrorDetails::new();
-            details.set_error_info(
-                reason::LOGIN_THROTTLED,
-                ERROR_DOMAIN,
-                HashMap::<String, String>::new(),
-            );
-            details.set_retry_info(Some(retry_after));
-            return Status::with_error_details(Code::ResourceExhausted, err.to_string(), details);
-        }
         ApiError::from(err).into()
     }
 }
