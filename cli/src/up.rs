@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_auth::{AuthApi, AuthConfig};
+use kiln_build::{BuildApi, BuildConfig};
 use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
 use kiln_rpc::client::ClientConfig;
 use kiln_rpc::pki::ensure_dev_pki;
@@ -105,10 +106,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let auth = AuthApi::open(auth_config)
         .await
         .context("opening the auth service")?;
+    let build = BuildApi::open(BuildConfig::new(data_dir.join("build")))
+        .await
+        .context("opening the build service")?;
 
     let mut server = KilnServer::new(settings)
         .add_service(kiln_auth::service(auth))
-        .add_service(kiln_build::service())
+        .add_service(kiln_build::service(build.clone()))
         .add_service(kiln_agent::service())
         .bind()
         .await?;
@@ -142,11 +146,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     println!("  services:       {}", server.services().join(", "));
     println!("  CA certificate: {}", pki.ca_cert().display());
     println!("  data directory: {}", data_dir.display());
+    println!("  sandbox:        tier {}", build.sandbox_tier());
     println!(
         "  try:            grpcurl -cacert {} {addr} list",
         pki.ca_cert().display()
     );
     server.serve_until(shutdown).await?;
+    // Builds still running after the grace period end INTERRUPTED (their logs kept);
+    // queued builds stay queued and run at the next start.
+    build.shutdown().await;
     println!("kiln stopped");
     Ok(0)
 }

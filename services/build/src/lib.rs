@@ -1,136 +1,225 @@
 //! kiln-build: workspaces, the build queue, sandboxed builds and their live event logs.
 //!
-//! The RPCs of `kiln.build.v1.BuildService` are served here. This release carries the contract and
-//! the shared server layer only; every RPC answers UNIMPLEMENTED (reason
-//! NOT_IMPLEMENTED) with a message naming it, until the build service lands (workspaces, queue, sandboxed runs).
+//! [`BuildApi::open`] opens the store, probes the sandbox, recovers what a previous run
+//! left behind and starts the scheduler and the cleanup task; [`service`] wraps it for
+//! `KilnServer::add_service`. See README.md for the design and its decisions.
 
-use futures::stream::BoxStream;
-use kiln_proto::build as pb;
-use kiln_proto::build::build_service_server::{BuildService, BuildServiceServer};
-use kiln_rpc::ApiError;
+mod archive;
+mod config;
+mod error;
+mod files;
+mod log;
+mod maintenance;
+mod paths;
+mod queue;
+mod runner;
+mod service;
+mod store;
+mod validate;
+mod workspace;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto::build::build_service_server::BuildServiceServer;
 use kiln_rpc::limit::MAX_MESSAGE_BYTES_CEILING;
-use tonic::Status;
+use kiln_sandbox::Sandbox;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-/// The build service's handlers.
-#[derive(Debug, Default)]
-pub struct BuildApi {}
+pub use config::{BuildConfig, BuildLimits, Policy, QueueConfig, Retention, WorkspaceLimits};
+pub use error::{BuildError, reason};
 
-/// The tonic service, ready for `KilnServer::add_service`. Its own decode limit is set to
-/// the ceiling because the kiln layer enforces the configured limit (answering
-/// RESOURCE_EXHAUSTED, as gRPC clients expect) before a message reaches tonic.
-pub fn service() -> BuildServiceServer<BuildApi> {
-    BuildServiceServer::new(BuildApi::default())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
+use crate::log::Logs;
+use crate::queue::Queue;
+use crate::runner::Stop;
+use crate::store::Store;
+use crate::workspace::Disk;
+
+/// State shared by the handlers, the scheduler, the runners and the cleanup task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: BuildConfig,
+    pub store: Store,
+    pub sandbox: Sandbox,
+    pub disk: Disk,
+    pub queue: Queue,
+    pub logs: Arc<Logs>,
+    /// Stop switches of the builds handed to runners, by build id.
+    runs: Mutex<HashMap<String, watch::Sender<Stop>>>,
+    runs_changed: tokio::sync::Notify,
+    /// One lock per workspace: API changes and builds never overlap.
+    ws_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-fn not_implemented(rpc: &str) -> Status {
-    ApiError::not_implemented(
-        &format!("kiln.build.v1.BuildService/{rpc}"),
-        "kiln-build is not built yet in this release",
-    )
-    .into()
+impl Shared {
+    pub fn workspace_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.ws_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    pub fn forget_workspace_lock(&self, id: &str) {
+        self.ws_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    pub fn stop_build(&self, id: &str, stop: Stop) -> bool {
+        match self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            Some(tx) => {
+                tx.send_replace(stop);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn runs_remove(&self, id: &str) {
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.runs_changed.notify_waiters();
+    }
+
+    fn runs_len(&self) -> usize {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
-#[tonic::async_trait]
-impl BuildService for BuildApi {
-    type ReadFileStream = BoxStream<'static, Result<pb::ReadFileResponse, Status>>;
-    type DownloadArchiveStream = BoxStream<'static, Result<pb::DownloadArchiveResponse, Status>>;
-    type RunBuildStream = BoxStream<'static, Result<pb::BuildEvent, Status>>;
-    type WatchBuildStream = BoxStream<'static, Result<pb::BuildEvent, Status>>;
-    async fn create_workspace(
-        &self,
-        _request: tonic::Request<pb::CreateWorkspaceRequest>,
-    ) -> Result<tonic::Response<pb::Workspace>, Status> {
-        Err(not_implemented("CreateWorkspace"))
+/// The build service: implements `kiln.build.v1.BuildService`. Cheap to clone (keep a
+/// clone to call [`BuildApi::shutdown`] after handing one to [`service`]).
+#[derive(Debug, Clone)]
+pub struct BuildApi {
+    shared: Arc<Shared>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl BuildApi {
+    /// Opens the store (`<data_dir>/build.db`, SQLite in WAL mode, migrations embedded),
+    /// probes the sandbox (refusing to start below tier B unless
+    /// `config.sandbox.allow_unsandboxed`), recovers (builds that were RUNNING end
+    /// INTERRUPTED with their logs kept; QUEUED ones are queued again), and starts the
+    /// scheduler and the cleanup task.
+    pub async fn open(mut config: BuildConfig) -> Result<BuildApi, BuildError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| BuildError::io("creating the data directory", e))?;
+        config.data_dir = config
+            .data_dir
+            .canonicalize()
+            .map_err(|e| BuildError::io("resolving the data directory", e))?;
+        let sandbox_config = config.sandbox.clone();
+        let sandbox = tokio::task::spawn_blocking(move || Sandbox::new(sandbox_config))
+            .await
+            .map_err(|e| BuildError::Config(format!("sandbox probe: {e}")))??;
+        if sandbox.tier() == kiln_sandbox::Tier::None && !config.sandbox.allow_unsandboxed {
+            return Err(BuildError::Config("the sandbox offers no isolation".into()));
+        }
+        let disk = Disk {
+            root: config.workspaces_dir(),
+            staging: config.staging_dir(),
+            limits: config.workspace,
+        };
+        disk.init()?;
+        let store = Store::open(&config.db_path()).await?;
+        let shared = Arc::new(Shared {
+            queue: Queue::new(config.queue),
+            config,
+            store,
+            sandbox,
+            disk,
+            logs: Arc::new(Logs::default()),
+            runs: Mutex::new(HashMap::new()),
+            runs_changed: tokio::sync::Notify::new(),
+            ws_locks: Mutex::new(HashMap::new()),
+        });
+        maintenance::recover(&shared).await?;
+        let tasks = vec![
+            tokio::spawn(scheduler(shared.clone())),
+            tokio::spawn(maintenance::cleanup_loop(shared.clone())),
+        ];
+        tracing::info!(tier = %shared.sandbox.tier(), "kiln-build ready");
+        Ok(BuildApi {
+            shared,
+            tasks: Arc::new(Mutex::new(tasks)),
+        })
     }
-    async fn get_workspace(
-        &self,
-        _request: tonic::Request<pb::GetWorkspaceRequest>,
-    ) -> Result<tonic::Response<pb::Workspace>, Status> {
-        Err(not_implemented("GetWorkspace"))
+
+    /// The sandbox tier builds run in.
+    pub fn sandbox_tier(&self) -> kiln_sandbox::Tier {
+        self.shared.sandbox.tier()
     }
-    async fn list_workspaces(
-        &self,
-        _request: tonic::Request<pb::ListWorkspacesRequest>,
-    ) -> Result<tonic::Response<pb::ListWorkspacesResponse>, Status> {
-        Err(not_implemented("ListWorkspaces"))
+
+    /// Stops starting builds; running builds are stopped (their step's tree killed) and
+    /// end INTERRUPTED with their logs; queued builds stay QUEUED and run after a
+    /// restart. Waits for the runners up to the sandbox's kill grace plus 10 s.
+    pub async fn shutdown(&self) {
+        self.shared.queue.close();
+        let ids: Vec<String> = self
+            .shared
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in &ids {
+            self.shared.stop_build(id, Stop::Interrupt);
+        }
+        let deadline = tokio::time::Instant::now()
+            + self.shared.config.sandbox.kill_grace
+            + Duration::from_secs(10);
+        while self.shared.runs_len() > 0 {
+            let changed = self.shared.runs_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.shared.runs_len() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!("shutdown: builds still running; a restart marks them INTERRUPTED");
+                break;
+            }
+        }
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
     }
-    async fn write_files(
-        &self,
-        _request: tonic::Request<pb::WriteFilesRequest>,
-    ) -> Result<tonic::Response<pb::WriteFilesResponse>, Status> {
-        Err(not_implemented("WriteFiles"))
+}
+
+/// Starts queued builds whenever a slot frees up.
+async fn scheduler(shared: Arc<Shared>) {
+    loop {
+        let woken = shared.queue.wake.notified();
+        while let Some(entry) = shared.queue.next() {
+            let (tx, rx) = watch::channel(Stop::No);
+            shared
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry.build_id.clone(), tx);
+            tokio::spawn(runner::run(shared.clone(), entry, rx));
+        }
+        if shared.queue.is_closed() {
+            return;
+        }
+        woken.await;
     }
-    async fn list_files(
-        &self,
-        _request: tonic::Request<pb::ListFilesRequest>,
-    ) -> Result<tonic::Response<pb::ListFilesResponse>, Status> {
-        Err(not_implemented("ListFiles"))
-    }
-    async fn read_file(
-        &self,
-        _request: tonic::Request<pb::ReadFileRequest>,
-    ) -> Result<tonic::Response<Self::ReadFileStream>, Status> {
-        Err(not_implemented("ReadFile"))
-    }
-    async fn upload_archive(
-        &self,
-        _request: tonic::Request<tonic::Streaming<pb::UploadArchiveRequest>>,
-    ) -> Result<tonic::Response<pb::UploadArchiveResponse>, Status> {
-        Err(not_implemented("UploadArchive"))
-    }
-    async fn download_archive(
-        &self,
-        _request: tonic::Request<pb::DownloadArchiveRequest>,
-    ) -> Result<tonic::Response<Self::DownloadArchiveStream>, Status> {
-        Err(not_implemented("DownloadArchive"))
-    }
-    async fn delete_workspace(
-        &self,
-        _request: tonic::Request<pb::DeleteWorkspaceRequest>,
-    ) -> Result<tonic::Response<pb::DeleteWorkspaceResponse>, Status> {
-        Err(not_implemented("DeleteWorkspace"))
-    }
-    async fn start_build(
-        &self,
-        _request: tonic::Request<pb::StartBuildRequest>,
-    ) -> Result<tonic::Response<pb::Build>, Status> {
-        Err(not_implemented("StartBuild"))
-    }
-    async fn run_build(
-        &self,
-        _request: tonic::Request<pb::StartBuildRequest>,
-    ) -> Result<tonic::Response<Self::RunBuildStream>, Status> {
-        Err(not_implemented("RunBuild"))
-    }
-    async fn watch_build(
-        &self,
-        _request: tonic::Request<pb::WatchBuildRequest>,
-    ) -> Result<tonic::Response<Self::WatchBuildStream>, Status> {
-        Err(not_implemented("WatchBuild"))
-    }
-    async fn get_build(
-        &self,
-        _request: tonic::Request<pb::GetBuildRequest>,
-    ) -> Result<tonic::Response<pb::Build>, Status> {
-        Err(not_implemented("GetBuild"))
-    }
-    async fn list_builds(
-        &self,
-        _request: tonic::Request<pb::ListBuildsRequest>,
-    ) -> Result<tonic::Response<pb::ListBuildsResponse>, Status> {
-        Err(not_implemented("ListBuilds"))
-    }
-    async fn cancel_build(
-        &self,
-        _request: tonic::Request<pb::CancelBuildRequest>,
-    ) -> Result<tonic::Response<pb::CancelBuildResponse>, Status> {
-        Err(not_implemented("CancelBuild"))
-    }
-    async fn get_policy(
-        &self,
-        _request: tonic::Request<pb::GetPolicyRequest>,
-    ) -> Result<tonic::Response<pb::GetPolicyResponse>, Status> {
-        Err(not_implemented("GetPolicy"))
-    }
+}
+
+/// The tonic service, ready for `KilnServer::add_service`. Its decode limit is the
+/// ceiling because the kiln layer enforces the configured limit first.
+pub fn service(api: BuildApi) -> BuildServiceServer<BuildApi> {
+    BuildServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
 }

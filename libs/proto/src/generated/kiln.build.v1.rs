@@ -952,6 +952,8 @@ pub enum StepFinishedReason {
     /// The process could not be started (program not found, sandbox setup failed, …); see
     /// message.
     SpawnFailed = 6,
+    /// The step wrote more to the workspace (or /tmp) than limits.disk_bytes allows.
+    DiskLimit = 7,
 }
 impl StepFinishedReason {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -967,6 +969,7 @@ impl StepFinishedReason {
             Self::OutputLimit => "STEP_FINISHED_REASON_OUTPUT_LIMIT",
             Self::MemoryLimit => "STEP_FINISHED_REASON_MEMORY_LIMIT",
             Self::SpawnFailed => "STEP_FINISHED_REASON_SPAWN_FAILED",
+            Self::DiskLimit => "STEP_FINISHED_REASON_DISK_LIMIT",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -979,6 +982,7 @@ impl StepFinishedReason {
             "STEP_FINISHED_REASON_OUTPUT_LIMIT" => Some(Self::OutputLimit),
             "STEP_FINISHED_REASON_MEMORY_LIMIT" => Some(Self::MemoryLimit),
             "STEP_FINISHED_REASON_SPAWN_FAILED" => Some(Self::SpawnFailed),
+            "STEP_FINISHED_REASON_DISK_LIMIT" => Some(Self::DiskLimit),
             _ => None,
         }
     }
@@ -1357,10 +1361,12 @@ pub mod build_service_client {
         /// StartBuild queues a build of a workspace and returns it in state QUEUED (or the build
         /// created first, for a retry with the same request_id). Access: USER.
         ///
-        /// Errors: INVALID_ARGUMENT with field violations for bad steps, env or limits
-        /// (reasons PROGRAM_NOT_ALLOWED for an argv\[0\] outside the allowlist, ENV_NOT_ALLOWED,
-        /// LIMIT_TOO_HIGH for a limit above GetPolicy's maximum, INVALID_COMMAND for a command
-        /// string that does not split); NOT_FOUND for an unknown workspace; RESOURCE_EXHAUSTED
+        /// Errors: PERMISSION_DENIED (reason PROGRAM_NOT_ALLOWED, the allowed programs in the
+        /// ErrorInfo metadata, a field violation on the argv) for an argv\[0\] outside the
+        /// allowlist; INVALID_ARGUMENT with field violations for other bad steps, env or limits
+        /// (reasons ENV_NOT_ALLOWED, LIMIT_TOO_HIGH for a limit above GetPolicy's maximum,
+        /// INVALID_COMMAND for a command string that does not split); NOT_FOUND for an unknown
+        /// workspace; RESOURCE_EXHAUSTED
         /// (reason QUEUE_FULL) with RetryInfo when the caller has too many queued builds.
         pub async fn start_build(
             &mut self,
@@ -1672,10 +1678,12 @@ pub mod build_service_server {
         /// StartBuild queues a build of a workspace and returns it in state QUEUED (or the build
         /// created first, for a retry with the same request_id). Access: USER.
         ///
-        /// Errors: INVALID_ARGUMENT with field violations for bad steps, env or limits
-        /// (reasons PROGRAM_NOT_ALLOWED for an argv\[0\] outside the allowlist, ENV_NOT_ALLOWED,
-        /// LIMIT_TOO_HIGH for a limit above GetPolicy's maximum, INVALID_COMMAND for a command
-        /// string that does not split); NOT_FOUND for an unknown workspace; RESOURCE_EXHAUSTED
+        /// Errors: PERMISSION_DENIED (reason PROGRAM_NOT_ALLOWED, the allowed programs in the
+        /// ErrorInfo metadata, a field violation on the argv) for an argv\[0\] outside the
+        /// allowlist; INVALID_ARGUMENT with field violations for other bad steps, env or limits
+        /// (reasons ENV_NOT_ALLOWED, LIMIT_TOO_HIGH for a limit above GetPolicy's maximum,
+        /// INVALID_COMMAND for a command string that does not split); NOT_FOUND for an unknown
+        /// workspace; RESOURCE_EXHAUSTED
         /// (reason QUEUE_FULL) with RetryInfo when the caller has too many queued builds.
         async fn start_build(
             &self,

@@ -1,0 +1,314 @@
+//! Tar streams in and out of workspaces.
+//!
+//! Upload: the chunks of the gRPC stream feed a blocking tar reader (through a small
+//! channel, so a slow disk slows the client, not the server's memory). Entries are
+//! checked one by one: only regular files and directories, every path by the workspace
+//! path rules, the total size and file count against the workspace limits before a byte
+//! is written (tar bombs stop at their first header over the limit). Files go to a
+//! staging area and the change is applied atomically like WriteFiles.
+//!
+//! Download: a blocking tar writer walks the tree (not following symlinks, which are
+//! archived as symlinks) and sends 32 KiB chunks through a channel.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::{Buf, Bytes};
+use kiln_proto::build as pb;
+use kiln_rpc::ApiError;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use crate::error::{BuildError, Result, invalid, reason, violation};
+use crate::paths::{self, RelPath};
+use crate::workspace::{self, Disk, Stage, Txn, Usage};
+
+/// Chunks of an upload, as a `Read`.
+pub struct ChunkReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChunkReader {
+    pub fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            rx,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+fn bad_archive(why: String) -> BuildError {
+    invalid(reason::INVALID_ARCHIVE, vec![violation("chunk", why)]).into()
+}
+
+fn too_large(why: String) -> BuildError {
+    ApiError::new(Code::ResourceExhausted, reason::WORKSPACE_TOO_LARGE, why).into()
+}
+
+enum Item {
+    File(PathBuf),
+    Dir,
+}
+
+/// Reads the archive into a staging area and applies it to workspace `id`.
+pub fn upload(
+    disk: &Disk,
+    id: &str,
+    header: &pb::upload_archive_request::Header,
+    directory: &RelPath,
+    input: ChunkReader,
+) -> Result<(Usage, u64)> {
+    let mut stage = disk.stage()?;
+    let result = extract(disk, header, directory, input, &mut stage).and_then(|items| {
+        let root = disk.dir(id);
+        let mut txn = Txn::new(stage.dir.join("trash"))?;
+        let applied = apply(disk, &root, header.replace, directory, &items, &mut txn);
+        let files = items
+            .values()
+            .filter(|i| matches!(i, Item::File(_)))
+            .count() as u64;
+        match applied {
+            Ok(usage) => {
+                txn.commit();
+                Ok((usage, files))
+            }
+            Err(e) => {
+                txn.rollback();
+                Err(e)
+            }
+        }
+    });
+    stage.remove();
+    result
+}
+
+fn extract(
+    disk: &Disk,
+    header: &pb::upload_archive_request::Header,
+    directory: &RelPath,
+    input: ChunkReader,
+    stage: &mut Stage,
+) -> Result<BTreeMap<RelPath, Item>> {
+    let limits = disk.limits;
+    let reader: Box<dyn Read> = match pb::ArchiveFormat::try_from(header.format) {
+        Ok(pb::ArchiveFormat::TarGzip) => Box::new(flate2::read::GzDecoder::new(input)),
+        _ => Box::new(input),
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut items = BTreeMap::new();
+    let (mut total, mut files) = (0u64, 0u64);
+    let entries = archive
+        .entries()
+        .map_err(|e| bad_archive(format!("not a tar stream: {e}")))?;
+    for (n, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| bad_archive(format!("entry {n}: {e}")))?;
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8(raw)
+            .map_err(|_| bad_archive(format!("entry {n}: the path is not UTF-8")))?;
+        let trimmed = name.trim_start_matches("./").trim_end_matches('/');
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+        {
+            continue;
+        }
+        if trimmed.is_empty() || trimmed == "." {
+            continue; // the archive's root directory
+        }
+        let rel = paths::check("chunk", trimmed, &limits, false)
+            .map_err(|v| bad_archive(format!("entry {n} ({name:?}): path {}", v.description)))?;
+        let rel = if directory.is_root() {
+            rel
+        } else {
+            paths::check(
+                "chunk",
+                &format!("{}/{}", directory.as_str(), rel.as_str()),
+                &limits,
+                false,
+            )
+            .map_err(|v| bad_archive(format!("entry {n} ({name:?}): path {}", v.description)))?
+        };
+        if kind.is_dir() {
+            items.insert(rel, Item::Dir);
+            continue;
+        }
+        if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+            return Err(bad_archive(format!(
+                "entry {n} ({name:?}): only regular files and directories are accepted, not {kind:?} (no symbolic or hard links)"
+            )));
+        }
+        let size = entry.size();
+        total = total.saturating_add(size);
+        files += 1;
+        if size > limits.max_file_bytes {
+            return Err(too_large(format!(
+                "entry {n} ({name:?}) is larger than {} bytes",
+                limits.max_file_bytes
+            )));
+        }
+        if total > limits.max_bytes || files > limits.max_files {
+            return Err(too_large(format!(
+                "the archive unpacks to more than the workspace limits ({} files, {} bytes)",
+                limits.max_files, limits.max_bytes
+            )));
+        }
+        let executable = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
+        let staged = stage.next_path();
+        let mut out = workspace::create_file(&staged, executable)?;
+        let copied = io::copy(&mut (&mut entry).take(size), &mut out)
+            .map_err(|e| bad_archive(format!("entry {n} ({name:?}): {e}")))?;
+        if copied != size {
+            return Err(bad_archive(format!("entry {n} ({name:?}) is truncated")));
+        }
+        items.insert(rel, Item::File(staged));
+    }
+    Ok(items)
+}
+
+fn apply(
+    disk: &Disk,
+    root: &Path,
+    replace: bool,
+    directory: &RelPath,
+    items: &BTreeMap<RelPath, Item>,
+    txn: &mut Txn,
+) -> Result<Usage> {
+    if replace {
+        let (target, _) = paths::resolve(
+            root,
+            directory,
+            "header.directory",
+            paths::Parents::Existing,
+        )
+        .or_else(|e| {
+            if directory.is_root() {
+                Ok((root.to_path_buf(), Vec::new()))
+            } else {
+                Err(e)
+            }
+        })?;
+        if directory.is_root() {
+            let entries =
+                fs::read_dir(root).map_err(|e| BuildError::io("listing a workspace", e))?;
+            for entry in entries.flatten() {
+                txn.remove(&entry.path())?;
+            }
+        } else if fs::symlink_metadata(&target).is_ok() {
+            txn.remove(&target)?;
+        }
+    }
+    for (rel, item) in items {
+        match item {
+            Item::Dir => txn.mkdir(root, rel, "chunk")?,
+            Item::File(staged) => txn.place(root, rel, "chunk", staged)?,
+        }
+    }
+    disk.check_quota(root)
+}
+
+/// Writes chunks of at most 32 KiB into a channel.
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<pb::DownloadArchiveResponse, Status>>,
+    buf: Vec<u8>,
+}
+
+const DOWNLOAD_CHUNK: usize = 32 * 1024;
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(pb::DownloadArchiveResponse { chunk }))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(DOWNLOAD_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == DOWNLOAD_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+/// Streams `dir` of the workspace at `root` as a tar (optionally gzip) into `tx`.
+pub fn download(
+    root: &Path,
+    dir: &RelPath,
+    gzip: bool,
+    tx: mpsc::Sender<Result<pb::DownloadArchiveResponse, Status>>,
+) -> io::Result<()> {
+    let writer = ChunkWriter {
+        tx,
+        buf: Vec::with_capacity(DOWNLOAD_CHUNK),
+    };
+    let sink: Box<dyn Write> = if gzip {
+        Box::new(flate2::write::GzEncoder::new(
+            writer,
+            flate2::Compression::fast(),
+        ))
+    } else {
+        Box::new(writer)
+    };
+    let mut builder = tar::Builder::new(sink);
+    builder.follow_symlinks(false);
+    let start = dir.under(root);
+    if !dir.is_root() {
+        builder.append_dir(dir.as_str(), &start)?;
+    }
+    append_tree(&mut builder, &start, dir)?;
+    let mut sink = builder.into_inner()?;
+    sink.flush()
+}
+
+fn append_tree(
+    builder: &mut tar::Builder<Box<dyn Write>>,
+    dir: &Path,
+    rel: &RelPath,
+) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let child = rel.join(&name);
+        let meta = fs::symlink_metadata(entry.path())?;
+        if meta.is_dir() {
+            builder.append_dir(child.as_str(), entry.path())?;
+            append_tree(builder, &entry.path(), &child)?;
+        } else if meta.is_file() || meta.file_type().is_symlink() {
+            builder.append_path_with_name(entry.path(), child.as_str())?;
+        }
+    }
+    Ok(())
+}

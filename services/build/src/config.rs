@@ -1,0 +1,296 @@
+//! The build service's configuration section. Every default is stated on its field and
+//! set by [`BuildConfig::new`].
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_sandbox::SandboxConfig;
+
+/// Everything kiln-build needs to run.
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Where workspaces (`<data_dir>/workspaces/<id>`), staging areas
+    /// (`<data_dir>/staging`) and the store (`<data_dir>/build.db`) live. No default: the
+    /// caller (`kiln up`) chooses.
+    pub data_dir: PathBuf,
+    /// What builds may run and with which limits.
+    pub policy: Policy,
+    /// How many builds run at once and how many may wait.
+    pub queue: QueueConfig,
+    /// Size and path limits of workspaces.
+    pub workspace: WorkspaceLimits,
+    /// A watch stream that saw no event for this long gets a Heartbeat. Default 15 s.
+    pub heartbeat_interval: Duration,
+    /// How long finished builds and idle workspaces are kept.
+    pub retention: Retention,
+    /// The sandbox steps run in. Default: [`SandboxConfig::default`] (the best tier the
+    /// host offers; refuses to start below tier B unless `allow_unsandboxed` is set).
+    pub sandbox: SandboxConfig,
+    /// How much of a running build's log is kept in memory for live watchers, in bytes of
+    /// output; watchers further behind read from the store. Default 16 MiB.
+    pub live_window_bytes: usize,
+}
+
+impl BuildConfig {
+    /// The defaults, with data under `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            policy: Policy::default(),
+            queue: QueueConfig::default(),
+            workspace: WorkspaceLimits::default(),
+            heartbeat_interval: Duration::from_secs(15),
+            retention: Retention::default(),
+            sandbox: SandboxConfig::default(),
+            live_window_bytes: 16 << 20,
+        }
+    }
+
+    pub(crate) fn workspaces_dir(&self) -> PathBuf {
+        self.data_dir.join("workspaces")
+    }
+
+    pub(crate) fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    pub(crate) fn db_path(&self) -> PathBuf {
+        self.data_dir.join("build.db")
+    }
+}
+
+/// The limits of one build. In [`Policy`] they are the defaults and the maxima.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// Wall-clock time of the whole build (queue time not counted).
+    pub wall_timeout: Duration,
+    /// CPU time of each step's process tree.
+    pub cpu_time: Duration,
+    /// Memory of each step's process tree.
+    pub memory_bytes: u64,
+    /// stdout + stderr of the whole build.
+    pub output_bytes: u64,
+    /// Growth of the workspace during a step.
+    pub disk_bytes: u64,
+    /// Processes and threads of a step.
+    pub processes: u32,
+    /// Open files per process.
+    pub open_files: u32,
+}
+
+impl BuildLimits {
+    /// The out-of-the-box defaults: 15 min wall, 10 min CPU, 2 GiB memory, 16 MiB
+    /// output, 1 GiB disk, 256 processes, 1024 open files.
+    pub const DEFAULT: Self = Self {
+        wall_timeout: Duration::from_secs(15 * 60),
+        cpu_time: Duration::from_secs(10 * 60),
+        memory_bytes: 2 << 30,
+        output_bytes: 16 << 20,
+        disk_bytes: 1 << 30,
+        processes: 256,
+        open_files: 1024,
+    };
+
+    /// The out-of-the-box maxima: 2 h wall, 2 h CPU, 8 GiB memory, 1 GiB output, 8 GiB
+    /// disk, 1024 processes, 8192 open files.
+    pub const MAX: Self = Self {
+        wall_timeout: Duration::from_secs(2 * 3600),
+        cpu_time: Duration::from_secs(2 * 3600),
+        memory_bytes: 8 << 30,
+        output_bytes: 1 << 30,
+        disk_bytes: 8 << 30,
+        processes: 1024,
+        open_files: 8192,
+    };
+}
+
+/// What a build may run. Enforced by StartBuild and served by GetPolicy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Names argv[0] may be (exact match, no `/`). Default: common toolchains and harmless
+    /// utilities, no shell: see [`Policy::DEFAULT_PROGRAMS`]. Note that `make`, `python3`
+    /// and friends can run anything: the allowlist keeps honest mistakes and lazy
+    /// injections out, the sandbox is what contains a hostile build.
+    pub allowed_programs: BTreeSet<String>,
+    /// Environment variable names a request may set. Default:
+    /// [`Policy::DEFAULT_ENV`]. `LD_*`, `KILN_*`, `PATH` and `HOME` are refused even if
+    /// listed here.
+    pub allowed_env: BTreeSet<String>,
+    /// Limits for fields a request leaves unset. Default [`BuildLimits::DEFAULT`].
+    pub default_limits: BuildLimits,
+    /// The highest limits a request may ask for. Default [`BuildLimits::MAX`].
+    pub max_limits: BuildLimits,
+    /// Most steps per build. Default 64 (the contract's maximum).
+    pub max_steps: u32,
+    /// The fixed `PATH` of every step. Default `/usr/local/bin:/usr/bin:/bin`, plus the
+    /// service user's `$CARGO_HOME/bin` (or `~/.cargo/bin`) when it exists, which the
+    /// sandbox mounts read-only.
+    pub path: String,
+    /// Other fixed variables of every step, after PATH and HOME. Default: `RUSTUP_HOME`
+    /// of the service user when a rustup installation exists (the rustup proxies in
+    /// `~/.cargo/bin` need it, since HOME points into the workspace).
+    pub fixed_env: Vec<(String, String)>,
+}
+
+impl Policy {
+    /// The default program allowlist.
+    pub const DEFAULT_PROGRAMS: &[&str] = &[
+        "cargo", "rustc", "python3", "python", "pip", "pip3", "node", "npm", "npx", "go", "make",
+        "cc", "gcc", "g++", "c++", "clang", "ld", "ar", "true", "false", "echo", "cat", "ls",
+        "test", "env", "sleep", "printf", "head", "tail", "wc", "sort", "grep", "sed", "diff",
+        "mkdir", "cp", "mv", "rm", "touch", "tar", "find",
+    ];
+
+    /// The default environment allowlist: build-tool knobs, never loader or server
+    /// variables.
+    pub const DEFAULT_ENV: &[&str] = &[
+        "CC",
+        "CXX",
+        "CFLAGS",
+        "CXXFLAGS",
+        "CPPFLAGS",
+        "LDFLAGS",
+        "MAKEFLAGS",
+        "RUSTFLAGS",
+        "RUST_BACKTRACE",
+        "RUST_LOG",
+        "CARGO_TERM_COLOR",
+        "CARGO_INCREMENTAL",
+        "CARGO_BUILD_JOBS",
+        "CARGO_NET_OFFLINE",
+        "PYTHONUNBUFFERED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONHASHSEED",
+        "PIP_NO_INDEX",
+        "NODE_ENV",
+        "GOFLAGS",
+        "GOOS",
+        "GOARCH",
+        "CGO_ENABLED",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "TERM",
+        "NO_COLOR",
+        "CI",
+        "SOURCE_DATE_EPOCH",
+    ];
+
+    /// Whether a variable name can never be set by a request, whatever the allowlist says:
+    /// the dynamic loader's (`LD_*`), kiln's own (`KILN_*`) and the fixed ones.
+    pub fn env_forbidden(name: &str) -> bool {
+        name.starts_with("LD_") || name.starts_with("KILN_") || name == "PATH" || name == "HOME"
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let tool_dir = |var: &str, dir: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(dir)))
+                .filter(|p| p.is_dir())
+        };
+        let mut path = "/usr/local/bin:/usr/bin:/bin".to_owned();
+        if let Some(cargo_bin) = tool_dir("CARGO_HOME", ".cargo").map(|d| d.join("bin"))
+            && cargo_bin.is_dir()
+            && let Some(s) = cargo_bin.to_str()
+        {
+            path.push(':');
+            path.push_str(s);
+        }
+        let fixed_env = tool_dir("RUSTUP_HOME", ".rustup")
+            .and_then(|p| p.to_str().map(|s| ("RUSTUP_HOME".to_owned(), s.to_owned())))
+            .into_iter()
+            .collect();
+        Self {
+            allowed_programs: Self::DEFAULT_PROGRAMS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            allowed_env: Self::DEFAULT_ENV.iter().map(|s| (*s).to_owned()).collect(),
+            default_limits: BuildLimits::DEFAULT,
+            max_limits: BuildLimits::MAX,
+            max_steps: 64,
+            path,
+            fixed_env,
+        }
+    }
+}
+
+/// The queue's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Builds running at once on this server. Default: the number of cores.
+    pub max_running: usize,
+    /// Builds one user may have running at once. Default 2.
+    pub max_running_per_user: usize,
+    /// Builds one user may have queued (not yet running). More answer RESOURCE_EXHAUSTED
+    /// (reason QUEUE_FULL). Default 20.
+    pub max_queued_per_user: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_running: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_running_per_user: 2,
+            max_queued_per_user: 20,
+        }
+    }
+}
+
+/// Limits of workspaces, checked by every API change (builds are bounded by their
+/// disk limit instead).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkspaceLimits {
+    /// Total apparent size of the files. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Number of regular files. Default 100 000.
+    pub max_files: u64,
+    /// Largest single file. Default 256 MiB.
+    pub max_file_bytes: u64,
+    /// Longest path, in bytes. Default 1024 (the contract's rule).
+    pub max_path_bytes: usize,
+    /// Longest path component, in bytes. Default 255 (the contract's rule).
+    pub max_component_bytes: usize,
+    /// Most files (and delete paths) in one request. Default 10 000.
+    pub max_files_per_request: usize,
+}
+
+impl Default for WorkspaceLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            max_files: 100_000,
+            max_file_bytes: 256 << 20,
+            max_path_bytes: 1024,
+            max_component_bytes: 255,
+            max_files_per_request: 10_000,
+        }
+    }
+}
+
+/// How long things are kept, and how often the cleanup runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Finished builds (and their logs) older than this are deleted. Default 30 days.
+    pub finished_builds: Duration,
+    /// Workspaces unchanged and unbuilt for this long are deleted (never while a build of
+    /// them is queued or running). Default 14 days.
+    pub idle_workspaces: Duration,
+    /// How often the cleanup runs (also once at start). Default 1 hour.
+    pub cleanup_interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            finished_builds: Duration::from_secs(30 * 24 * 3600),
+            idle_workspaces: Duration::from_secs(14 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(3600),
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! Workspace handlers: create, list, write, read, archives, delete.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use futures::StreamExt;
+use kiln_proto::build as pb;
+use kiln_rpc::{ApiError, Principal};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::BuildApi;
+use crate::archive::{self, ChunkReader};
+use crate::error::{BuildError, Result, busy, invalid, reason, violation};
+use crate::paths;
+use crate::service::{cursor, owner_filter, page_size};
+use crate::store::{ListFilter, WorkspaceRow, now_micros, page_token};
+use crate::validate::{self, Violations};
+use crate::workspace::NewFile;
+
+/// Largest ReadFile chunk.
+const READ_CHUNK: usize = 32 * 1024;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::Config(format!("blocking task: {e}")))?
+}
+
+impl BuildApi {
+    /// Checks the files of a request: paths (unique), sizes, count.
+    fn check_files(&self, files: &[pb::File], v: &mut Violations) -> Vec<NewFile> {
+        let limits = self.shared().config.workspace;
+        if files.len() > limits.max_files_per_request {
+            v.push(
+                reason::WORKSPACE_TOO_LARGE,
+                "files",
+                format!("at most {} files per request", limits.max_files_per_request),
+            );
+        }
+        let mut path_violations = Vec::new();
+        let paths = paths::check_all(
+            |i| format!("files[{i}].path"),
+            files.iter().map(|f| f.path.as_str()),
+            &limits,
+            &mut path_violations,
+        );
+        v.extend(reason::INVALID_PATH, path_violations);
+        for (i, f) in files.iter().enumerate() {
+            if f.content.len() as u64 > limits.max_file_bytes {
+                v.push(
+                    reason::WORKSPACE_TOO_LARGE,
+                    format!("files[{i}].content"),
+                    format!("is larger than {} bytes", limits.max_file_bytes),
+                );
+            }
+        }
+        if paths.len() != files.len() {
+            return Vec::new(); // violations recorded; nothing will be written
+        }
+        files
+            .iter()
+            .zip(paths)
+            .enumerate()
+            .map(|(i, (f, path))| NewFile {
+                path,
+                field: format!("files[{i}].path"),
+                content: f.content.clone(),
+                executable: f.executable,
+            })
+            .collect()
+    }
+
+    pub(crate) async fn create_workspace_impl(
+        &self,
+        p: &Principal,
+        req: pb::CreateWorkspaceRequest,
+    ) -> Result<pb::Workspace> {
+        let mut v = Violations::default();
+        let files = self.check_files(&req.files, &mut v);
+        validate::check_labels("labels", &req.labels, &mut v);
+        v.into_result(None)?;
+        let encoded: Vec<Vec<u8>> = req.files.iter().map(Message::encode_to_vec).collect();
+        let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let hash = validate::request_hash(&parts, &[&req.labels]);
+        let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
+        let store = &self.shared().store;
+        if let Some(rid) = request_id
+            && let Some(existing) = store.workspace_by_request(&p.subject, rid).await?
+        {
+            return same_workspace(existing, &hash);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let disk = self.shared().disk.clone();
+        let ws_id = id.clone();
+        let usage = blocking(move || {
+            disk.create(&ws_id)?;
+            let result = disk.write_files(&ws_id, &[], &files).map_err(|e| match e {
+                // The contract answers INVALID_ARGUMENT for too large initial files.
+                BuildError::Api(a) if a.reason() == reason::WORKSPACE_TOO_LARGE => ApiError::new(
+                    tonic::Code::InvalidArgument,
+                    reason::WORKSPACE_TOO_LARGE,
+                    a.message().to_owned(),
+                )
+                .into(),
+                other => other,
+            });
+            if result.is_err() {
+                let _ = disk.remove(&ws_id);
+            }
+            result
+        })
+        .await?;
+        let now = now_micros();
+        let row = WorkspaceRow {
+            id: id.clone(),
+            owner: p.subject.clone(),
+            size_bytes: usage.bytes,
+            file_count: usage.files,
+            created_at: now,
+            updated_at: now,
+            request_hash: Some(hash.clone()),
+            labels: req.labels,
+        };
+        if let Err(e) = store.insert_workspace(&row, request_id).await {
+            let disk = self.shared().disk.clone();
+            let _ = blocking(move || disk.remove(&id)).await;
+            if let (BuildError::Store(sqlx::Error::Database(db)), Some(rid)) = (&e, request_id)
+                && db.is_unique_violation()
+                && let Some(existing) = store.workspace_by_request(&p.subject, rid).await?
+            {
+                return same_workspace(existing, &hash);
+            }
+            return Err(e);
+        }
+        Ok(row.to_proto())
+    }
+
+    pub(crate) async fn list_workspaces_impl(
+        &self,
+        p: &Principal,
+        req: pb::ListWorkspacesRequest,
+    ) -> Result<pb::ListWorkspacesResponse> {
+        let limit = page_size("page_size", req.page_size, 100, 1000)?;
+        let filter = ListFilter {
+            owner: owner_filter(p, req.owner),
+            labels: req.labels.into_iter().collect(),
+            before: cursor(&req.page_token)?,
+            limit: limit + 1,
+            ..ListFilter::default()
+        };
+        let mut rows = self.shared().store.list_workspaces(&filter).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page_token(last.created_at, &last.id),
+            _ => String::new(),
+        };
+        Ok(pb::ListWorkspacesResponse {
+            workspaces: rows.iter().map(WorkspaceRow::to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    /// Takes the workspace's lock for an API change, refusing while a build runs on it.
+    async fn lock_for_change(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+        let shared = self.shared();
+        if shared.queue.workspace_busy(id) {
+            return Err(
+                busy("a build of this workspace is running; wait for it or cancel it").into(),
+            );
+        }
+        let guard = shared.workspace_lock(id).lock_owned().await;
+        if shared.queue.workspace_busy(id) {
+            return Err(
+                busy("a build of this workspace is running; wait for it or cancel it").into(),
+            );
+        }
+        Ok(guard)
+    }
+
+    pub(crate) async fn write_files_impl(
+        &self,
+        p: &Principal,
+        req: pb::WriteFilesRequest,
+    ) -> Result<pb::WriteFilesResponse> {
+        let ws = self.workspace_for(p, &req.workspace_id, true).await?;
+        let limits = self.shared().config.workspace;
+        let mut v = Violations::default();
+        let files = self.check_files(&req.files, &mut v);
+        if req.delete_paths.len() > limits.max_files_per_request {
+            v.push(
+                reason::WORKSPACE_TOO_LARGE,
+                "delete_paths",
+                format!("at most {} paths per request", limits.max_files_per_request),
+            );
+        }
+        let mut path_violations = Vec::new();
+        let deletes = paths::check_all(
+            |i| format!("delete_paths[{i}]"),
+            req.delete_paths.iter().map(String::as_str),
+            &limits,
+            &mut path_violations,
+        );
+        v.extend(reason::INVALID_PATH, path_violations);
+        v.into_result(None)?;
+        let _guard = self.lock_for_change(&ws.id).await?;
+        let disk = self.shared().disk.clone();
+        let id = ws.id.clone();
+        let usage = blocking(move || disk.write_files(&id, &deletes, &files)).await?;
+        let store = &self.shared().store;
+        store
+            .set_workspace_usage(&ws.id, usage.bytes, usage.files, true)
+            .await?;
+        let ws = store
+            .get_workspace(&ws.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("workspace", &ws.id))?;
+        Ok(pb::WriteFilesResponse {
+            workspace: Some(ws.to_proto()),
+        })
+    }
+
+    pub(crate) async fn list_files_impl(
+        &self,
+        p: &Principal,
+        req: pb::ListFilesRequest,
+    ) -> Result<pb::ListFilesResponse> {
+        let ws = self.workspace_for(p, &req.workspace_id, false).await?;
+        let limits = self.shared().config.workspace;
+        let dir = paths::check("directory", &req.directory, &limits, true)
+            .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
+        let limit =
+            usize::try_from(page_size("page_size", req.page_size, 1000, 10_000)?).unwrap_or(1000);
+        let disk = self.shared().disk.clone();
+        let after = req.page_token;
+        let (files, more) = blocking(move || disk.list(&ws.id, &dir, &after, limit)).await?;
+        let next_page_token = match (more, files.last()) {
+            (true, Some(last)) => last.path.clone(),
+            _ => String::new(),
+        };
+        Ok(pb::ListFilesResponse {
+            files,
+            next_page_token,
+        })
+    }
+
+    pub(crate) async fn read_file_impl(
+        &self,
+        p: &Principal,
+        req: pb::ReadFileRequest,
+    ) -> Result<futures::stream::BoxStream<'static, Result<pb::ReadFileResponse, Status>>> {
+        let ws = self.workspace_for(p, &req.workspace_id, false).await?;
+        let limits = self.shared().config.workspace;
+        let path = paths::check("path", &req.path, &limits, false)
+            .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
+        let disk = self.shared().disk.clone();
+        let (mut file, size) = blocking(move || disk.open_regular(&ws.id, &path)).await?;
+        if req.offset > size {
+            return Err(ApiError::new(
+                tonic::Code::OutOfRange,
+                reason::OUT_OF_RANGE,
+                format!(
+                    "offset {} is past the end of the file ({size} bytes)",
+                    req.offset
+                ),
+            )
+            .into());
+        }
+        let end = req
+            .limit
+            .map_or(size, |l| size.min(req.offset.saturating_add(l)));
+        let (tx, rx) = mpsc::channel(4);
+        let offset = req.offset;
+        // The file was opened before the stream starts; a blocking reader feeds a small
+        // channel at the client's pace.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+                let _ = tx.blocking_send(Err(Status::from(BuildError::io("reading a file", e))));
+                return;
+            }
+            let mut pos = offset;
+            while pos < end {
+                let want =
+                    usize::try_from((end - pos).min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
+                let mut buf = vec![0u8; want];
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break, // the file shrank meanwhile
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .blocking_send(Err(Status::from(BuildError::io("reading a file", e))));
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let chunk = pb::ReadFileResponse {
+                    offset: pos,
+                    data: buf.into(),
+                    size_bytes: size,
+                };
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    return;
+                }
+                pos += n as u64;
+            }
+        });
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+
+    pub(crate) async fn upload_impl(
+        &self,
+        p: &Principal,
+        mut stream: tonic::Streaming<pb::UploadArchiveRequest>,
+    ) -> Result<pb::UploadArchiveResponse> {
+        let header = match stream.message().await.map_err(status_to_error)? {
+            Some(pb::UploadArchiveRequest {
+                part: Some(pb::upload_archive_request::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(ApiError::invalid_field(
+                    "header",
+                    "the first message must carry the header",
+                )
+                .into());
+            }
+        };
+        let ws = self.workspace_for(p, &header.workspace_id, true).await?;
+        let limits = self.shared().config.workspace;
+        let directory = paths::check("header.directory", &header.directory, &limits, true)
+            .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
+        let _guard = self.lock_for_change(&ws.id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let disk = self.shared().disk.clone();
+        let id = ws.id.clone();
+        let dir = directory.clone();
+        let unpack = tokio::task::spawn_blocking(move || {
+            archive::upload(&disk, &id, &header, &dir, ChunkReader::new(rx))
+        });
+        let mut feed_error = None;
+        loop {
+            match stream.message().await {
+                Ok(Some(pb::UploadArchiveRequest {
+                    part: Some(pb::upload_archive_request::Part::Chunk(chunk)),
+                })) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the unpacker stopped early; its error says why
+                    }
+                }
+                Ok(Some(_)) => {
+                    feed_error = Some(
+                        ApiError::invalid_field(
+                            "header",
+                            "only the first message may carry the header",
+                        )
+                        .into(),
+                    );
+                    break;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    feed_error = Some(status_to_error(status));
+                    break;
+                }
+            }
+        }
+        if feed_error.is_some() {
+            // Make the unpacker fail (truncated archive) so that nothing is applied.
+            drop(tx);
+            let _ = unpack.await;
+            return Err(feed_error.unwrap_or_else(|| BuildError::Config("unreachable".into())));
+        }
+        drop(tx);
+        let (usage, files_written) = unpack
+            .await
+            .map_err(|e| BuildError::Config(format!("unpack task: {e}")))??;
+        let store = &self.shared().store;
+        store
+            .set_workspace_usage(&ws.id, usage.bytes, usage.files, true)
+            .await?;
+        let ws = store
+            .get_workspace(&ws.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("workspace", &ws.id))?;
+        Ok(pb::UploadArchiveResponse {
+            workspace: Some(ws.to_proto()),
+            files_written,
+        })
+    }
+
+    pub(crate) async fn download_impl(
+        &self,
+        p: &Principal,
+        req: pb::DownloadArchiveRequest,
+    ) -> Result<futures::stream::BoxStream<'static, Result<pb::DownloadArchiveResponse, Status>>>
+    {
+        let ws = self.workspace_for(p, &req.workspace_id, false).await?;
+        let limits = self.shared().config.workspace;
+        let dir = paths::check("directory", &req.directory, &limits, true)
+            .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
+        let root = self.shared().disk.dir(&ws.id);
+        if !dir.is_root() {
+            let (full, _) = paths::resolve(&root, &dir, "directory", paths::Parents::Existing)?;
+            if !std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+                return Err(ApiError::not_found("directory", dir.as_str()).into());
+            }
+        }
+        let gzip = req.format == pb::ArchiveFormat::TarGzip as i32;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::task::spawn_blocking(move || {
+            let errors = tx.clone();
+            if let Err(e) = archive::download(&root, &dir, gzip, tx)
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                let _ = errors.blocking_send(Err(Status::from(BuildError::io(
+                    "archiving a workspace",
+                    e,
+                ))));
+            }
+        });
+        Ok(ReceiverStream::new(rx).boxed())
+    }
+
+    pub(crate) async fn delete_workspace_impl(
+        &self,
+        p: &Principal,
+        id: &str,
+    ) -> Result<pb::DeleteWorkspaceResponse> {
+        let ws = self.workspace_for(p, id, true).await?;
+        let shared = self.shared();
+        let _guard = self.lock_for_change(&ws.id).await?;
+        if shared.store.workspace_has_active_builds(&ws.id).await? {
+            return Err(busy(
+                "a build of this workspace is queued or running; wait for it or cancel it",
+            )
+            .into());
+        }
+        let disk = shared.disk.clone();
+        let dir_id = ws.id.clone();
+        blocking(move || disk.remove(&dir_id)).await?;
+        shared.store.delete_workspace(&ws.id).await?;
+        Ok(pb::DeleteWorkspaceResponse {})
+    }
+}
+
+fn same_workspace(existing: WorkspaceRow, hash: &str) -> Result<pb::Workspace> {
+    if existing.request_hash.as_deref() == Some(hash) {
+        return Ok(existing.to_proto());
+    }
+    Err(invalid(
+        reason::REQUEST_ID_REUSED,
+        vec![violation(
+            "request_id",
+            "was already used for a different request; use a new request_id",
+        )],
+    )
+    .into())
+}
+
+/// A client stream error, passed back as it came.
+fn status_to_error(status: Status) -> BuildError {
+    ApiError::new(
+        status.code(),
+        kiln_rpc::error::reason::INVALID_ARGUMENT,
+        status.message().to_owned(),
+    )
+    .into()
+}

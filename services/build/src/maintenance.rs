@@ -1,0 +1,115 @@
+//! What happens outside requests: recovery at start and the retention cleanup.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::build as pb;
+use pb::build_event::Event;
+
+use crate::Shared;
+use crate::error::Result;
+use crate::log::LiveLog;
+use crate::queue::Entry;
+use crate::store::{BuildUpdate, duration_micros, now_micros};
+
+/// The message of builds found RUNNING at start.
+pub const INTERRUPTED_MESSAGE: &str =
+    "the service stopped while this build was running (crash or kill); its log up to then is kept";
+
+/// Ends builds that were running when the service died (INTERRUPTED, with a Finished
+/// event after their last stored one) and queues the queued ones again, oldest first.
+pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
+    for row in shared
+        .store
+        .builds_in_state(pb::BuildState::Running)
+        .await?
+    {
+        let b = row.build;
+        let log = LiveLog::new(
+            &b.id,
+            b.last_sequence,
+            b.step_results,
+            shared.config.live_window_bytes,
+        );
+        let finished = Event::Finished(pb::Finished {
+            state: pb::BuildState::Interrupted as i32,
+            message: INTERRUPTED_MESSAGE.into(),
+        });
+        log.append(
+            &shared.store,
+            vec![finished],
+            BuildUpdate {
+                state: Some(pb::BuildState::Interrupted),
+                finished_at: Some(now_micros()),
+                failure_message: Some(INTERRUPTED_MESSAGE.into()),
+                current_step: Some(None),
+                ..BuildUpdate::default()
+            },
+        )
+        .await?;
+        tracing::warn!(build = %b.id, "build was running when the service stopped: INTERRUPTED");
+    }
+    for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
+        let b = row.build;
+        let log = LiveLog::new(
+            &b.id,
+            b.last_sequence,
+            Vec::new(),
+            shared.config.live_window_bytes,
+        );
+        shared.logs.insert(log);
+        shared.queue.push(
+            Entry {
+                build_id: b.id,
+                owner: b.owner,
+                workspace_id: b.workspace_id,
+            },
+            false,
+        );
+    }
+    Ok(())
+}
+
+/// Runs the cleanup at start and then every `cleanup_interval`.
+pub async fn cleanup_loop(shared: Arc<Shared>) {
+    loop {
+        if let Err(e) = cleanup(&shared).await {
+            tracing::error!(error = %e, "retention cleanup failed");
+        }
+        tokio::time::sleep(shared.config.retention.cleanup_interval).await;
+    }
+}
+
+/// Deletes finished builds past retention and idle workspaces (never one with a build
+/// queued or running).
+pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
+    let retention = shared.config.retention;
+    let now = now_micros();
+    let old_builds = now.saturating_sub(duration_micros(retention.finished_builds));
+    loop {
+        let n = shared.store.delete_finished_builds(old_builds, 500).await?;
+        if n < 500 {
+            break;
+        }
+    }
+    let idle_before = now.saturating_sub(duration_micros(retention.idle_workspaces));
+    for id in shared.store.idle_workspaces(idle_before, 1000).await? {
+        if shared.queue.workspace_busy(&id) || shared.store.workspace_has_active_builds(&id).await?
+        {
+            continue;
+        }
+        let lock = shared.workspace_lock(&id);
+        let Ok(_guard) = tokio::time::timeout(Duration::from_secs(1), lock.lock()).await else {
+            continue;
+        };
+        let disk = shared.disk.clone();
+        let dir_id = id.clone();
+        tokio::task::spawn_blocking(move || disk.remove(&dir_id))
+            .await
+            .map_err(|e| crate::error::BuildError::Config(format!("cleanup task: {e}")))??;
+        shared.store.delete_workspace(&id).await?;
+        shared.forget_workspace_lock(&id);
+        tracing::info!(workspace = %id, "idle workspace deleted by retention");
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The build queue: a global concurrency limit, per-user running and queued limits, and
+//! round-robin between users.
+//!
+//! Users take turns: the scheduler walks the users in turn order and starts the first
+//! queued build of the first user who is below the per-user running limit and whose
+//! build's workspace is free (two builds never run over one workspace at once); that
+//! user then goes to the back of the turn order. So user A with ten queued builds and
+//! user B with one alternate: B's build starts before A's third.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use crate::config::QueueConfig;
+
+/// A queued build, as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub build_id: String,
+    pub owner: String,
+    pub workspace_id: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queued: HashMap<String, VecDeque<Entry>>,
+    turns: VecDeque<String>,
+    running: usize,
+    running_per_user: HashMap<String, usize>,
+    busy_workspaces: HashSet<String>,
+    /// Slots promised to StartBuild calls between their limit check and their insert.
+    reserved: HashMap<String, usize>,
+    closed: bool,
+}
+
+/// The queue. All methods are quick and never block on I/O.
+#[derive(Debug)]
+pub struct Queue {
+    config: QueueConfig,
+    state: Mutex<State>,
+    pub wake: tokio::sync::Notify,
+}
+
+impl Queue {
+    pub fn new(config: QueueConfig) -> Self {
+        Self {
+            config,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> QueueConfig {
+        self.config
+    }
+
+    /// Reserves a queue slot for `owner`, or says how many builds it has queued already.
+    pub fn reserve(&self, owner: &str) -> Result<(), usize> {
+        let mut s = self.lock();
+        let queued = s.queued.get(owner).map_or(0, VecDeque::len)
+            + s.reserved.get(owner).copied().unwrap_or(0);
+        if queued >= self.config.max_queued_per_user {
+            return Err(queued);
+        }
+        *s.reserved.entry(owner.to_owned()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Gives back a reservation that did not become a build.
+    pub fn release(&self, owner: &str) {
+        let mut s = self.lock();
+        if let Some(n) = s.reserved.get_mut(owner) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Queues a build (turning a reservation into it, if `reserved`) and returns its
+    /// position (1: next to run).
+    pub fn push(&self, entry: Entry, reserved: bool) -> u32 {
+        let position = {
+            let mut s = self.lock();
+            if reserved && let Some(n) = s.reserved.get_mut(&entry.owner) {
+                *n = n.saturating_sub(1);
+            }
+            if !s.turns.contains(&entry.owner) {
+                s.turns.push_back(entry.owner.clone());
+            }
+            let owner = entry.owner.clone();
+            let id = entry.build_id.clone();
+            s.queued.entry(owner.clone()).or_default().push_back(entry);
+            position_of(&s, &owner, &id).unwrap_or(1)
+        };
+        self.wake.notify_one();
+        position
+    }
+
+    /// Removes a queued build (cancel). False when it is not queued (any more).
+    pub fn remove(&self, owner: &str, build_id: &str) -> bool {
+        let mut s = self.lock();
+        let Some(q) = s.queued.get_mut(owner) else {
+            return false;
+        };
+        let before = q.len();
+        q.retain(|e| e.build_id != build_id);
+        before != q.len()
+    }
+
+    /// The position a build of `owner` would get if queued now.
+    pub fn peek_position(&self, owner: &str) -> u32 {
+        let s = self.lock();
+        let index = s.queued.get(owner).map_or(0, VecDeque::len);
+        let turn = s
+            .turns
+            .iter()
+            .position(|u| u == owner)
+            .unwrap_or(s.turns.len());
+        estimate(&s, owner, index, turn)
+    }
+
+    /// The current position of a queued build.
+    pub fn position(&self, owner: &str, build_id: &str) -> Option<u32> {
+        position_of(&self.lock(), owner, build_id)
+    }
+
+    /// The next build to start, marking it running; `None` when nothing may start now.
+    pub fn next(&self) -> Option<Entry> {
+        let mut s = self.lock();
+        if s.closed || s.running >= self.config.max_running {
+            return None;
+        }
+        for turn in 0..s.turns.len() {
+            let user = s.turns[turn].clone();
+            if s.running_per_user.get(&user).copied().unwrap_or(0)
+                >= self.config.max_running_per_user
+            {
+                continue;
+            }
+            let busy = &s.busy_workspaces;
+            let Some(index) = s
+                .queued
+                .get(&user)
+                .and_then(|q| q.iter().position(|e| !busy.contains(&e.workspace_id)))
+            else {
+                continue;
+            };
+            let entry = s.queued.get_mut(&user).and_then(|q| q.remove(index))?;
+            // The user goes to the back of the turn order; it stays there while it has
+            // builds running, so that its next build waits for the others' turns.
+            s.turns.remove(turn);
+            s.turns.push_back(user.clone());
+            if s.queued.get(&user).is_some_and(VecDeque::is_empty) {
+                s.queued.remove(&user);
+            }
+            s.running += 1;
+            *s.running_per_user.entry(user).or_default() += 1;
+            s.busy_workspaces.insert(entry.workspace_id.clone());
+            return Some(entry);
+        }
+        None
+    }
+
+    /// A running build ended: frees its slots and wakes the scheduler.
+    pub fn finished(&self, entry: &Entry) {
+        {
+            let mut s = self.lock();
+            s.running = s.running.saturating_sub(1);
+            if let Some(n) = s.running_per_user.get_mut(&entry.owner) {
+                *n = n.saturating_sub(1);
+            }
+            s.busy_workspaces.remove(&entry.workspace_id);
+            // Users with nothing queued and nothing running leave the turn order.
+            let owner = entry.owner.clone();
+            let idle = !s.queued.contains_key(&owner)
+                && s.running_per_user.get(&owner).copied().unwrap_or(0) == 0;
+            if idle {
+                s.turns.retain(|u| *u != owner);
+                s.running_per_user.remove(&owner);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether a build of the workspace is running now.
+    pub fn workspace_busy(&self, workspace_id: &str) -> bool {
+        self.lock().busy_workspaces.contains(workspace_id)
+    }
+
+    /// Stops starting builds (shutdown).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// Where a queued build would start if users took turns one build per round in the
+/// current turn order (an estimate: per-user running limits and busy workspaces can
+/// reorder it).
+fn position_of(s: &State, owner: &str, build_id: &str) -> Option<u32> {
+    let index = s
+        .queued
+        .get(owner)?
+        .iter()
+        .position(|e| e.build_id == build_id)?;
+    let owner_turn = s.turns.iter().position(|u| u == owner)?;
+    Some(estimate(s, owner, index, owner_turn))
+}
+
+/// Builds ahead of the `index`-th build of `owner` whose turn is `owner_turn`, plus one.
+fn estimate(s: &State, owner: &str, index: usize, owner_turn: usize) -> u32 {
+    let ahead: usize = s
+        .turns
+        .iter()
+        .enumerate()
+        .filter(|(_, user)| user.as_str() != owner)
+        .map(|(t, user)| {
+            let len = s.queued.get(user).map_or(0, VecDeque::len);
+            match t.cmp(&owner_turn) {
+                std::cmp::Ordering::Less => len.min(index + 1),
+                _ => len.min(index),
+            }
+        })
+        .sum();
+    u32::try_from(ahead + index + 1).unwrap_or(u32::MAX)
+}

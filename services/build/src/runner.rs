@@ -1,0 +1,505 @@
+//! Running one build: its steps in order, each in a fresh sandbox over the workspace,
+//! with every event appended to the build's log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_proto::build as pb;
+use kiln_sandbox::{CommandSpec, ExitStatus, Limits, OutputChunk, Reason, Stream};
+use pb::build_event::Event;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::Shared;
+use crate::config::BuildLimits;
+use crate::error::Result;
+use crate::log::LiveLog;
+use crate::queue::Entry;
+use crate::store::{BuildUpdate, now_micros};
+use crate::validate::{self, limits_from_proto};
+
+/// Largest Output event.
+pub const MAX_OUTPUT_EVENT: usize = 32 * 1024;
+/// Output taken from the sandbox per log append: bounds one transaction, and lets a fast
+/// writer's output reach watchers in slices of a few hundred KiB.
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// What a running build is asked to do from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Keep running.
+    No,
+    /// CancelBuild: SIGTERM to the step's tree, SIGKILL after the grace period.
+    Cancel(Duration),
+    /// The service is shutting down: kill the step, end the build INTERRUPTED.
+    Interrupt,
+}
+
+/// How a step turned out, as far as the build is concerned.
+struct StepEnd {
+    finished: pb::StepFinished,
+    output: u64,
+    stop_build: Option<(pb::BuildState, String)>,
+}
+
+/// Runs a build the queue handed out, then frees its slot. Never fails: errors end the
+/// build FAILED (or leave it RUNNING for recovery if even that cannot be stored).
+pub async fn run(shared: Arc<Shared>, entry: Entry, stop: watch::Receiver<Stop>) {
+    if let Err(e) = run_build(&shared, &entry, stop).await {
+        tracing::error!(build = %entry.build_id, error = %e, "build failed on the server side");
+        if let Some(log) = shared.logs.get(&entry.build_id) {
+            let finished = Event::Finished(pb::Finished {
+                state: pb::BuildState::Failed as i32,
+                message: "internal error while running the build".into(),
+            });
+            let _ = log
+                .append(
+                    &shared.store,
+                    vec![finished],
+                    final_update(
+                        pb::BuildState::Failed,
+                        "internal error while running the build",
+                    ),
+                )
+                .await;
+        }
+    }
+    shared.logs.remove(&entry.build_id);
+    shared.runs_remove(&entry.build_id);
+    shared.queue.finished(&entry);
+}
+
+fn final_update(state: pb::BuildState, message: &str) -> BuildUpdate {
+    BuildUpdate {
+        state: Some(state),
+        finished_at: Some(now_micros()),
+        failure_message: Some(message.to_owned()),
+        current_step: Some(None),
+        ..BuildUpdate::default()
+    }
+}
+
+async fn run_build(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    mut stop: watch::Receiver<Stop>,
+) -> Result<()> {
+    let Some(row) = shared.store.get_build(&entry.build_id).await? else {
+        return Ok(()); // deleted meanwhile (retention)
+    };
+    let build = row.build;
+    let log = match shared.logs.get(&entry.build_id) {
+        Some(l) => l,
+        None => {
+            let l = LiveLog::new(
+                &build.id,
+                build.last_sequence,
+                build.step_results.clone(),
+                shared.config.live_window_bytes,
+            );
+            shared.logs.insert(l.clone());
+            l
+        }
+    };
+    // Waits for an API change of the workspace in flight; later ones see it busy.
+    let ws_lock = shared.workspace_lock(&entry.workspace_id);
+    let _guard = ws_lock.lock().await;
+    let tier = crate::service::tier_to_proto(shared.sandbox.tier());
+    log.append(
+        &shared.store,
+        vec![Event::Started(pb::Started {
+            sandbox_tier: tier as i32,
+        })],
+        BuildUpdate {
+            state: Some(pb::BuildState::Running),
+            started_at: Some(now_micros()),
+            ..BuildUpdate::default()
+        },
+    )
+    .await?;
+    let ws_dir = shared.disk.dir(&entry.workspace_id);
+    let (state, message) = if !ws_dir.is_dir() {
+        (
+            pb::BuildState::Failed,
+            "the workspace was deleted".to_owned(),
+        )
+    } else {
+        let sandbox = shared.sandbox.clone();
+        let dir = ws_dir.clone();
+        tokio::task::spawn_blocking(move || sandbox.prepare_workspace(&dir))
+            .await
+            .map_err(|e| crate::error::BuildError::Config(format!("prepare task: {e}")))??;
+        let limits = limits_from_proto(
+            &build.limits.unwrap_or_default(),
+            &shared.config.policy.default_limits,
+        );
+        run_steps(shared, &log, &build, &limits, &ws_dir, &mut stop).await?
+    };
+    // Builds change files; keep the workspace's size current for GetWorkspace and quotas.
+    if ws_dir.is_dir() {
+        let dir = ws_dir.clone();
+        if let Ok(Ok(usage)) =
+            tokio::task::spawn_blocking(move || crate::workspace::usage(&dir)).await
+        {
+            shared
+                .store
+                .set_workspace_usage(&entry.workspace_id, usage.bytes, usage.files, false)
+                .await?;
+        }
+    }
+    let finished = Event::Finished(pb::Finished {
+        state: state as i32,
+        message: message.clone(),
+    });
+    log.append(&shared.store, vec![finished], final_update(state, &message))
+        .await?;
+    Ok(())
+}
+
+async fn run_steps(
+    shared: &Arc<Shared>,
+    log: &LiveLog,
+    build: &pb::Build,
+    limits: &BuildLimits,
+    ws_dir: &std::path::Path,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<(pb::BuildState, String)> {
+    let deadline = Instant::now() + limits.wall_timeout;
+    let mut output_left = limits.output_bytes;
+    let count = build.steps.len();
+    for (index, step) in build.steps.iter().enumerate() {
+        match *stop.borrow_and_update() {
+            Stop::No => {}
+            Stop::Cancel(_) => {
+                return Ok((
+                    pb::BuildState::Cancelled,
+                    "cancelled before step started".into(),
+                ));
+            }
+            Stop::Interrupt => return Ok((pb::BuildState::Interrupted, interrupted_message())),
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Ok((
+                pb::BuildState::TimedOut,
+                format!(
+                    "the build's wall timeout of {:?} was reached",
+                    limits.wall_timeout
+                ),
+            ));
+        }
+        let argv = match &step.command {
+            Some(cmd) => shell_words::split(cmd).unwrap_or_default(),
+            None => step.argv.clone(),
+        };
+        let own_timeout = validate::step_timeout(step).filter(|t| *t < remaining);
+        let timeout = own_timeout.unwrap_or(remaining);
+        let spec = command_spec(
+            shared,
+            &argv,
+            step,
+            &build.env,
+            ws_dir,
+            limits,
+            timeout,
+            output_left,
+        );
+        let end = run_step(shared, log, index, step, &argv, spec, limits, stop).await?;
+        output_left = output_left.saturating_sub(end.output);
+        let label = format!("step {} of {count} (`{}`)", index + 1, argv.join(" "));
+        if let Some((state, why)) = end.stop_build {
+            return Ok((state, format!("{label}: {why}")));
+        }
+        if !end.finished.succeeded {
+            let state = if end.finished.reason == pb::StepFinishedReason::TimedOut as i32 {
+                pb::BuildState::TimedOut
+            } else {
+                pb::BuildState::Failed
+            };
+            return Ok((state, format!("{label} {}", describe(&end.finished))));
+        }
+    }
+    Ok((pb::BuildState::Succeeded, String::new()))
+}
+
+fn interrupted_message() -> String {
+    "the service stopped while the build was running".into()
+}
+
+fn describe(sf: &pb::StepFinished) -> String {
+    if !sf.message.is_empty() {
+        return sf.message.clone();
+    }
+    match (sf.exit_code, sf.signal) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        _ => "failed".into(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn command_spec(
+    shared: &Shared,
+    argv: &[String],
+    step: &pb::Step,
+    build_env: &std::collections::HashMap<String, String>,
+    ws_dir: &std::path::Path,
+    limits: &BuildLimits,
+    timeout: Duration,
+    output_left: u64,
+) -> CommandSpec {
+    let policy = &shared.config.policy;
+    let home = shared.sandbox.workspace_in_sandbox(ws_dir);
+    // The environment is built from nothing: fixed PATH and HOME, the policy's fixed
+    // variables, then the request's (already checked against the allowlist).
+    let mut spec = CommandSpec::new(argv.iter().cloned(), ws_dir)
+        .current_dir(&step.working_dir)
+        .env("PATH", policy.path.clone())
+        .env("HOME", home.to_string_lossy().into_owned());
+    for (k, v) in &policy.fixed_env {
+        spec = spec.env(k.clone(), v.clone());
+    }
+    // The stored env went through the allowlist at StartBuild; sorted for a stable order.
+    let mut env: Vec<_> = build_env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.sort();
+    for (k, v) in env {
+        spec = spec.env(k, v);
+    }
+    spec.limits(Limits {
+        wall_timeout: timeout,
+        cpu_time: Some(limits.cpu_time),
+        memory_bytes: Some(limits.memory_bytes),
+        output_bytes: Some(output_left),
+        disk_bytes: Some(limits.disk_bytes),
+        processes: Some(u64::from(limits.processes)),
+        open_files: Some(u64::from(limits.open_files)),
+        ..Limits::default()
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    shared: &Arc<Shared>,
+    log: &LiveLog,
+    index: usize,
+    step: &pb::Step,
+    argv: &[String],
+    spec: CommandSpec,
+    limits: &BuildLimits,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<StepEnd> {
+    let index32 = u32::try_from(index).unwrap_or(u32::MAX);
+    let mut child = match shared.sandbox.spawn(spec).await {
+        Ok(c) => c,
+        Err(e) => {
+            let finished = pb::StepFinished {
+                step_index: index32,
+                reason: pb::StepFinishedReason::SpawnFailed as i32,
+                message: spawn_error_message(&e),
+                succeeded: false,
+                ..Default::default()
+            };
+            log.append(
+                &shared.store,
+                vec![Event::StepFinished(finished.clone())],
+                BuildUpdate::default(),
+            )
+            .await?;
+            let why = describe(&finished);
+            return Ok(StepEnd {
+                finished,
+                output: 0,
+                stop_build: Some((pb::BuildState::Failed, why)),
+            });
+        }
+    };
+    log.append(
+        &shared.store,
+        vec![Event::StepStarted(pb::StepStarted {
+            step_index: index32,
+            argv: argv.to_vec(),
+        })],
+        BuildUpdate {
+            current_step: Some(Some(index32)),
+            ..BuildUpdate::default()
+        },
+    )
+    .await?;
+    let Some(mut rx) = child.take_output() else {
+        return Err(crate::error::BuildError::Config(
+            "step output already taken".into(),
+        ));
+    };
+    let control = child.control();
+    let wait = child.wait();
+    tokio::pin!(wait);
+    let mut output_open = true;
+    let mut stop_live = true;
+    let mut requested = Stop::No;
+    let mut kill_at: Option<Instant> = None;
+    let mut delivered = 0u64;
+    let outcome = loop {
+        tokio::select! {
+            chunk = rx.recv(), if output_open => match chunk {
+                Some(first) => {
+                    let mut batch = vec![first];
+                    let mut bytes = batch[0].data.len();
+                    while bytes < BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(c) => { bytes += c.data.len(); batch.push(c); }
+                            Err(_) => break,
+                        }
+                    }
+                    delivered += bytes as u64;
+                    let events = coalesce(index32, batch);
+                    log.append(&shared.store, events, BuildUpdate::default()).await?;
+                }
+                None => output_open = false,
+            },
+            outcome = &mut wait, if !output_open => break outcome,
+            changed = stop.changed(), if stop_live => match changed {
+                Err(_) => stop_live = false,
+                Ok(()) => {
+                    let s = *stop.borrow_and_update();
+                    match s {
+                        Stop::No => {}
+                        Stop::Cancel(grace) if requested == Stop::No => {
+                            requested = s;
+                            control.signal(libc::SIGTERM);
+                            kill_at = Some(Instant::now() + grace);
+                        }
+                        Stop::Cancel(_) => {}
+                        Stop::Interrupt => {
+                            requested = s;
+                            control.cancel();
+                        }
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
+                kill_at = None;
+                control.cancel();
+            }
+        }
+    };
+    let mut reason = match outcome.reason {
+        Reason::Exited => pb::StepFinishedReason::Exited,
+        Reason::DiskLimit => pb::StepFinishedReason::DiskLimit,
+        Reason::TimedOut => pb::StepFinishedReason::TimedOut,
+        Reason::Cancelled => pb::StepFinishedReason::Cancelled,
+        Reason::OutputLimit => pb::StepFinishedReason::OutputLimit,
+        Reason::MemoryLimit => pb::StepFinishedReason::MemoryLimit,
+        Reason::SpawnFailed => pb::StepFinishedReason::SpawnFailed,
+    };
+    let mut message = outcome.message.clone().unwrap_or_default();
+    let mut stop_build = None;
+    match (requested, outcome.reason) {
+        (Stop::Cancel(_), _) => {
+            reason = pb::StepFinishedReason::Cancelled;
+            message = "cancelled by CancelBuild".into();
+            stop_build = Some((pb::BuildState::Cancelled, "cancelled".to_owned()));
+        }
+        (Stop::Interrupt, _) => {
+            reason = pb::StepFinishedReason::Cancelled;
+            message = interrupted_message();
+            stop_build = Some((pb::BuildState::Interrupted, interrupted_message()));
+        }
+        (Stop::No, Reason::OutputLimit) => {
+            message = format!(
+                "output limit of {} bytes reached: the output after it was dropped and the step was killed",
+                limits.output_bytes
+            );
+            stop_build = Some((pb::BuildState::Failed, message.clone()));
+        }
+        (Stop::No, Reason::DiskLimit) => {
+            message = format!(
+                "disk limit of {} bytes reached: the step was killed",
+                limits.disk_bytes
+            );
+        }
+        (Stop::No, Reason::TimedOut) if message.is_empty() => {
+            message = "timed out".into();
+        }
+        _ => {}
+    }
+    let exited_ok = outcome.reason == Reason::Exited && outcome.status == ExitStatus::Code(0);
+    let succeeded = stop_build.is_none() && (exited_ok || step.allow_failure);
+    let to_proto = |d: Duration| prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    };
+    let finished = pb::StepFinished {
+        step_index: index32,
+        exit_code: outcome.status.code(),
+        signal: outcome.status.signal(),
+        reason: reason as i32,
+        duration: Some(to_proto(outcome.wall_time)),
+        cpu_time: Some(to_proto(outcome.cpu_time)),
+        peak_memory_bytes: outcome.peak_memory_bytes,
+        message,
+        succeeded,
+    };
+    log.append(
+        &shared.store,
+        vec![Event::StepFinished(finished.clone())],
+        BuildUpdate {
+            current_step: Some(None),
+            ..BuildUpdate::default()
+        },
+    )
+    .await?;
+    Ok(StepEnd {
+        finished,
+        output: delivered,
+        stop_build,
+    })
+}
+
+/// A spawn error for the client, without server paths.
+fn spawn_error_message(e: &kiln_sandbox::Error) -> String {
+    match e {
+        kiln_sandbox::Error::InvalidWorkingDir { path, why } => {
+            format!("working directory {:?} {why}", path.display().to_string())
+        }
+        kiln_sandbox::Error::InvalidCommand(m) => format!("invalid command: {m}"),
+        other => {
+            tracing::error!(error = %other, "sandbox spawn failed");
+            "the sandbox could not start the step (see the server log)".into()
+        }
+    }
+}
+
+/// Sandbox chunks → Output events of at most 32 KiB, merging neighbours of one stream
+/// (the sandbox reads each pipe in up to 32 KiB pieces; under load many arrive small).
+fn coalesce(step_index: u32, chunks: Vec<OutputChunk>) -> Vec<Event> {
+    let mut out: Vec<pb::Output> = Vec::new();
+    let mut pending: Vec<(Stream, u64, Vec<u8>)> = Vec::new();
+    for c in chunks {
+        match pending.last_mut() {
+            Some((s, off, data))
+                if *s == c.stream
+                    && *off + data.len() as u64 == c.offset
+                    && data.len() + c.data.len() <= MAX_OUTPUT_EVENT =>
+            {
+                data.extend_from_slice(&c.data);
+            }
+            _ => pending.push((c.stream, c.offset, c.data)),
+        }
+    }
+    for (stream, offset, data) in pending {
+        out.push(pb::Output {
+            step_index,
+            stream: match stream {
+                Stream::Stdout => pb::OutputStream::Stdout,
+                Stream::Stderr => pb::OutputStream::Stderr,
+            } as i32,
+            offset,
+            data: Bytes::from(data),
+        });
+    }
+    out.into_iter().map(Event::Output).collect()
+}

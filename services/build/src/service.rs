@@ -1,0 +1,518 @@
+//! The gRPC surface: ownership checks, then the build handlers. Workspace handlers are
+//! in `files.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kiln_proto::build as pb;
+use kiln_proto::build::build_service_server::BuildService;
+use kiln_rpc::{ApiError, Principal, Role};
+use pb::build_event::Event;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::error::{BuildError, Result, invalid, reason, violation};
+use crate::log::{self, LiveLog, is_final};
+use crate::queue::Entry;
+use crate::runner::Stop;
+use crate::store::{
+    BuildRow, BuildUpdate, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token,
+    timestamp,
+};
+use crate::validate::{self, limits_to_proto};
+use crate::{BuildApi, Shared};
+
+type Stream<T> = BoxStream<'static, Result<T, Status>>;
+
+/// Whether `p` may read a resource of `owner`: viewers and admins read everything.
+pub fn can_read(p: &Principal, owner: &str) -> bool {
+    match p.role {
+        Some(Role::Viewer | Role::Admin) => true,
+        Some(Role::User) => p.subject == owner,
+        None => false,
+    }
+}
+
+/// Whether `p` may change a resource of `owner`: admins change everything.
+pub fn can_write(p: &Principal, owner: &str) -> bool {
+    match p.role {
+        Some(Role::Admin) => true,
+        Some(Role::User) => p.subject == owner,
+        _ => false,
+    }
+}
+
+/// The owner filter of a List call: users see only their own.
+pub fn owner_filter(p: &Principal, requested: Option<String>) -> Option<String> {
+    match p.role {
+        Some(Role::Viewer | Role::Admin) => requested,
+        // Asking for someone else's: an owner no row has (subjects are never empty).
+        _ => match requested {
+            Some(r) if r != p.subject => Some(String::new()),
+            _ => Some(p.subject.clone()),
+        },
+    }
+}
+
+pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
+    Ok(kiln_rpc::principal(req)?.clone())
+}
+
+pub fn require_id(field: &str, id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(ApiError::invalid_field(field, "is required (at most 128 bytes)").into());
+    }
+    Ok(())
+}
+
+/// Page size: 0 → default, capped at max, negative refused.
+pub fn page_size(field: &str, size: i32, default: i64, max: i64) -> Result<i64> {
+    match size {
+        s if s < 0 => Err(ApiError::invalid_field(field, "must not be negative").into()),
+        0 => Ok(default),
+        s => Ok(i64::from(s).min(max)),
+    }
+}
+
+pub fn cursor(token: &str) -> Result<Option<(i64, String)>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    parse_page_token(token).map(Some).ok_or_else(|| {
+        ApiError::invalid_field("page_token", "is not a token this server issued").into()
+    })
+}
+
+pub fn tier_to_proto(t: kiln_sandbox::Tier) -> pb::SandboxTier {
+    match t {
+        kiln_sandbox::Tier::A => pb::SandboxTier::A,
+        kiln_sandbox::Tier::B => pb::SandboxTier::B,
+        kiln_sandbox::Tier::None => pb::SandboxTier::None,
+    }
+}
+
+impl BuildApi {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The workspace, if it exists and `p` may see it (write: change it); else NOT_FOUND.
+    pub(crate) async fn workspace_for(
+        &self,
+        p: &Principal,
+        id: &str,
+        write: bool,
+    ) -> Result<WorkspaceRow> {
+        require_id("workspace_id", id)?;
+        match self.shared.store.get_workspace(id).await? {
+            Some(w)
+                if (if write {
+                    can_write(p, &w.owner)
+                } else {
+                    can_read(p, &w.owner)
+                }) =>
+            {
+                Ok(w)
+            }
+            _ => Err(ApiError::not_found("workspace", id).into()),
+        }
+    }
+
+    async fn build_for(&self, p: &Principal, id: &str, write: bool) -> Result<BuildRow> {
+        require_id("build_id", id)?;
+        match self.shared.store.get_build(id).await? {
+            Some(b)
+                if (if write {
+                    can_write(p, &b.build.owner)
+                } else {
+                    can_read(p, &b.build.owner)
+                }) =>
+            {
+                Ok(b)
+            }
+            _ => Err(ApiError::not_found("build", id).into()),
+        }
+    }
+
+    fn with_position(&self, mut b: pb::Build) -> pb::Build {
+        if b.state == pb::BuildState::Queued as i32 {
+            b.queue_position = self.shared.queue.position(&b.owner, &b.id);
+        }
+        b
+    }
+
+    async fn start(&self, p: &Principal, req: pb::StartBuildRequest) -> Result<pb::Build> {
+        let shared = &self.shared;
+        let valid = validate::start_build(&req, &shared.config.policy, &shared.config.workspace)?;
+        let limits = limits_to_proto(&valid.limits);
+        let steps: Vec<Vec<u8>> = req.steps.iter().map(Message::encode_to_vec).collect();
+        let mut parts: Vec<&[u8]> = vec![req.workspace_id.as_bytes()];
+        parts.extend(steps.iter().map(Vec::as_slice));
+        let limits_bytes = req.limits.map(|l| l.encode_to_vec()).unwrap_or_default();
+        parts.push(&limits_bytes);
+        let hash = validate::request_hash(&parts, &[&req.env, &req.labels]);
+        let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
+        if let Some(rid) = request_id
+            && let Some(existing) = shared.store.build_by_request(&p.subject, rid).await?
+        {
+            return same_request(existing.request_hash.as_deref(), &hash, existing.build);
+        }
+        let ws = self.workspace_for(p, &req.workspace_id, true).await?;
+        if shared.queue.is_closed() {
+            return Err(
+                ApiError::unavailable("the build service is shutting down; retry shortly").into(),
+            );
+        }
+        if let Err(queued) = shared.queue.reserve(&p.subject) {
+            return Err(BuildError::QueueFull {
+                message: format!(
+                    "you have {queued} builds queued, the most allowed is {}; wait for some to start",
+                    shared.queue.config().max_queued_per_user
+                ),
+                retry_after: Duration::from_secs(10),
+            });
+        }
+        let position = shared.queue.peek_position(&p.subject);
+        let now = now_micros();
+        let build = pb::Build {
+            id: uuid::Uuid::new_v4().to_string(),
+            workspace_id: ws.id.clone(),
+            owner: p.subject.clone(),
+            state: pb::BuildState::Queued as i32,
+            steps: req.steps,
+            env: valid.env.into_iter().collect(),
+            limits: Some(limits),
+            labels: req.labels,
+            created_at: Some(timestamp(now)),
+            last_sequence: 1,
+            queue_position: Some(position),
+            ..Default::default()
+        };
+        let queued = pb::BuildEvent {
+            sequence: 1,
+            time: Some(timestamp(now)),
+            event: Some(Event::Queued(pb::Queued { position })),
+        };
+        if let Err(e) = shared
+            .store
+            .insert_build(&build, request_id, Some(&hash), &queued)
+            .await
+        {
+            shared.queue.release(&p.subject);
+            if let (BuildError::Store(sqlx::Error::Database(db)), Some(rid)) = (&e, request_id)
+                && db.is_unique_violation()
+                && let Some(existing) = shared.store.build_by_request(&p.subject, rid).await?
+            {
+                return same_request(existing.request_hash.as_deref(), &hash, existing.build);
+            }
+            return Err(e);
+        }
+        shared.logs.insert(LiveLog::new(
+            &build.id,
+            1,
+            Vec::new(),
+            shared.config.live_window_bytes,
+        ));
+        shared.queue.push(
+            Entry {
+                build_id: build.id.clone(),
+                owner: build.owner.clone(),
+                workspace_id: build.workspace_id.clone(),
+            },
+            true,
+        );
+        Ok(build)
+    }
+
+    fn watch_stream(&self, build_id: String, after: u64) -> Stream<pb::BuildEvent> {
+        log::watch(
+            self.shared.store.clone(),
+            self.shared.logs.clone(),
+            build_id,
+            after,
+            self.shared.config.heartbeat_interval,
+        )
+        .boxed()
+    }
+
+    async fn cancel(&self, p: &Principal, req: pb::CancelBuildRequest) -> Result<pb::Build> {
+        let grace = match req.grace_period {
+            None => Duration::from_secs(10),
+            Some(d)
+                if d.seconds < 0
+                    || d.nanos < 0
+                    || d.seconds > 60
+                    || (d.seconds == 60 && d.nanos > 0) =>
+            {
+                return Err(ApiError::invalid_field(
+                    "grace_period",
+                    "must be between 0 and 60 seconds",
+                )
+                .into());
+            }
+            Some(d) => Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()),
+        };
+        let row = self.build_for(p, &req.build_id, true).await?;
+        let b = row.build;
+        if is_final(b.state) {
+            return Ok(b);
+        }
+        let shared = &self.shared;
+        if shared.queue.remove(&b.owner, &b.id) {
+            let log = shared.logs.get(&b.id).unwrap_or_else(|| {
+                LiveLog::new(
+                    &b.id,
+                    b.last_sequence,
+                    Vec::new(),
+                    shared.config.live_window_bytes,
+                )
+            });
+            let message = "cancelled while queued".to_owned();
+            log.append(
+                &shared.store,
+                vec![Event::Finished(pb::Finished {
+                    state: pb::BuildState::Cancelled as i32,
+                    message: message.clone(),
+                })],
+                BuildUpdate {
+                    state: Some(pb::BuildState::Cancelled),
+                    finished_at: Some(now_micros()),
+                    failure_message: Some(message),
+                    ..BuildUpdate::default()
+                },
+            )
+            .await?;
+            shared.logs.remove(&b.id);
+        } else {
+            shared.stop_build(&b.id, Stop::Cancel(grace));
+        }
+        Ok(self.build_for(p, &b.id, false).await?.build)
+    }
+
+    fn policy(&self) -> pb::GetPolicyResponse {
+        let c = &self.shared.config;
+        let probe = self.shared.sandbox.probe();
+        let q = self.shared.queue.config();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        pb::GetPolicyResponse {
+            allowed_programs: c.policy.allowed_programs.iter().cloned().collect(),
+            allowed_env: c.policy.allowed_env.iter().cloned().collect(),
+            default_limits: Some(limits_to_proto(&c.policy.default_limits)),
+            max_limits: Some(limits_to_proto(&c.policy.max_limits)),
+            sandbox_tier: tier_to_proto(self.shared.sandbox.tier()) as i32,
+            sandbox_description: format!("tier {}: {probe}", self.shared.sandbox.tier()),
+            sandbox_features: probe.features(),
+            max_running_builds: count(q.max_running),
+            max_running_builds_per_user: count(q.max_running_per_user),
+            max_queued_builds_per_user: count(q.max_queued_per_user),
+            max_steps: c.policy.max_steps,
+        }
+    }
+
+    async fn list_builds(
+        &self,
+        p: &Principal,
+        req: pb::ListBuildsRequest,
+    ) -> Result<pb::ListBuildsResponse> {
+        let limit = page_size("page_size", req.page_size, 100, 1000)?;
+        let filter = ListFilter {
+            owner: owner_filter(p, req.owner),
+            workspace_id: req.workspace_id,
+            states: req.states,
+            labels: req.labels.into_iter().collect(),
+            before: cursor(&req.page_token)?,
+            limit: limit + 1,
+        };
+        let mut rows = self.shared.store.list_builds(&filter).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page_token(
+                last.build
+                    .created_at
+                    .as_ref()
+                    .map_or(0, crate::store::timestamp_micros),
+                &last.build.id,
+            ),
+            _ => String::new(),
+        };
+        Ok(pb::ListBuildsResponse {
+            builds: rows
+                .into_iter()
+                .map(|r| self.with_position(r.build))
+                .collect(),
+            next_page_token,
+        })
+    }
+}
+
+fn same_request(stored: Option<&str>, hash: &str, build: pb::Build) -> Result<pb::Build> {
+    if stored == Some(hash) {
+        return Ok(build);
+    }
+    Err(invalid(
+        reason::REQUEST_ID_REUSED,
+        vec![violation(
+            "request_id",
+            "was already used for a different request; use a new request_id for new parameters",
+        )],
+    )
+    .into())
+}
+
+fn ok<T>(r: Result<T>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl BuildService for BuildApi {
+    type ReadFileStream = Stream<pb::ReadFileResponse>;
+    type DownloadArchiveStream = Stream<pb::DownloadArchiveResponse>;
+    type RunBuildStream = Stream<pb::BuildEvent>;
+    type WatchBuildStream = Stream<pb::BuildEvent>;
+
+    async fn create_workspace(
+        &self,
+        request: Request<pb::CreateWorkspaceRequest>,
+    ) -> Result<Response<pb::Workspace>, Status> {
+        let p = principal(&request)?;
+        ok(self.create_workspace_impl(&p, request.into_inner()).await)
+    }
+
+    async fn get_workspace(
+        &self,
+        request: Request<pb::GetWorkspaceRequest>,
+    ) -> Result<Response<pb::Workspace>, Status> {
+        let p = principal(&request)?;
+        ok(self
+            .workspace_for(&p, &request.get_ref().workspace_id, false)
+            .await
+            .map(|w| w.to_proto()))
+    }
+
+    async fn list_workspaces(
+        &self,
+        request: Request<pb::ListWorkspacesRequest>,
+    ) -> Result<Response<pb::ListWorkspacesResponse>, Status> {
+        let p = principal(&request)?;
+        ok(self.list_workspaces_impl(&p, request.into_inner()).await)
+    }
+
+    async fn write_files(
+        &self,
+        request: Request<pb::WriteFilesRequest>,
+    ) -> Result<Response<pb::WriteFilesResponse>, Status> {
+        let p = principal(&request)?;
+        ok(self.write_files_impl(&p, request.into_inner()).await)
+    }
+
+    async fn list_files(
+        &self,
+        request: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let p = principal(&request)?;
+        ok(self.list_files_impl(&p, request.into_inner()).await)
+    }
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let p = principal(&request)?;
+        ok(self.read_file_impl(&p, request.into_inner()).await)
+    }
+
+    async fn upload_archive(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadArchiveRequest>>,
+    ) -> Result<Response<pb::UploadArchiveResponse>, Status> {
+        let p = principal(&request)?;
+        ok(self.upload_impl(&p, request.into_inner()).await)
+    }
+
+    async fn download_archive(
+        &self,
+        request: Request<pb::DownloadArchiveRequest>,
+    ) -> Result<Response<Self::DownloadArchiveStream>, Status> {
+        let p = principal(&request)?;
+        ok(self.download_impl(&p, request.into_inner()).await)
+    }
+
+    async fn delete_workspace(
+        &self,
+        request: Request<pb::DeleteWorkspaceRequest>,
+    ) -> Result<Response<pb::DeleteWorkspaceResponse>, Status> {
+        let p = principal(&request)?;
+        ok(self
+            .delete_workspace_impl(&p, &request.get_ref().workspace_id)
+            .await)
+    }
+
+    async fn start_build(
+        &self,
+        request: Request<pb::StartBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        let p = principal(&request)?;
+        ok(self.start(&p, request.into_inner()).await)
+    }
+
+    async fn run_build(
+        &self,
+        request: Request<pb::StartBuildRequest>,
+    ) -> Result<Response<Self::RunBuildStream>, Status> {
+        let p = principal(&request)?;
+        let build = self.start(&p, request.into_inner()).await?;
+        Ok(Response::new(self.watch_stream(build.id, 0)))
+    }
+
+    async fn watch_build(
+        &self,
+        request: Request<pb::WatchBuildRequest>,
+    ) -> Result<Response<Self::WatchBuildStream>, Status> {
+        let p = principal(&request)?;
+        let req = request.into_inner();
+        let row = self.build_for(&p, &req.build_id, false).await?;
+        Ok(Response::new(
+            self.watch_stream(row.build.id, req.after_sequence),
+        ))
+    }
+
+    async fn get_build(
+        &self,
+        request: Request<pb::GetBuildRequest>,
+    ) -> Result<Response<pb::Build>, Status> {
+        let p = principal(&request)?;
+        let row = self
+            .build_for(&p, &request.get_ref().build_id, false)
+            .await?;
+        Ok(Response::new(self.with_position(row.build)))
+    }
+
+    async fn list_builds(
+        &self,
+        request: Request<pb::ListBuildsRequest>,
+    ) -> Result<Response<pb::ListBuildsResponse>, Status> {
+        let p = principal(&request)?;
+        ok(BuildApi::list_builds(self, &p, request.into_inner()).await)
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<pb::CancelBuildRequest>,
+    ) -> Result<Response<pb::CancelBuildResponse>, Status> {
+        let p = principal(&request)?;
+        let build = self.cancel(&p, request.into_inner()).await?;
+        Ok(Response::new(pb::CancelBuildResponse {
+            build: Some(self.with_position(build)),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        Ok(Response::new(self.policy()))
+    }
+}

@@ -1,0 +1,601 @@
+//! The SQLite store: workspaces, builds and their event logs.
+//!
+//! One writer connection and a few readers, as in kiln-auth: SQLite has one writer at a
+//! time anyway, and funnelling writes through one connection avoids SQLITE_BUSY on lock
+//! upgrades; WAL lets readers (watchers replaying logs) proceed meanwhile. Queries are
+//! built at run time with portable SQL so a Postgres store can reuse them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_proto::build as pb;
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use crate::error::{BuildError, Result};
+
+/// Unix microseconds, the store's time unit.
+pub fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+pub fn now_micros() -> i64 {
+    micros(SystemTime::now())
+}
+
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+pub fn duration_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The connections to `build.db`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+/// A workspace row.
+#[derive(Debug, Clone)]
+pub struct WorkspaceRow {
+    pub id: String,
+    pub owner: String,
+    pub size_bytes: u64,
+    pub file_count: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub request_hash: Option<String>,
+    pub labels: HashMap<String, String>,
+}
+
+impl WorkspaceRow {
+    pub fn to_proto(&self) -> pb::Workspace {
+        pb::Workspace {
+            id: self.id.clone(),
+            owner: self.owner.clone(),
+            labels: self.labels.clone(),
+            size_bytes: self.size_bytes,
+            file_count: self.file_count,
+            created_at: Some(timestamp(self.created_at)),
+            updated_at: Some(timestamp(self.updated_at)),
+        }
+    }
+}
+
+/// A build row, decoded into the proto (with the request hash for idempotency).
+#[derive(Debug, Clone)]
+pub struct BuildRow {
+    pub build: pb::Build,
+    pub request_hash: Option<String>,
+}
+
+/// What a log append changes on the build row, besides `last_sequence`.
+#[derive(Debug, Clone, Default)]
+pub struct BuildUpdate {
+    pub state: Option<pb::BuildState>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub failure_message: Option<String>,
+    /// `Some(None)` clears it.
+    pub current_step: Option<Option<u32>>,
+    /// The whole list, replacing the stored one.
+    pub step_results: Option<Vec<pb::StepFinished>>,
+}
+
+/// Filters of ListWorkspaces / ListBuilds.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub owner: Option<String>,
+    pub workspace_id: Option<String>,
+    pub states: Vec<i32>,
+    pub labels: Vec<(String, String)>,
+    /// Newest-first cursor: strictly older than this (created_at, id).
+    pub before: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+fn encode_results(results: &[pb::StepFinished]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in results {
+        // Encoding into a Vec cannot fail.
+        let _ = r.encode_length_delimited(&mut out);
+    }
+    out
+}
+
+fn decode_results(mut bytes: &[u8]) -> Result<Vec<pb::StepFinished>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        out.push(
+            pb::StepFinished::decode_length_delimited(&mut bytes)
+                .map_err(|e| BuildError::Corrupt(format!("step results: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+impl Store {
+    /// Opens (creating) the database and runs the embedded migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { write, read })
+    }
+
+    // ---- workspaces ----
+
+    pub async fn insert_workspace(
+        &self,
+        row: &WorkspaceRow,
+        request_id: Option<&str>,
+    ) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO workspaces (id, owner, size_bytes, file_count, created_at, updated_at, \
+             last_used_at, request_id, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&row.id)
+        .bind(&row.owner)
+        .bind(i64::try_from(row.size_bytes).unwrap_or(i64::MAX))
+        .bind(i64::try_from(row.file_count).unwrap_or(i64::MAX))
+        .bind(row.created_at)
+        .bind(row.updated_at)
+        .bind(row.created_at)
+        .bind(request_id)
+        .bind(&row.request_hash)
+        .execute(&mut *tx)
+        .await?;
+        for (k, v) in &row.labels {
+            sqlx::query("INSERT INTO workspace_labels (workspace_id, key, value) VALUES (?, ?, ?)")
+                .bind(&row.id)
+                .bind(k)
+                .bind(v)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn workspace_from_row(&self, row: &SqliteRow) -> Result<WorkspaceRow> {
+        let id: String = row.try_get("id")?;
+        let labels = sqlx::query("SELECT key, value FROM workspace_labels WHERE workspace_id = ?")
+            .bind(&id)
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("key")?, r.try_get("value")?)))
+            .collect::<Result<HashMap<String, String>, sqlx::Error>>()?;
+        Ok(WorkspaceRow {
+            id,
+            owner: row.try_get("owner")?,
+            size_bytes: u64::try_from(row.try_get::<i64, _>("size_bytes")?).unwrap_or(0),
+            file_count: u64::try_from(row.try_get::<i64, _>("file_count")?).unwrap_or(0),
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            request_hash: row.try_get("request_hash")?,
+            labels,
+        })
+    }
+
+    pub async fn get_workspace(&self, id: &str) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.write)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(self.workspace_from_row(&r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn workspace_by_request(
+        &self,
+        owner: &str,
+        request_id: &str,
+    ) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = ? AND request_id = ?")
+            .bind(owner)
+            .bind(request_id)
+            .fetch_optional(&self.write)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(self.workspace_from_row(&r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn list_workspaces(&self, f: &ListFilter) -> Result<Vec<WorkspaceRow>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM workspaces WHERE 1 = 1");
+        if let Some(owner) = &f.owner {
+            q.push(" AND owner = ").push_bind(owner.clone());
+        }
+        push_labels(
+            &mut q,
+            "workspace_labels",
+            "workspace_id",
+            "workspaces",
+            &f.labels,
+        );
+        push_cursor(&mut q, &f.before);
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(f.limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(self.workspace_from_row(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// Records a change of files through the API (`changed`: also bumps updated_at), or
+    /// a new measurement after a build.
+    pub async fn set_workspace_usage(
+        &self,
+        id: &str,
+        bytes: u64,
+        files: u64,
+        changed: bool,
+    ) -> Result<()> {
+        let now = now_micros();
+        let sql = if changed {
+            "UPDATE workspaces SET size_bytes = ?, file_count = ?, last_used_at = ?, updated_at = ? WHERE id = ?"
+        } else {
+            "UPDATE workspaces SET size_bytes = ?, file_count = ?, last_used_at = ?, updated_at = updated_at + ? WHERE id = ?"
+        };
+        sqlx::query(sql)
+            .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(files).unwrap_or(i64::MAX))
+            .bind(now)
+            .bind(if changed { now } else { 0 })
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_workspace(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workspaces WHERE id = ?")
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Workspaces not used since `before`, oldest first.
+    pub async fn idle_workspaces(&self, before: i64, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM workspaces WHERE last_used_at < ? ORDER BY last_used_at LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+    }
+
+    // ---- builds ----
+
+    /// Inserts a new build and its first event (Queued, sequence 1) in one transaction.
+    pub async fn insert_build(
+        &self,
+        build: &pb::Build,
+        request_id: Option<&str>,
+        request_hash: Option<&str>,
+        first_event: &pb::BuildEvent,
+    ) -> Result<()> {
+        let spec = pb::Build {
+            id: build.id.clone(),
+            workspace_id: build.workspace_id.clone(),
+            owner: build.owner.clone(),
+            steps: build.steps.clone(),
+            env: build.env.clone(),
+            limits: build.limits,
+            labels: build.labels.clone(),
+            ..Default::default()
+        };
+        let created = build
+            .created_at
+            .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO builds (id, workspace_id, owner, state, spec, created_at, last_sequence, \
+             step_results, request_id, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&build.id)
+        .bind(&build.workspace_id)
+        .bind(&build.owner)
+        .bind(build.state)
+        .bind(spec.encode_to_vec())
+        .bind(created)
+        .bind(i64::try_from(first_event.sequence).unwrap_or(0))
+        .bind(Vec::<u8>::new())
+        .bind(request_id)
+        .bind(request_hash)
+        .execute(&mut *tx)
+        .await?;
+        for (k, v) in &build.labels {
+            sqlx::query("INSERT INTO build_labels (build_id, key, value) VALUES (?, ?, ?)")
+                .bind(&build.id)
+                .bind(k)
+                .bind(v)
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_event(&mut tx, &build.id, first_event).await?;
+        sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
+            .bind(created)
+            .bind(&build.workspace_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn build_from_row(row: &SqliteRow) -> Result<BuildRow> {
+        let spec: Vec<u8> = row.try_get("spec")?;
+        let mut build = pb::Build::decode(spec.as_slice())
+            .map_err(|e| BuildError::Corrupt(format!("build spec: {e}")))?;
+        build.state = row.try_get("state")?;
+        build.created_at = Some(timestamp(row.try_get("created_at")?));
+        build.started_at = row.try_get::<Option<i64>, _>("started_at")?.map(timestamp);
+        build.finished_at = row.try_get::<Option<i64>, _>("finished_at")?.map(timestamp);
+        build.failure_message = row.try_get("failure_message")?;
+        build.last_sequence = u64::try_from(row.try_get::<i64, _>("last_sequence")?).unwrap_or(0);
+        build.current_step_index = row
+            .try_get::<Option<i64>, _>("current_step")?
+            .and_then(|i| u32::try_from(i).ok());
+        build.step_results = decode_results(&row.try_get::<Vec<u8>, _>("step_results")?)?;
+        Ok(BuildRow {
+            build,
+            request_hash: row.try_get("request_hash")?,
+        })
+    }
+
+    pub async fn get_build(&self, id: &str) -> Result<Option<BuildRow>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(Self::build_from_row).transpose()
+    }
+
+    pub async fn build_by_request(
+        &self,
+        owner: &str,
+        request_id: &str,
+    ) -> Result<Option<BuildRow>> {
+        let row = sqlx::query("SELECT * FROM builds WHERE owner = ? AND request_id = ?")
+            .bind(owner)
+            .bind(request_id)
+            .fetch_optional(&self.write)
+            .await?;
+        row.as_ref().map(Self::build_from_row).transpose()
+    }
+
+    pub async fn list_builds(&self, f: &ListFilter) -> Result<Vec<BuildRow>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM builds WHERE 1 = 1");
+        if let Some(owner) = &f.owner {
+            q.push(" AND owner = ").push_bind(owner.clone());
+        }
+        if let Some(ws) = &f.workspace_id {
+            q.push(" AND workspace_id = ").push_bind(ws.clone());
+        }
+        if !f.states.is_empty() {
+            q.push(" AND state IN (");
+            let mut sep = q.separated(", ");
+            for s in &f.states {
+                sep.push_bind(*s);
+            }
+            q.push(")");
+        }
+        push_labels(&mut q, "build_labels", "build_id", "builds", &f.labels);
+        push_cursor(&mut q, &f.before);
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(f.limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        rows.iter().map(Self::build_from_row).collect()
+    }
+
+    /// Ids of builds in `state`, oldest first (recovery).
+    pub async fn builds_in_state(&self, state: pb::BuildState) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query("SELECT * FROM builds WHERE state = ? ORDER BY created_at, id")
+            .bind(state as i32)
+            .fetch_all(&self.write)
+            .await?;
+        rows.iter().map(Self::build_from_row).collect()
+    }
+
+    /// Whether a build of the workspace is queued or running.
+    pub async fn workspace_has_active_builds(&self, workspace_id: &str) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM builds WHERE workspace_id = ? AND state IN (?, ?)",
+        )
+        .bind(workspace_id)
+        .bind(pb::BuildState::Queued as i32)
+        .bind(pb::BuildState::Running as i32)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Persists events (already numbered) and the row changes in one transaction.
+    pub async fn append(
+        &self,
+        build_id: &str,
+        events: &[pb::BuildEvent],
+        update: &BuildUpdate,
+    ) -> Result<()> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        let mut tx = self.write.begin().await?;
+        for event in events {
+            insert_event(&mut tx, build_id, event).await?;
+        }
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE builds SET last_sequence = ");
+        q.push_bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
+        if let Some(state) = update.state {
+            q.push(", state = ").push_bind(state as i32);
+        }
+        if let Some(t) = update.started_at {
+            q.push(", started_at = ").push_bind(t);
+        }
+        if let Some(t) = update.finished_at {
+            q.push(", finished_at = ").push_bind(t);
+        }
+        if let Some(m) = &update.failure_message {
+            q.push(", failure_message = ").push_bind(m.clone());
+        }
+        if let Some(step) = update.current_step {
+            q.push(", current_step = ").push_bind(step.map(i64::from));
+        }
+        if let Some(results) = &update.step_results {
+            q.push(", step_results = ")
+                .push_bind(encode_results(results));
+        }
+        q.push(" WHERE id = ").push_bind(build_id.to_owned());
+        q.build().execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Events with sequence > `after`, at most `limit`, in order.
+    pub async fn events_after(
+        &self,
+        build_id: &str,
+        after: u64,
+        limit: i64,
+    ) -> Result<Vec<pb::BuildEvent>> {
+        let rows = sqlx::query(
+            "SELECT event FROM build_events WHERE build_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+        )
+        .bind(build_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let bytes: Vec<u8> = r.try_get("event")?;
+                pb::BuildEvent::decode(bytes.as_slice())
+                    .map_err(|e| BuildError::Corrupt(format!("build event: {e}")))
+            })
+            .collect()
+    }
+
+    /// Deletes builds (with their logs and labels) that finished before `before`.
+    pub async fn delete_finished_builds(&self, before: i64, limit: i64) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query(
+            "SELECT id FROM builds WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+        for id in &ids {
+            let mut tx = self.write.begin().await?;
+            for sql in [
+                "DELETE FROM build_events WHERE build_id = ?",
+                "DELETE FROM build_labels WHERE build_id = ?",
+                "DELETE FROM builds WHERE id = ?",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(ids.len() as u64)
+    }
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    build_id: &str,
+    event: &pb::BuildEvent,
+) -> Result<()> {
+    let time = event
+        .time
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+    sqlx::query("INSERT INTO build_events (build_id, sequence, time, event) VALUES (?, ?, ?, ?)")
+        .bind(build_id)
+        .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+        .bind(time)
+        .bind(event.encode_to_vec())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn push_labels(
+    q: &mut QueryBuilder<Sqlite>,
+    table: &'static str,
+    column: &'static str,
+    parent: &'static str,
+    labels: &[(String, String)],
+) {
+    for (k, v) in labels {
+        q.push(format!(
+            " AND EXISTS (SELECT 1 FROM {table} l WHERE l.{column} = {parent}.id AND l.key = "
+        ));
+        q.push_bind(k.clone())
+            .push(" AND l.value = ")
+            .push_bind(v.clone())
+            .push(")");
+    }
+}
+
+fn push_cursor(q: &mut QueryBuilder<Sqlite>, before: &Option<(i64, String)>) {
+    if let Some((t, id)) = before {
+        q.push(" AND (created_at < ")
+            .push_bind(*t)
+            .push(" OR (created_at = ")
+            .push_bind(*t)
+            .push(" AND id < ")
+            .push_bind(id.clone())
+            .push("))");
+    }
+}
+
+/// Page tokens: the (created_at, id) of the last item, opaque to clients.
+pub fn page_token(created_at: i64, id: &str) -> String {
+    format!("{created_at}.{id}")
+}
+
+pub fn parse_page_token(token: &str) -> Option<(i64, String)> {
+    let (t, id) = token.split_once('.')?;
+    Some((t.parse().ok()?, id.to_owned()))
+}
+
+pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1_000_000 + i64::from(t.nanos / 1000)
+}

@@ -1,0 +1,173 @@
+//! The service SIGKILLed mid-build and restarted: the running build ends INTERRUPTED with
+//! its log kept, and the queued build then runs.
+//!
+//! The service runs in a child process (this test binary re-executed on the ignored
+//! test `child_server`), so the kill is a real SIGKILL: no destructor, no graceful
+//! shutdown, the SQLite file as the kernel left it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use kiln_proto::build as pb;
+use pb::build_event::Event;
+
+const CHILD_ENV: &str = "KILN_BUILD_TEST_CHILD_DIR";
+
+/// Not a test: the server of the child process (runs only when the parent sets the env).
+#[tokio::test]
+#[ignore = "helper process of a_sigkilled_service_recovers"]
+async fn child_server() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let dir = Path::new(&dir).to_path_buf();
+    let (endpoint, _ca, _api, _stop) = serve(&dir, |c| c.queue.max_running = 1).await;
+    std::fs::write(dir.join("endpoint.tmp"), &endpoint).expect("write endpoint");
+    std::fs::rename(dir.join("endpoint.tmp"), dir.join("endpoint")).expect("publish endpoint");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_sigkilled_service_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "child_server", "--ignored", "--nocapture"])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child server");
+    let endpoint_file = dir.path().join("endpoint");
+    eventually("the child server is up", || endpoint_file.exists()).await;
+    let endpoint = std::fs::read_to_string(&endpoint_file).expect("endpoint");
+    let ca = std::fs::read_to_string(dir.path().join("pki").join("ca.pem")).expect("ca");
+    let mut c = client(&endpoint, &ca, "alice-user").await;
+
+    let ws = workspace(&mut c, vec![]).await;
+    let ws2 = workspace(&mut c, vec![]).await;
+    let long = step(&[
+        "python3",
+        "-c",
+        "import time\nprint('before the crash', flush=True)\ntime.sleep(600)\n",
+    ]);
+    let running = c
+        .start_build(build_req(&ws.id, vec![long]))
+        .await
+        .expect("start")
+        .into_inner();
+    let queued = c
+        .start_build(build_req(
+            &ws2.id,
+            vec![step(&["echo", "after the restart"])],
+        ))
+        .await
+        .expect("start")
+        .into_inner();
+    // Follow the running build until its output is in the log.
+    let mut stream = c
+        .watch_build(pb::WatchBuildRequest {
+            build_id: running.id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let e = stream.message().await.expect("ok").expect("more");
+        let is_output = matches!(e.event, Some(Event::Output(_)));
+        seen.push(e);
+        if is_output {
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    drop(stream);
+
+    let rig = rig_at(dir.path(), |c| c.queue.max_running = 1).await;
+    let mut c = rig.client("alice-user").await;
+    let log = watch(&mut c, &running.id, 0).await;
+    assert_eq!(
+        log.state(),
+        pb::BuildState::Interrupted,
+        "{:?}",
+        log.finished()
+    );
+    assert_eq!(
+        log.stdout(0),
+        b"before the crash\n",
+        "the log up to the crash is kept"
+    );
+    log.assert_dense_from(1);
+    assert_eq!(&log.events[..seen.len()], &seen[..]);
+    let b = c
+        .get_build(pb::GetBuildRequest {
+            build_id: running.id,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(b.state, pb::BuildState::Interrupted as i32);
+    assert!(!b.failure_message.is_empty());
+
+    let log = tokio::time::timeout(Duration::from_secs(60), watch(&mut c, &queued.id, 0))
+        .await
+        .expect("in time");
+    assert_eq!(log.state(), pb::BuildState::Succeeded);
+    assert_eq!(log.stdout(0), b"after the restart\n");
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_running_builds_and_keeps_queued_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rig = rig_at(dir.path(), |c| c.queue.max_running = 1).await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    let ws2 = workspace(&mut c, vec![]).await;
+    let running = c
+        .start_build(build_req(&ws.id, vec![step(&["sleep", "600"])]))
+        .await
+        .expect("start")
+        .into_inner();
+    let queued = c
+        .start_build(build_req(&ws2.id, vec![step(&["true"])]))
+        .await
+        .expect("start")
+        .into_inner();
+    loop {
+        let b = c
+            .get_build(pb::GetBuildRequest {
+                build_id: running.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if b.current_step_index.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    rig.api.shutdown().await;
+    let log = watch(&mut c, &running.id, 0).await;
+    assert_eq!(log.state(), pb::BuildState::Interrupted);
+    let q = c
+        .get_build(pb::GetBuildRequest {
+            build_id: queued.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(q.state, pb::BuildState::Queued as i32);
+    drop(rig);
+    let rig = rig_at(dir.path(), |_| {}).await;
+    let mut c = rig.client("alice-user").await;
+    assert_eq!(
+        watch(&mut c, &queued.id, 0).await.state(),
+        pb::BuildState::Succeeded
+    );
+}

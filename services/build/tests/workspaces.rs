@@ -1,0 +1,432 @@
+//! Workspaces: files in and out, archives, paging, retention.
+
+mod common;
+
+use std::io::Read;
+
+use common::*;
+use kiln_proto::build as pb;
+use tonic::Code;
+
+fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, path, *data).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// A tar with one raw header (for what an honest builder refuses to write).
+fn raw_tar(name: &str, kind: tar::EntryType, link: Option<&str>, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(kind);
+    if let Some(l) = link {
+        h.set_link_name(l).expect("link");
+    }
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend(std::iter::repeat_n(0u8, 1024));
+    out
+}
+
+async fn upload(
+    c: &mut Client,
+    ws: &str,
+    format: pb::ArchiveFormat,
+    replace: bool,
+    bytes: Vec<u8>,
+) -> Result<pb::UploadArchiveResponse, tonic::Status> {
+    use pb::upload_archive_request::{Header, Part};
+    let mut msgs = vec![pb::UploadArchiveRequest {
+        part: Some(Part::Header(Header {
+            workspace_id: ws.into(),
+            format: format as i32,
+            replace,
+            directory: String::new(),
+        })),
+    }];
+    for chunk in bytes.chunks(100_000) {
+        msgs.push(pb::UploadArchiveRequest {
+            part: Some(Part::Chunk(chunk.to_vec().into())),
+        });
+    }
+    c.upload_archive(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn names(c: &mut Client, ws: &str) -> Vec<String> {
+    c.list_files(pb::ListFilesRequest {
+        workspace_id: ws.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner()
+    .files
+    .into_iter()
+    .map(|f| f.path)
+    .collect()
+}
+
+#[tokio::test]
+async fn write_list_read_and_delete_files() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(
+        &mut c,
+        vec![file("a.txt", "alpha"), file("dir/b.txt", "beta")],
+    )
+    .await;
+    assert_eq!((ws.file_count, ws.size_bytes), (2, 9));
+    let mut exe = file("run.py", "print(1)");
+    exe.executable = true;
+    let resp = c
+        .write_files(pb::WriteFilesRequest {
+            workspace_id: ws.id.clone(),
+            files: vec![exe, file("a.txt", "ALPHA!")],
+            delete_paths: vec!["dir".into()],
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(resp.workspace.expect("ws").file_count, 2);
+    let files = c
+        .list_files(pb::ListFilesRequest {
+            workspace_id: ws.id.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(files.files.len(), 1);
+    assert_eq!(files.files[0].path, "a.txt");
+    let page2 = c
+        .list_files(pb::ListFilesRequest {
+            workspace_id: ws.id.clone(),
+            page_size: 1,
+            page_token: files.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page2.files[0].path, "run.py");
+    assert!(page2.files[0].executable);
+    assert!(page2.next_page_token.is_empty());
+    let mut stream = c
+        .read_file(pb::ReadFileRequest {
+            workspace_id: ws.id.clone(),
+            path: "a.txt".into(),
+            offset: 2,
+            limit: Some(3),
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    let chunk = stream.message().await.expect("ok").expect("chunk");
+    assert_eq!(
+        (chunk.offset, &chunk.data[..], chunk.size_bytes),
+        (2, &b"PHA"[..], 6)
+    );
+    assert!(stream.message().await.expect("ok").is_none());
+    let s = c
+        .read_file(pb::ReadFileRequest {
+            workspace_id: ws.id.clone(),
+            path: "a.txt".into(),
+            offset: 7,
+            limit: None,
+        })
+        .await
+        .expect_err("past the end");
+    assert_eq!(s.code(), Code::OutOfRange);
+    let s = c
+        .write_files(pb::WriteFilesRequest {
+            workspace_id: ws.id.clone(),
+            delete_paths: vec!["missing".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(s.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_large_file_reads_back_in_chunks() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let ws = workspace(&mut c, vec![file("big.bin", data.clone())]).await;
+    let mut stream = c
+        .read_file(pb::ReadFileRequest {
+            workspace_id: ws.id,
+            path: "big.bin".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("ok") {
+        assert_eq!(chunk.offset, got.len() as u64);
+        assert!(chunk.data.len() <= 32 * 1024);
+        got.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(got, data);
+}
+
+#[tokio::test]
+async fn archives_upload_and_download_round_trip() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![file("old.txt", "old")]).await;
+    let tar = tar_of(&[
+        ("src/main.c", b"int main(void){return 0;}\n"),
+        ("README", b"hi\n"),
+    ]);
+    let resp = upload(&mut c, &ws.id, pb::ArchiveFormat::Tar, false, tar)
+        .await
+        .expect("upload");
+    assert_eq!(resp.files_written, 2);
+    assert_eq!(
+        names(&mut c, &ws.id).await,
+        ["README", "old.txt", "src/main.c"]
+    );
+    // gzip, replacing everything
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar_of(&[("only.txt", b"only\n")])).expect("gz");
+    let gz = gz.finish().expect("gz");
+    upload(&mut c, &ws.id, pb::ArchiveFormat::TarGzip, true, gz)
+        .await
+        .expect("upload gz");
+    assert_eq!(names(&mut c, &ws.id).await, ["only.txt"]);
+    // Download as tar.gz and read it back.
+    let mut stream = c
+        .download_archive(pb::DownloadArchiveRequest {
+            workspace_id: ws.id.clone(),
+            format: pb::ArchiveFormat::TarGzip as i32,
+            directory: String::new(),
+        })
+        .await
+        .expect("download")
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("ok") {
+        assert!(chunk.chunk.len() <= 32 * 1024);
+        bytes.extend_from_slice(&chunk.chunk);
+    }
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut seen = Vec::new();
+    for entry in archive.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        let mut content = String::new();
+        entry.read_to_string(&mut content).expect("read");
+        seen.push((entry.path().expect("path").display().to_string(), content));
+    }
+    assert_eq!(seen, [("only.txt".to_owned(), "only\n".to_owned())]);
+}
+
+#[tokio::test]
+async fn an_archive_with_a_symlink_or_hard_link_is_refused() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![file("keep", "k")]).await;
+    for (kind, link) in [
+        (tar::EntryType::Symlink, "/etc/passwd"),
+        (tar::EntryType::Link, "../../outside"),
+    ] {
+        let s = upload(
+            &mut c,
+            &ws.id,
+            pb::ArchiveFormat::Tar,
+            true,
+            raw_tar("evil", kind, Some(link), 0),
+        )
+        .await
+        .expect_err("refused");
+        assert_invalid(&s, Code::InvalidArgument, "INVALID_ARCHIVE", "chunk");
+    }
+    let s = upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::Tar,
+        false,
+        raw_tar("../escape", tar::EntryType::Regular, None, 0),
+    )
+    .await
+    .expect_err("refused");
+    assert_invalid(&s, Code::InvalidArgument, "INVALID_ARCHIVE", "chunk");
+    assert_eq!(names(&mut c, &ws.id).await, ["keep"], "nothing was applied");
+}
+
+#[tokio::test]
+async fn tar_bombs_are_refused_by_size_and_count() {
+    let rig = rig_with(|c| {
+        c.workspace.max_bytes = 1 << 20;
+        c.workspace.max_files = 50;
+    })
+    .await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    // A header announcing 1 TiB: refused before reading a byte of it.
+    let s = upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::Tar,
+        false,
+        raw_tar("huge", tar::EntryType::Regular, None, 1 << 40),
+    )
+    .await
+    .expect_err("size");
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&s), "WORKSPACE_TOO_LARGE");
+    // A compressed bomb: 4 MiB of zeros gzip to a few KiB.
+    let zeros = vec![0u8; 4 << 20];
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &tar_of(&[("zeros", &zeros)])).expect("gz");
+    let s = upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::TarGzip,
+        false,
+        gz.finish().expect("gz"),
+    )
+    .await
+    .expect_err("size");
+    assert_eq!(reason(&s), "WORKSPACE_TOO_LARGE");
+    // Too many files.
+    let names_: Vec<String> = (0..60).map(|i| format!("f{i}")).collect();
+    let entries: Vec<(&str, &[u8])> = names_.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    let s = upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::Tar,
+        false,
+        tar_of(&entries),
+    )
+    .await
+    .expect_err("count");
+    assert_eq!(reason(&s), "WORKSPACE_TOO_LARGE");
+    assert!(names(&mut c, &ws.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn listing_workspaces_pages_and_filters_by_owner_and_label() {
+    let rig = rig().await;
+    let mut alice = rig.client("alice-user").await;
+    let mut bob = rig.client("bob-user").await;
+    for i in 0..3 {
+        let mut req = pb::CreateWorkspaceRequest::default();
+        req.labels
+            .insert("team".into(), if i == 0 { "red" } else { "blue" }.into());
+        alice.create_workspace(req).await.expect("create");
+    }
+    workspace(&mut bob, vec![]).await;
+    let page = alice
+        .list_workspaces(pb::ListWorkspacesRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.workspaces.len(), 2);
+    let rest = alice
+        .list_workspaces(pb::ListWorkspacesRequest {
+            page_size: 2,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(rest.workspaces.len(), 1, "bob's is not listed for alice");
+    assert!(rest.next_page_token.is_empty());
+    let mut filter = pb::ListWorkspacesRequest::default();
+    filter.labels.insert("team".into(), "blue".into());
+    assert_eq!(
+        alice
+            .list_workspaces(filter)
+            .await
+            .expect("list")
+            .into_inner()
+            .workspaces
+            .len(),
+        2
+    );
+    let mut vera = rig.client("vera-viewer").await;
+    let all = vera
+        .list_workspaces(pb::ListWorkspacesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(all.workspaces.len(), 4);
+}
+
+#[tokio::test]
+async fn retention_removes_old_builds_and_idle_workspaces() {
+    let rig = rig_with(|c| {
+        c.retention.finished_builds = std::time::Duration::ZERO;
+        c.retention.idle_workspaces = std::time::Duration::from_secs(1);
+        c.retention.cleanup_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    let log = run(&mut c, build_req(&ws.id, vec![step(&["true"])])).await;
+    assert_eq!(log.state(), pb::BuildState::Succeeded);
+    let dir = rig.workspace_dir(&ws.id);
+    eventually("the workspace directory is removed", || !dir.exists()).await;
+    let s = c
+        .get_workspace(pb::GetWorkspaceRequest {
+            workspace_id: ws.id,
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(s.code(), Code::NotFound);
+    let mut remaining = 1;
+    while remaining > 0 {
+        remaining = c
+            .list_builds(pb::ListBuildsRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .builds
+            .len();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn get_policy_describes_the_rules_and_the_sandbox() {
+    let rig = rig().await;
+    let mut vera = rig.client("vera-viewer").await;
+    let p = vera
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .expect("policy")
+        .into_inner();
+    assert!(p.allowed_programs.contains(&"cargo".to_owned()));
+    assert!(!p.allowed_programs.iter().any(|a| a == "sh" || a == "bash"));
+    let mut sorted = p.allowed_programs.clone();
+    sorted.sort();
+    assert_eq!(sorted, p.allowed_programs);
+    assert!(!p.allowed_env.iter().any(|e| e.starts_with("LD_")));
+    assert_ne!(p.sandbox_tier, pb::SandboxTier::Unspecified as i32);
+    assert!(!p.sandbox_description.is_empty());
+    assert_eq!(p.max_steps, 64);
+    assert_eq!(p.max_running_builds_per_user, 2);
+    assert_eq!(
+        p.default_limits.expect("defaults").output_bytes,
+        Some(16 << 20)
+    );
+    eprintln!("tier: {}", p.sandbox_description);
+}
