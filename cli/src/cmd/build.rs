@@ -94,7 +94,15 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             } else {
                 Progress::load(ctx, &build_id)
             };
-            follow(ctx, &mut client, &build_id, after, None).await
+            follow(
+                ctx,
+                &mut client,
+                &build_id,
+                after,
+                None,
+                OnInterrupt::Detach,
+            )
+            .await
         }
         BuildCommand::List {
             workspace,
@@ -271,7 +279,15 @@ async fn run_build(
         return Ok(0);
     }
     let total_steps = build.steps.len();
-    follow(ctx, client, &build.id, 0, Some(total_steps)).await
+    follow(
+        ctx,
+        client,
+        &build.id,
+        0,
+        Some(total_steps),
+        OnInterrupt::CancelThenDetach,
+    )
+    .await
 }
 
 /// How far this terminal got in a build: the last sequence printed.
@@ -359,6 +375,15 @@ fn exit_code(state: pb::BuildState, failed_step: Option<&pb::StepFinished>) -> i
     }
 }
 
+/// What Ctrl-C means while following a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnInterrupt {
+    /// `run`: the first cancels the build, the second detaches.
+    CancelThenDetach,
+    /// `watch`: stop watching; the build goes on.
+    Detach,
+}
+
 /// Streams a build's events to the terminal until it finishes (returns its exit code)
 /// or the user detaches.
 async fn follow(
@@ -367,6 +392,7 @@ async fn follow(
     build_id: &str,
     mut after: u64,
     total_steps: Option<usize>,
+    on_interrupt: OnInterrupt,
 ) -> anyhow::Result<i32> {
     let text = ctx.output == OutputFormat::Text;
     let mut status = StatusLine {
@@ -398,7 +424,7 @@ async fn follow(
                 _ = &mut ctrl_c => {
                     ctrl_c.set(tokio::signal::ctrl_c());
                     status.clear();
-                    if cancel_requested {
+                    if cancel_requested || on_interrupt == OnInterrupt::Detach {
                         Progress::save(ctx, build_id, after);
                         eprintln!("detached; the build goes on. Resume with: kiln build watch {build_id}");
                         return Ok(130);
