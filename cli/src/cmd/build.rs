@@ -19,7 +19,7 @@ use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
 use super::workspace::{create_from, parse_label};
-use super::{parse_duration, proto_duration, rpc_error};
+use super::{collect_pages, parse_duration, proto_duration, rpc_error};
 use crate::context::Context;
 use crate::output::{OutputFormat, build_json, build_state_name, print_json, step_result_json};
 
@@ -119,28 +119,23 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
                         .ok_or_else(|| anyhow!("unknown build state {s:?}"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let mut builds = Vec::new();
-            let mut page_token = String::new();
-            while builds.len() < limit {
-                let page = client
-                    .list_builds(pb::ListBuildsRequest {
-                        workspace_id: workspace.clone(),
-                        states: states.clone(),
-                        owner: None,
-                        labels: labels.iter().cloned().collect(),
-                        page_size: i32::try_from(limit.min(100)).unwrap_or(100),
-                        page_token,
-                    })
-                    .await
-                    .map_err(|s| rpc_error(ctx, s))?
-                    .into_inner();
-                builds.extend(page.builds);
-                if page.next_page_token.is_empty() {
-                    break;
+            let builds = collect_pages(limit, |page_token| {
+                let mut client = client.clone();
+                let request = pb::ListBuildsRequest {
+                    workspace_id: workspace.clone(),
+                    states: states.clone(),
+                    owner: None,
+                    labels: labels.iter().cloned().collect(),
+                    page_size: i32::try_from(limit.min(100)).unwrap_or(100),
+                    page_token,
+                };
+                async move {
+                    let page = client.list_builds(request).await?.into_inner();
+                    Ok((page.builds, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            builds.truncate(limit);
+            })
+            .await
+            .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => {
                     print_json(&json!(builds.iter().map(build_json).collect::<Vec<_>>()))

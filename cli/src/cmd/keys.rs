@@ -4,7 +4,7 @@ use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use serde_json::json;
 
-use super::{parse_duration, parse_role, proto_duration, rpc_error};
+use super::{collect_pages, parse_duration, parse_role, proto_duration, rpc_error};
 use crate::context::Context;
 use crate::output::{OutputFormat, api_key_json, print_json, role_name, time};
 
@@ -74,25 +74,24 @@ pub async fn run(ctx: &Context, command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::List { user_id, all } => {
-            let mut keys = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = auth
-                    .list_api_keys(pb::ListApiKeysRequest {
-                        user_id: user_id.clone(),
-                        include_revoked: all,
-                        page_size: 100,
-                        page_token,
-                    })
-                    .await
-                    .map_err(|s| rpc_error(ctx, s))?
-                    .into_inner();
-                keys.extend(page.api_keys);
-                if page.next_page_token.is_empty() {
-                    break;
+            let keys = collect_pages(usize::MAX, |page_token| {
+                let mut client = auth.clone();
+                let user_id = user_id.clone();
+                async move {
+                    let page = client
+                        .list_api_keys(pb::ListApiKeysRequest {
+                            user_id: user_id.clone(),
+                            include_revoked: all,
+                            page_size: 100,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.api_keys, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await
+            .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => {
                     print_json(&json!(keys.iter().map(api_key_json).collect::<Vec<_>>()))

@@ -7,11 +7,34 @@ pub mod keys;
 pub mod users;
 pub mod workspace;
 
+use std::future::Future;
+
 use crate::context::Context;
 
 /// Turns a failed RPC into the CLI's one-line error (with reason and hint).
 pub fn rpc_error(ctx: &Context, status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(crate::output::describe_status(&status, &ctx.endpoint))
+}
+
+/// Fetches pages until the server says there are no more (or `limit` items are in):
+/// `fetch(page_token)` returns one page's items and its `next_page_token`.
+pub async fn collect_pages<T, F, Fut>(limit: usize, mut fetch: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    while items.len() < limit {
+        let (page, next) = fetch(token).await?;
+        items.extend(page);
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    items.truncate(limit);
+    Ok(items)
 }
 
 /// Parses `5m`, `90s`, `2h`, `7d` or a number of seconds.

@@ -7,7 +7,7 @@ use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use serde_json::json;
 
-use super::{parse_role, rpc_error};
+use super::{collect_pages, parse_role, rpc_error};
 use crate::context::Context;
 use crate::output::{OutputFormat, print_json, role_name, user_json};
 
@@ -78,25 +78,23 @@ pub async fn run(ctx: &Context, command: UsersCommand) -> anyhow::Result<()> {
             }
         }
         UsersCommand::List { all } => {
-            let mut users = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = auth
-                    .list_users(pb::ListUsersRequest {
-                        role: None,
-                        include_disabled: all,
-                        page_size: 100,
-                        page_token,
-                    })
-                    .await
-                    .map_err(|s| rpc_error(ctx, s))?
-                    .into_inner();
-                users.extend(page.users);
-                if page.next_page_token.is_empty() {
-                    break;
+            let users = collect_pages(usize::MAX, |page_token| {
+                let mut client = auth.clone();
+                async move {
+                    let page = client
+                        .list_users(pb::ListUsersRequest {
+                            role: None,
+                            include_disabled: all,
+                            page_size: 100,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.users, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await
+            .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => {
                     print_json(&json!(users.iter().map(user_json).collect::<Vec<_>>()))

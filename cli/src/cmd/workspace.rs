@@ -9,7 +9,7 @@ use kiln_proto::build::build_service_client::BuildServiceClient;
 use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
-use super::rpc_error;
+use super::{collect_pages, rpc_error};
 use crate::context::Context;
 use crate::output::{OutputFormat, print_json, time, workspace_json};
 
@@ -118,24 +118,20 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
         WorkspaceCommand::Ls {
             workspace: None, ..
         } => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_workspaces(pb::ListWorkspacesRequest {
+            let all = collect_pages(usize::MAX, |page_token| {
+                let mut client = client.clone();
+                async move {
+                    let request = pb::ListWorkspacesRequest {
                         page_size: 100,
                         page_token,
                         ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| rpc_error(ctx, s))?
-                    .into_inner();
-                all.extend(page.workspaces);
-                if page.next_page_token.is_empty() {
-                    break;
+                    };
+                    let page = client.list_workspaces(request).await?.into_inner();
+                    Ok((page.workspaces, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await
+            .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => {
                     print_json(&json!(all.iter().map(workspace_json).collect::<Vec<_>>()))
@@ -159,25 +155,21 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
             workspace: Some(id),
             directory,
         } => {
-            let mut files = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_files(pb::ListFilesRequest {
-                        workspace_id: id.clone(),
-                        directory: directory.clone(),
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(|s| rpc_error(ctx, s))?
-                    .into_inner();
-                files.extend(page.files);
-                if page.next_page_token.is_empty() {
-                    break;
+            let files = collect_pages(usize::MAX, |page_token| {
+                let mut client = client.clone();
+                let request = pb::ListFilesRequest {
+                    workspace_id: id.clone(),
+                    directory: directory.clone(),
+                    page_size: 1000,
+                    page_token,
+                };
+                async move {
+                    let page = client.list_files(request).await?.into_inner();
+                    Ok((page.files, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await
+            .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => print_json(&json!(files
                     .iter()

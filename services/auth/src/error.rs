@@ -156,6 +156,16 @@ impl AuthError {
     }
 }
 
+impl From<kiln_store::Error> for AuthError {
+    fn from(err: kiln_store::Error) -> Self {
+        match err {
+            kiln_store::Error::Io { path, source } => Self::io(path, source),
+            kiln_store::Error::Sqlx(e) => Self::Store(e),
+            kiln_store::Error::Migrate(e) => Self::Migrate(e),
+        }
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         let reason = err.reason();

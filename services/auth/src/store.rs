@@ -1,22 +1,15 @@
-//! The SQLite store: opening `auth.db`, its permissions, its migrations.
-//!
-//! Two pools: a single writer connection and a few readers. SQLite allows one writer at
-//! a time anyway; funnelling every write through one connection means a transaction can
-//! read-then-write without ever hitting SQLITE_BUSY on the lock upgrade, and readers
-//! proceed concurrently thanks to WAL. The SQL itself is portable (no SQLite-only
-//! syntax), so a Postgres store can reuse it with one pool.
+//! The SQLite store `auth.db`, opened the kiln way (`kiln_store`: 0600 file, WAL, one
+//! writer and a few readers, embedded migrations). The SQL itself is portable (no
+//! SQLite-only syntax), so a Postgres store can reuse it with one pool.
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::SqlitePool;
 
-use crate::error::{AuthError, Result};
+use crate::error::Result;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The store's file name inside the data directory.
 pub const DB_FILE: &str = "auth.db";
@@ -37,25 +30,8 @@ impl Store {
     /// touches it: it holds password hashes and the private signing keys. SQLite gives
     /// its `-wal` and `-shm` files the database file's mode.
     pub async fn open(data_dir: &Path) -> Result<Self> {
-        ensure_private_dir(data_dir)?;
-        let path = data_dir.join(DB_FILE);
-        ensure_private_file(&path)?;
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations").run(&write).await?;
-        let read = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
+        let kiln_store::SqlitePools { write, read } =
+            kiln_store::open_sqlite(&data_dir.join(DB_FILE), &MIGRATOR).await?;
         Ok(Self { write, read })
     }
 
@@ -63,28 +39,6 @@ impl Store {
         self.read.close().await;
         self.write.close().await;
     }
-}
-
-fn ensure_private_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| AuthError::io(dir, e))
-}
-
-fn ensure_private_file(path: &PathBuf) -> Result<()> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| AuthError::io(path, e))?;
-    // An existing file keeps its mode on open; tighten it.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| AuthError::io(path, e))
 }
 
 /// Unix milliseconds, the store's time unit.

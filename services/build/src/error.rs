@@ -119,6 +119,16 @@ pub(crate) fn busy(what: &str) -> ApiError {
     ApiError::failed_precondition(reason::WORKSPACE_BUSY, what.to_owned())
 }
 
+impl From<kiln_store::Error> for BuildError {
+    fn from(err: kiln_store::Error) -> Self {
+        match err {
+            kiln_store::Error::Io { path, source } => Self::io(path.display().to_string(), source),
+            kiln_store::Error::Sqlx(e) => Self::Store(e),
+            kiln_store::Error::Migrate(e) => Self::Migrate(e),
+        }
+    }
+}
+
 impl From<BuildError> for ApiError {
     fn from(err: BuildError) -> Self {
         match err {

@@ -1,24 +1,21 @@
 //! The SQLite store: workspaces, builds and their event logs.
 //!
-//! One writer connection and a few readers, as in kiln-auth: SQLite has one writer at a
-//! time anyway, and funnelling writes through one connection avoids SQLITE_BUSY on lock
-//! upgrades; WAL lets readers (watchers replaying logs) proceed meanwhile. Queries are
-//! built at run time with portable SQL so a Postgres store can reuse them.
+//! Opened the kiln way (`kiln_store`: 0600 file, WAL, one writer and a few readers so
+//! that watchers replaying logs never wait for the runner, embedded migrations). Queries
+//! are built at run time with portable SQL so a Postgres store can reuse them.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::build as pb;
 use prost::Message;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::error::{BuildError, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Unix microseconds, the store's time unit.
 pub fn micros(t: SystemTime) -> i64 {
@@ -130,22 +127,8 @@ fn decode_results(mut bytes: &[u8]) -> Result<Vec<pb::StepFinished>> {
 impl Store {
     /// Opens (creating) the database and runs the embedded migrations.
     pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations").run(&write).await?;
-        let read = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
+        let kiln_store::SqlitePools { write, read } =
+            kiln_store::open_sqlite(path, &MIGRATOR).await?;
         Ok(Self { write, read })
     }
 
