@@ -24,7 +24,8 @@ use crate::sys;
 /// Requests from [`ChildControl`](crate::ChildControl).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Request {
-    Cancel,
+    /// TERM now, KILL after the grace (the configured one when `None`).
+    Cancel(Option<Duration>),
     Signal(i32),
 }
 
@@ -70,9 +71,13 @@ impl Monitor {
 
     /// TERM to the tree (the supervisor forwards it), KILL after the grace period.
     fn terminate(&self, stopping: &mut Stopping) {
+        self.terminate_within(stopping, self.grace);
+    }
+
+    fn terminate_within(&self, stopping: &mut Stopping, grace: Duration) {
         if *stopping == Stopping::Running {
             self.signal(libc::SIGTERM);
-            *stopping = Stopping::Terminating(Instant::now() + self.grace);
+            *stopping = Stopping::Terminating(Instant::now() + grace);
         }
     }
 
@@ -149,11 +154,11 @@ impl Monitor {
                     self.kill(&mut stopping);
                 }
                 request = self.requests.recv(), if requests_open => match request {
-                    Some(Request::Cancel) => {
+                    Some(Request::Cancel(grace)) => {
                         if reason.is_none() {
                             reason = Some((Reason::Cancelled, "cancelled".into()));
                         }
-                        self.terminate(&mut stopping);
+                        self.terminate_within(&mut stopping, grace.unwrap_or(self.grace));
                     }
                     Some(Request::Signal(sig)) => self.signal(sig),
                     None => requests_open = false,

@@ -378,7 +378,13 @@ impl ChildControl {
     /// SIGTERM to the whole tree, SIGKILL after the grace period; the outcome says
     /// CANCELLED.
     pub fn cancel(&self) {
-        let _ = self.tx.send(Request::Cancel);
+        let _ = self.tx.send(Request::Cancel(None));
+    }
+
+    /// Like [`cancel`](Self::cancel), with SIGKILL after `grace` instead of the
+    /// configured `kill_grace` (CancelBuild lets the caller choose).
+    pub fn cancel_with_grace(&self, grace: std::time::Duration) {
+        let _ = self.tx.send(Request::Cancel(Some(grace)));
     }
 
     /// Sends `signal` to the step (its process group in tier B, every process of the

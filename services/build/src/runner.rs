@@ -340,7 +340,6 @@ async fn run_step(
     let mut output_open = true;
     let mut stop_live = true;
     let mut requested = Stop::No;
-    let mut kill_at: Option<Instant> = None;
     let mut delivered = 0u64;
     let outcome = loop {
         tokio::select! {
@@ -369,8 +368,7 @@ async fn run_step(
                         Stop::No => {}
                         Stop::Cancel(grace) if requested == Stop::No => {
                             requested = s;
-                            control.signal(libc::SIGTERM);
-                            kill_at = Some(Instant::now() + grace);
+                            control.cancel_with_grace(grace);
                         }
                         Stop::Cancel(_) => {}
                         Stop::Interrupt => {
@@ -380,10 +378,6 @@ async fn run_step(
                     }
                 }
             },
-            () = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                kill_at = None;
-                control.cancel();
-            }
         }
     };
     let mut reason = match outcome.reason {
