@@ -137,8 +137,8 @@ impl Suite {
             .expect("connects")
     }
 
-    /// Creates a user (as admin) and returns an access token of it.
-    pub async fn user_token(&self, username: &str, role: kiln_proto::auth::Role) -> String {
+    /// Creates a user (as admin) and returns its password, `<username>-password-123`.
+    pub async fn create_user(&self, username: &str, role: kiln_proto::auth::Role) -> String {
         use kiln_proto::auth::{CreateUserRequest, auth_service_client::AuthServiceClient};
         let password = format!("{username}-password-123");
         AuthServiceClient::new(self.channel_as(&self.admin_token().await).await)
@@ -150,6 +150,12 @@ impl Suite {
             })
             .await
             .expect("user created");
+        password
+    }
+
+    /// Creates a user (as admin) and returns an access token of it.
+    pub async fn user_token(&self, username: &str, role: kiln_proto::auth::Role) -> String {
+        let password = self.create_user(username, role).await;
         self.login(username, &password)
             .await
             .expect("user logs in")

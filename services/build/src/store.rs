@@ -128,7 +128,7 @@ impl Store {
     /// Opens (creating) the database and runs the embedded migrations.
     pub async fn open(path: &Path) -> Result<Self> {
         let kiln_store::SqlitePools { write, read } =
-            kiln_store::open_sqlite(path, &MIGRATOR).await?;
+            kiln_store::open_sqlite_with(path, &MIGRATOR, kiln_store::Layout::LARGE_ROWS).await?;
         Ok(Self { write, read })
     }
 
@@ -332,7 +332,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        insert_event(&mut tx, &build.id, first_event).await?;
+        insert_events(&mut tx, &build.id, std::slice::from_ref(first_event)).await?;
         sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
             .bind(created)
             .bind(&build.workspace_id)
@@ -440,8 +440,10 @@ impl Store {
             return Ok(());
         };
         let mut tx = self.write.begin().await?;
-        for event in events {
-            insert_event(&mut tx, build_id, event).await?;
+        // One multi-row INSERT per batch: every statement is a round trip to sqlx's
+        // SQLite worker thread (a cross-thread wake-up each).
+        for chunk in events.chunks(EVENTS_PER_INSERT) {
+            insert_events(&mut tx, build_id, chunk).await?;
         }
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE builds SET last_sequence = ");
         q.push_bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
@@ -521,21 +523,26 @@ impl Store {
     }
 }
 
-async fn insert_event(
+/// Rows per INSERT statement (4 bound values each; SQLite allows 32 766).
+const EVENTS_PER_INSERT: usize = 256;
+
+async fn insert_events(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     build_id: &str,
-    event: &pb::BuildEvent,
+    events: &[pb::BuildEvent],
 ) -> Result<()> {
-    let time = event
-        .time
-        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
-    sqlx::query("INSERT INTO build_events (build_id, sequence, time, event) VALUES (?, ?, ?, ?)")
-        .bind(build_id)
-        .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-        .bind(time)
-        .bind(event.encode_to_vec())
-        .execute(&mut **tx)
-        .await?;
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new("INSERT INTO build_events (build_id, sequence, time, event) ");
+    q.push_values(events, |mut row, event| {
+        let time = event
+            .time
+            .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+        row.push_bind(build_id.to_owned())
+            .push_bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+            .push_bind(time)
+            .push_bind(event.encode_to_vec());
+    });
+    q.build().execute(&mut **tx).await?;
     Ok(())
 }
 
