@@ -112,7 +112,7 @@ fn extract(
         Ok(pb::ArchiveFormat::TarGzip) => Box::new(flate2::read::GzDecoder::new(input)),
         _ => Box::new(input),
     };
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(crate::tar_guard::TarHeaderGuard::new(reader));
     let mut items = BTreeMap::new();
     let (mut total, mut files) = (0u64, 0u64);
     let entries = archive

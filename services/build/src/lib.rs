@@ -15,6 +15,7 @@ mod queue;
 mod runner;
 mod service;
 mod store;
+mod tar_guard;
 mod validate;
 mod workspace;
 

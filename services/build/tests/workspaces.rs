@@ -315,6 +315,23 @@ async fn tar_bombs_are_refused_by_size_and_count() {
     .await
     .expect_err("count");
     assert_eq!(reason(&s), "WORKSPACE_TOO_LARGE");
+    // A GNU long-name entry claiming 1 GiB, gzipped so that it costs the client nothing:
+    // refused at its header, before the server buffers the "name".
+    let mut long_name = raw_tar("././@LongLink", tar::EntryType::GNULongName, None, 1 << 30);
+    long_name.extend(std::iter::repeat_n(b'n', 8 << 20));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &long_name).expect("gz");
+    let s = upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::TarGzip,
+        false,
+        gz.finish().expect("gz"),
+    )
+    .await
+    .expect_err("long name");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("extension header"), "{}", s.message());
     assert!(names(&mut c, &ws.id).await.is_empty());
 }
 
