@@ -152,9 +152,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         pki.ca_cert().display()
     );
     server.serve_until(shutdown).await?;
+    tracing::info!("listener closed");
     // Builds still running after the grace period end INTERRUPTED (their logs kept);
     // queued builds stay queued and run at the next start.
     build.shutdown().await;
+    tracing::info!("build service stopped");
     println!("kiln stopped");
     Ok(0)
 }
