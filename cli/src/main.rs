@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod archive;
 mod cmd;
+mod config;
 mod context;
 mod health;
 mod logging;
@@ -36,6 +37,9 @@ enum Command {
     Up(up::UpArgs),
     /// Ask a kiln endpoint whether each service is SERVING (gRPC health).
     Health,
+    /// The `kiln up` configuration file: check one, or print the documented defaults.
+    #[command(subcommand)]
+    Config(up::ConfigCommand),
     /// Log in and keep the tokens for later commands (refreshed on their own).
     Login(cmd::auth::LoginArgs),
     /// End this session and forget its tokens.
@@ -60,12 +64,14 @@ enum Command {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    if let Command::Up(args) = cli.command {
-        return up::run(args).await;
+    match cli.command {
+        Command::Up(args) => return up::run(args).await,
+        Command::Config(command) => return up::config(command),
+        _ => {}
     }
     let ctx = Context::resolve(&cli.client)?;
     match cli.command {
-        Command::Up(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Config(_) => unreachable!("handled above"),
         Command::Health => health::run(&ctx).await,
         Command::Login(args) => cmd::auth::login(&ctx, args).await.map(|()| 0),
         Command::Logout(args) => cmd::auth::logout(&ctx, args).await.map(|()| 0),

@@ -10,22 +10,34 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kiln_auth::{AuthApi, AuthConfig};
-use kiln_build::{BuildApi, BuildConfig};
+use kiln_auth::AuthApi;
+use kiln_build::BuildApi;
+
+use crate::config::ConfigFile;
 use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
 use kiln_rpc::client::ClientConfig;
 use kiln_rpc::pki::ensure_dev_pki;
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::{KilnServer, ServerSettings, shutdown_signal};
 
+/// Where `kiln up` listens unless told otherwise.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
 /// The services `kiln up` runs; each gets a workload certificate with its SPIFFE id.
 const SERVICES: &[&str] = &["auth", "build", "agent"];
 
+/// Flags of `kiln up`. Each overrides the config file, which overrides the defaults
+/// (stated here and in examples/kiln.toml).
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// Address to listen on (port 0 picks a free port and prints it).
-    #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7443")]
-    listen: SocketAddr,
+    /// A TOML configuration file (see examples/kiln.toml).
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Address to listen on (port 0 picks a free port and prints it). Default:
+    /// 127.0.0.1:7443.
+    #[arg(long, env = "KILN_LISTEN")]
+    listen: Option<SocketAddr>,
 
     /// Where kiln keeps its state and development PKI. Default: the user's data
     /// directory, e.g. ~/.local/share/kiln.
@@ -33,16 +45,17 @@ pub struct UpArgs {
     data_dir: Option<PathBuf>,
 
     /// Trust domain of the workload identities (spiffe://<domain>/service/<name>).
-    #[arg(long, env = "KILN_TRUST_DOMAIN", default_value = ServerSettings::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
+    /// Default: kiln.local.
+    #[arg(long, env = "KILN_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
 
-    /// Largest request message accepted, in bytes (at most 64 MiB).
-    #[arg(long, env = "KILN_MAX_MESSAGE_BYTES", default_value_t = ServerSettings::DEFAULT_MAX_MESSAGE_BYTES)]
-    max_message_bytes: usize,
+    /// Largest request message accepted, in bytes (at most 64 MiB). Default: 4 MiB.
+    #[arg(long, env = "KILN_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
 
-    /// Seconds that in-flight calls may run on after SIGTERM/SIGINT.
-    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    shutdown_grace_secs: u64,
+    /// Seconds that in-flight calls may run on after SIGTERM/SIGINT. Default: 30.
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS")]
+    shutdown_grace_secs: Option<u64>,
 
     /// Refuse TLS clients that present no certificate.
     #[arg(long, env = "KILN_REQUIRE_CLIENT_CERT")]
@@ -53,27 +66,66 @@ pub struct UpArgs {
     #[arg(long, env = "KILN_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
 
-    /// Lifetime of access tokens, in seconds.
-    #[arg(long, env = "KILN_ACCESS_TOKEN_TTL_SECS", default_value_t = 900)]
-    access_token_ttl_secs: u64,
+    /// Lifetime of access tokens, in seconds. Default: 900.
+    #[arg(long, env = "KILN_ACCESS_TOKEN_TTL_SECS")]
+    access_token_ttl_secs: Option<u64>,
 
     /// How long a reused refresh token still counts as a concurrent refresh (not theft),
-    /// in milliseconds.
-    #[arg(long, env = "KILN_REFRESH_REUSE_GRACE_MS", default_value_t = 5000)]
-    refresh_reuse_grace_ms: u64,
+    /// in milliseconds. Default: 5000.
+    #[arg(long, env = "KILN_REFRESH_REUSE_GRACE_MS")]
+    refresh_reuse_grace_ms: Option<u64>,
 
     /// How long services trust an API key (or a refusal) before asking kiln-auth again,
-    /// in milliseconds: a revoked key stops working within this time.
-    #[arg(long, env = "KILN_API_KEY_CACHE_MS", default_value_t = 30_000)]
-    api_key_cache_ms: u64,
+    /// in milliseconds: a revoked key stops working within this time. Default: 30000.
+    #[arg(long, env = "KILN_API_KEY_CACHE_MS")]
+    api_key_cache_ms: Option<u64>,
 
-    /// Requests per second per caller and method (0 turns rate limiting off).
-    #[arg(long, env = "KILN_RATE_LIMIT_PER_SECOND", default_value_t = 200)]
-    rate_limit_per_second: u32,
+    /// Requests per second per caller and method (0 turns rate limiting off). Default: 200.
+    #[arg(long, env = "KILN_RATE_LIMIT_PER_SECOND")]
+    rate_limit_per_second: Option<u32>,
 
-    /// Requests a caller may make at once before the rate applies.
-    #[arg(long, env = "KILN_RATE_LIMIT_BURST", default_value_t = 400)]
-    rate_limit_burst: u32,
+    /// Requests a caller may make at once before the rate applies. Default: 400.
+    #[arg(long, env = "KILN_RATE_LIMIT_BURST")]
+    rate_limit_burst: Option<u32>,
+}
+
+/// `kiln config …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print the effective settings (JSON).
+    Check { file: PathBuf },
+    /// Print a configuration file with every setting at its default, documented.
+    Example,
+}
+
+/// The example file, kept honest by a test that compares it with the real defaults.
+const EXAMPLE_CONFIG: &str = include_str!("../../examples/kiln.toml");
+
+const DEFAULT_API_KEY_CACHE: Duration = Duration::from_secs(30);
+
+pub fn config(command: ConfigCommand) -> anyhow::Result<i32> {
+    match command {
+        ConfigCommand::Example => print!("{EXAMPLE_CONFIG}"),
+        ConfigCommand::Check { file } => {
+            let config = ConfigFile::load(&file)?;
+            let data_dir = config
+                .server
+                .data_dir
+                .clone()
+                .unwrap_or_else(default_data_dir);
+            let auth = config.auth(data_dir.join("auth"));
+            let build = config
+                .build(data_dir.join("build"))
+                .with_context(|| format!("in {}", file.display()))?;
+            let api_key_cache = config
+                .auth
+                .api_key_cache
+                .map_or(DEFAULT_API_KEY_CACHE, |d| d.0);
+            crate::output::print_json(&crate::config::describe(&auth, &build, api_key_cache));
+            eprintln!("{}: OK", file.display());
+        }
+    }
+    Ok(0)
 }
 
 /// `<data dir>/kiln`, or `./.kiln` where the platform has no data directory.
@@ -84,29 +136,73 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     // Before anything else, so that a signal during start-up still stops us cleanly.
     let shutdown = shutdown_signal()?;
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let server = &file.server;
+    let data_dir = args
+        .data_dir
+        .or(server.data_dir.clone())
+        .unwrap_or_else(default_data_dir);
     create_private_dir(&data_dir)?;
-    let pki = ensure_dev_pki(&data_dir.join("pki"), &args.trust_domain, SERVICES)
+    let trust_domain = args
+        .trust_domain
+        .or(server.trust_domain.clone())
+        .unwrap_or_else(|| ServerSettings::DEFAULT_TRUST_DOMAIN.to_owned());
+    let pki = ensure_dev_pki(&data_dir.join("pki"), &trust_domain, SERVICES)
         .context("creating the development PKI")?;
 
-    let mut settings = ServerSettings::new(args.listen, pki.server_tls());
-    settings.trust_domain = args.trust_domain;
-    settings.max_message_bytes = args.max_message_bytes;
-    settings.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
-    settings.require_client_cert = args.require_client_cert;
-    settings.rate_limit = NonZeroU32::new(args.rate_limit_per_second).map(|per_second| RateLimit {
+    let listen = args
+        .listen
+        .or(server.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address"));
+    let mut settings = ServerSettings::new(listen, pki.server_tls());
+    settings.trust_domain = trust_domain;
+    if let Some(bytes) = args.max_message_bytes.or(server.max_message_bytes) {
+        settings.max_message_bytes = bytes;
+    }
+    if let Some(grace) = args
+        .shutdown_grace_secs
+        .map(Duration::from_secs)
+        .or(server.shutdown_grace.map(|d| d.0))
+    {
+        settings.shutdown_grace = grace;
+    }
+    settings.require_client_cert =
+        args.require_client_cert || server.require_client_cert.unwrap_or(false);
+    let default_rate = RateLimit::default();
+    let per_second = args
+        .rate_limit_per_second
+        .or(server.rate_limit_per_second)
+        .unwrap_or(default_rate.per_second.get());
+    let burst = args
+        .rate_limit_burst
+        .or(server.rate_limit_burst)
+        .unwrap_or(default_rate.burst.get());
+    settings.rate_limit = NonZeroU32::new(per_second).map(|per_second| RateLimit {
         per_second,
-        burst: NonZeroU32::new(args.rate_limit_burst).unwrap_or(per_second),
+        burst: NonZeroU32::new(burst).unwrap_or(per_second),
     });
 
-    let mut auth_config = AuthConfig::new(data_dir.join("auth"));
+    let mut auth_config = file.auth(data_dir.join("auth"));
     auth_config.admin_password = args.admin_password;
-    auth_config.access_ttl = Duration::from_secs(args.access_token_ttl_secs);
-    auth_config.refresh_reuse_grace = Duration::from_millis(args.refresh_reuse_grace_ms);
+    if let Some(secs) = args.access_token_ttl_secs {
+        auth_config.access_ttl = Duration::from_secs(secs);
+    }
+    if let Some(ms) = args.refresh_reuse_grace_ms {
+        auth_config.refresh_reuse_grace = Duration::from_millis(ms);
+    }
+    let build_config = file.build(data_dir.join("build"))?;
+    let api_key_cache = args
+        .api_key_cache_ms
+        .map(Duration::from_millis)
+        .or(file.auth.api_key_cache.map(|d| d.0))
+        .unwrap_or(DEFAULT_API_KEY_CACHE);
     let auth = AuthApi::open(auth_config)
         .await
         .context("opening the auth service")?;
-    let build = BuildApi::open(BuildConfig::new(data_dir.join("build")))
+    let build = BuildApi::open(build_config)
         .await
         .context("opening the build service")?;
 
@@ -138,7 +234,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
                 read(pki.workload_key("auth"))?,
             ),
     );
-    authn.api_key_ttl = Duration::from_millis(args.api_key_cache_ms);
+    authn.api_key_ttl = api_key_cache;
     authn.api_key_negative_ttl = authn.api_key_negative_ttl.min(authn.api_key_ttl);
     server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
     // The first stdout line is the contract with scripts and tests: they wait for it.

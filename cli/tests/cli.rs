@@ -188,3 +188,90 @@ fn a_suite_that_is_down_gets_a_clear_message() {
     );
     assert!(err.contains("kiln up"), "a hint: {err}");
 }
+
+#[test]
+fn a_config_file_sets_the_build_policy_and_flags_override_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kiln.toml");
+    std::fs::write(
+        &file,
+        "[auth]\naccess_token_ttl = \"2m\"\n[build]\nextra_programs = [\"zig\"]\nmax_steps = 3\n[build.queue]\nmax_queued_per_user = 4\n",
+    )
+    .expect("write");
+    // The file says 2 minutes; the flag says 60 s and wins.
+    let suite = Suite::start_with(&[
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--access-token-ttl-secs",
+        "60",
+    ]);
+    let cli = Cli::new(&suite);
+    cli.login_admin();
+    let whoami: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["-o", "json", "whoami"])).expect("json");
+    let expires = time::OffsetDateTime::parse(
+        whoami["expires_at"].as_str().expect("expiry"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("rfc3339");
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(
+        left <= time::Duration::seconds(61),
+        "the flag's TTL: {left}"
+    );
+
+    let policy = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let token = suite.admin_token().await;
+            kiln_proto::build::build_service_client::BuildServiceClient::new(
+                suite.channel_as(&token).await,
+            )
+            .get_policy(kiln_proto::build::GetPolicyRequest::default())
+            .await
+            .expect("policy")
+            .into_inner()
+        });
+    assert!(
+        policy.allowed_programs.iter().any(|p| p == "zig"),
+        "{:?}",
+        policy.allowed_programs
+    );
+    assert!(
+        policy.allowed_programs.iter().any(|p| p == "cargo"),
+        "defaults kept"
+    );
+    assert_eq!(policy.max_steps, 3);
+    assert_eq!(policy.max_queued_builds_per_user, 4);
+}
+
+#[test]
+fn config_check_accepts_the_example_and_names_a_typo() {
+    let suite_free = common::Offline;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/kiln.toml");
+    let output = suite_free
+        .command(&["config", "check", example])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let effective: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(effective["build"]["default_limits"]["wall_timeout"], "15m");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[build.queue]\nmax_runing = 2\n").expect("write");
+    let output = suite_free
+        .command(&["config", "check", bad.to_str().expect("utf-8")])
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("max_runing"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -283,6 +283,17 @@ impl<'a> Cli<'a> {
     }
 }
 
+/// The `kiln` binary for commands that need no suite (e.g. `kiln config check`).
+pub struct Offline;
+
+impl Offline {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(args).env_remove("KILN_CONFIG");
+        command
+    }
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
