@@ -267,3 +267,40 @@ fn a_finished_build_can_be_watched_again_from_the_start() {
     let again = cli.ok(&["build", "watch", "--from-start", &id]);
     assert_eq!(again, first);
 }
+
+#[test]
+fn a_terminal_gets_a_status_line_and_a_pipe_gets_plain_lines() {
+    let suite = Suite::start();
+    let cli = logged_in(&suite);
+    let dir = source(&[("tick.py", TICKER)]);
+    let dir_arg = dir.path().to_str().expect("utf-8");
+    // Under a pseudo-terminal (util-linux `script`), stderr carries the status line.
+    let inner = format!(
+        "{} build run --from {dir_arg} -- python3 tick.py 3 0.6",
+        env!("CARGO_BIN_EXE_kiln")
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .env("KILN_ENDPOINT", &suite.endpoint)
+        .env("KILN_CA", suite.pki().ca_cert())
+        .env("KILN_CONFIG_DIR", cli.config_dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{screen}");
+    assert!(
+        screen.contains("[step 1/1 · 00:0"),
+        "a status line with step and time: {screen:?}"
+    );
+    assert!(screen.contains("RUNNING]"), "and the state: {screen:?}");
+
+    // Through a pipe: no escape codes, just the output and the result line.
+    let plain = run_build(&cli, dir.path(), &["python3", "tick.py", "2", "0"]);
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        !err.contains('\x1b'),
+        "no terminal codes in a pipe: {err:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "line 0\nline 1\n");
+}
