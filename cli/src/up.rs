@@ -20,6 +20,9 @@ use kiln_rpc::pki::ensure_dev_pki;
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::{KilnServer, ServerSettings, shutdown_signal};
 
+use kiln_proto::auth::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
+use kiln_proto::build::build_service_server::SERVICE_NAME as BUILD_SERVICE;
+
 /// Where `kiln up` listens unless told otherwise.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
@@ -206,7 +209,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         .await
         .context("opening the build service")?;
 
-    let mut server = KilnServer::new(settings)
+    let mut server = KilnServer::new(settings);
+    for check in auth.readiness() {
+        server = server.with_readiness(AUTH_SERVICE, check);
+    }
+    for check in build.readiness() {
+        server = server.with_readiness(BUILD_SERVICE, check);
+    }
+    let mut server = server
         .add_service(kiln_auth::service(auth))
         .add_service(kiln_build::service(build.clone()))
         .add_service(kiln_agent::service())

@@ -21,6 +21,7 @@ pub mod layer;
 pub mod limit;
 pub mod pki;
 pub mod ratelimit;
+pub mod readiness;
 pub mod server;
 pub mod tls;
 pub mod token;

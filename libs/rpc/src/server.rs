@@ -25,6 +25,7 @@ use crate::incoming::tls_incoming;
 use crate::layer::{Gate, KilnLayer};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
 use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::readiness::{Checks, Readiness};
 use crate::tls::{ReloadingServerConfig, TlsFiles};
 
 /// Settings of one listener. Every default is stated on its field.
@@ -53,6 +54,8 @@ pub struct ServerSettings {
     /// Requests per caller and method; `None` turns rate limiting off. Default: 200/s,
     /// burst 400.
     pub rate_limit: Option<RateLimit>,
+    /// How often the services' readiness checks (store, sandbox) run. Default: 5 s.
+    pub health_check_interval: Duration,
 }
 
 impl ServerSettings {
@@ -72,6 +75,7 @@ impl ServerSettings {
             keepalive_timeout: Duration::from_secs(10),
             tls_reload_interval: Duration::from_secs(10),
             rate_limit: Some(RateLimit::default()),
+            health_check_interval: Duration::from_secs(5),
         }
     }
 
@@ -98,6 +102,7 @@ pub struct KilnServer {
     routes: RoutesBuilder,
     services: Vec<&'static str>,
     authenticator: Arc<dyn Authenticator>,
+    readiness: Checks,
 }
 
 impl std::fmt::Debug for KilnServer {
@@ -116,7 +121,15 @@ impl KilnServer {
             routes: RoutesBuilder::default(),
             services: Vec::new(),
             authenticator: Arc::new(NoTokenVerification),
+            readiness: Checks::new(),
         }
+    }
+
+    /// Makes `service`'s health (and the overall health) NOT_SERVING while `check`
+    /// fails; see [`Readiness`].
+    pub fn with_readiness(mut self, service: &'static str, check: Arc<dyn Readiness>) -> Self {
+        self.readiness.entry(service).or_default().push(check);
+        self
     }
 
     /// Plugs in token verification (default: [`NoTokenVerification`]).
@@ -212,9 +225,16 @@ impl BoundServer {
             mut routes,
             services,
             authenticator,
+            readiness,
         } = self.inner;
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, &services, ServingStatus::Serving).await;
+        let readiness_task = AbortOnDrop(tokio::spawn(crate::readiness::watch(
+            health.clone(),
+            services.clone(),
+            readiness,
+            settings.health_check_interval,
+        )));
         routes.add_service(health_service);
         // grpcurl 1.8 speaks only v1alpha reflection, newer clients v1: serve both. The
         // google.rpc types are served too, so that generic clients can decode the error
@@ -263,6 +283,7 @@ impl BoundServer {
             () = shutdown => {}
         }
         tracing::info!(grace = ?settings.shutdown_grace, "shutting down: NOT_SERVING, letting in-flight calls finish");
+        drop(readiness_task); // from now on health says NOT_SERVING, whatever the checks say
         set_health(&health, &services, ServingStatus::NotServing).await;
         let _ = stop_tx.send(());
         match tokio::time::timeout(settings.shutdown_grace, server).await {

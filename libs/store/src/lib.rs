@@ -36,10 +36,27 @@ pub struct SqlitePools {
 }
 
 impl SqlitePools {
+    /// See [`ping`].
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        ping(&self.read, &self.write).await
+    }
+
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
     }
+}
+
+/// Whether a database is usable: a query on a reader, and the write lock taken (and
+/// released) on the writer. Fails on a closed pool, a database that cannot be locked for
+/// writing, or a broken file system. For health checks.
+pub async fn ping(read: &SqlitePool, write: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(read).await?;
+    let mut conn = write.acquire().await?;
+    sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK;")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Why a database could not be opened.
@@ -162,6 +179,11 @@ mod tests {
             .execute(&pools.read)
             .await;
         assert!(refused.is_err(), "readers are read-only");
+        pools.ping().await.expect("usable");
         pools.close().await;
+        assert!(
+            pools.ping().await.is_err(),
+            "a closed database is not ready"
+        );
     }
 }

@@ -115,6 +115,15 @@ impl AuthApi {
             .await
     }
 
+    /// What this service needs in order to serve (its database), for health.
+    pub fn readiness(&self) -> Vec<Arc<dyn kiln_rpc::readiness::Readiness>> {
+        let store = self.inner.store.clone();
+        vec![kiln_rpc::readiness::check_fn("auth store", move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        })]
+    }
+
     /// The id of the key that signs new tokens.
     pub fn current_key_id(&self) -> String {
         self.inner.keys.current_kid()

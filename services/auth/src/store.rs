@@ -35,6 +35,11 @@ impl Store {
         Ok(Self { write, read })
     }
 
+    /// Whether the database is usable (health).
+    pub async fn ping(&self) -> std::result::Result<(), sqlx::Error> {
+        kiln_store::ping(&self.read, &self.write).await
+    }
+
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;

@@ -152,6 +152,30 @@ impl BuildApi {
         })
     }
 
+    /// What this service needs in order to serve, for health: its database, and a
+    /// writable workspaces directory (a full or read-only disk fails every build).
+    pub fn readiness(&self) -> Vec<Arc<dyn kiln_rpc::readiness::Readiness>> {
+        use kiln_rpc::readiness::check_fn;
+        let shared = self.shared.clone();
+        let store = check_fn("build store", move || {
+            let shared = shared.clone();
+            Box::pin(async move { shared.store.ping().await.map_err(|e| e.to_string()) })
+        });
+        let dir = self.shared.config.workspaces_dir();
+        let disk = check_fn("workspaces directory", move || {
+            let probe = dir.join(".kiln-ready");
+            Box::pin(async move {
+                tokio::fs::write(&probe, b"ok")
+                    .await
+                    .map_err(|e| format!("{}: {e}", probe.display()))?;
+                tokio::fs::remove_file(&probe)
+                    .await
+                    .map_err(|e| format!("{}: {e}", probe.display()))
+            })
+        });
+        vec![store, disk]
+    }
+
     /// The sandbox tier builds run in.
     pub fn sandbox_tier(&self) -> kiln_sandbox::Tier {
         self.shared.sandbox.tier()

@@ -132,6 +132,11 @@ impl Store {
         Ok(Self { write, read })
     }
 
+    /// Whether the database is usable (health).
+    pub async fn ping(&self) -> std::result::Result<(), sqlx::Error> {
+        kiln_store::ping(&self.read, &self.write).await
+    }
+
     // ---- workspaces ----
 
     pub async fn insert_workspace(
