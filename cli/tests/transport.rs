@@ -14,6 +14,25 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+/// A health check through `client`: the handshake, and one call.
+async fn health_through(client: kiln_rpc::client::ClientConfig) -> Result<(), String> {
+    let channel = client.connect().await.map_err(|e| e.to_string())?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|s| s.to_string())
+}
+
+/// A client of `suite` presenting the suite's own workload certificate of `service`.
+fn as_workload(suite: &Suite, service: &str) -> kiln_rpc::client::ClientConfig {
+    let pki = suite.pki();
+    suite.client().identity(
+        common::read(&pki.workload_cert(service)),
+        common::read(&pki.workload_key(service)),
+    )
+}
+
 fn authenticate_request() -> AuthenticateApiKeyRequest {
     AuthenticateApiKeyRequest {
         key: "kiln_abc_def".into(),
@@ -30,38 +49,16 @@ async fn a_client_certificate_from_another_ca_fails_the_handshake() {
             service: "build".into(),
         })
         .expect("cert");
-    let result = async {
-        let channel = suite
-            .client()
-            .identity(cert.cert_pem, cert.key_pem)
-            .connect()
-            .await?;
-        HealthClient::new(channel)
-            .check(HealthCheckRequest::default())
-            .await
-            .map_err(|s| kiln_rpc::Error::Client(s.to_string()))
-    }
-    .await;
+    let result = health_through(suite.client().identity(cert.cert_pem, cert.key_pem)).await;
     assert!(
         result.is_err(),
         "a certificate of an untrusted CA must be refused: {result:?}"
     );
 
     // The same client with the suite's own workload certificate gets through.
-    let pki = suite.pki();
-    let channel = suite
-        .client()
-        .identity(
-            common::read(&pki.workload_cert("build")),
-            common::read(&pki.workload_key("build")),
-        )
-        .connect()
+    health_through(as_workload(&suite, "build"))
         .await
         .expect("trusted certificate connects");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .expect("health answers");
 }
 
 #[tokio::test]
@@ -154,13 +151,7 @@ async fn a_service_rpc_with_a_workload_of_another_trust_domain_is_denied() {
 #[tokio::test]
 async fn a_service_rpc_with_the_suites_workload_certificate_reaches_its_handler() {
     let suite = Suite::start();
-    let pki = suite.pki();
-    let channel = suite
-        .client()
-        .identity(
-            common::read(&pki.workload_cert("agent")),
-            common::read(&pki.workload_key("agent")),
-        )
+    let channel = as_workload(&suite, "agent")
         .connect()
         .await
         .expect("connects");
@@ -176,33 +167,14 @@ async fn a_service_rpc_with_the_suites_workload_certificate_reaches_its_handler(
 #[tokio::test]
 async fn require_client_cert_refuses_clients_without_one() {
     let suite = Suite::start_with(&["--require-client-cert"]);
-    let result = async {
-        let channel = suite.client().connect().await?;
-        HealthClient::new(channel)
-            .check(HealthCheckRequest::default())
-            .await
-            .map_err(|s| kiln_rpc::Error::Client(s.to_string()))
-    }
-    .await;
+    let result = health_through(suite.client()).await;
     assert!(
         result.is_err(),
         "no client certificate must be refused: {result:?}"
     );
-
-    let pki = suite.pki();
-    let channel = suite
-        .client()
-        .identity(
-            common::read(&pki.workload_cert("build")),
-            common::read(&pki.workload_key("build")),
-        )
-        .connect()
+    health_through(as_workload(&suite, "build"))
         .await
         .expect("connects with a certificate");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .expect("serving");
 }
 
 #[tokio::test]
