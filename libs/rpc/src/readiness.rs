@@ -39,6 +39,7 @@ pub(crate) async fn watch(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: BTreeMap<&str, bool> = services.iter().map(|s| (*s, true)).collect();
+    let mut overall = true;
     loop {
         ticker.tick().await;
         for (service, service_checks) in &checks {
@@ -62,9 +63,13 @@ pub(crate) async fn watch(
                 health.set_service_status(*service, status(ready)).await;
             }
         }
-        health
-            .set_service_status("", status(last.values().all(|r| *r)))
-            .await;
+        // Only changes are published: a watcher of the health stream sees each
+        // transition once, not a repeat every interval.
+        let ready = last.values().all(|r| *r);
+        if ready != overall {
+            overall = ready;
+            health.set_service_status("", status(ready)).await;
+        }
     }
 }
 
