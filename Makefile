@@ -48,11 +48,12 @@ fmt: $(TOOLS)/bin/buf
 
 ## bench: the benchmarks against their peers (release build, figures in bench/README.md).
 ## bubblewrap (the sandbox's peer) comes from apt when missing; without it that case is skipped.
-bench:
+bench: tools
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
 		|| echo "bubblewrap is not installed: the bwrap case will be skipped"
 	$(CARGO) run --release -p kiln-bench --bin sandbox_spawn
 	$(CARGO) run --release -p kiln-bench --bin layer_chain
+	$(CARGO) run --release -p kiln-bench --bin health_throughput
 	$(CARGO) test --release -p kiln-build --test measure -- --ignored --nocapture
 
 ## proto: regenerate libs/proto/src/generated from proto/ (vendored protoc, no install).
