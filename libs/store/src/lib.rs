@@ -73,38 +73,8 @@ pub enum Error {
     Migrate(#[from] MigrateError),
 }
 
-/// How a database is laid out on disk; the defaults suit small rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Layout {
-    /// SQLite page size in bytes, for a database created now (an existing file keeps
-    /// its own). Default: SQLite's 4096.
-    pub page_size: Option<u32>,
-    /// WAL pages after which a checkpoint copies the WAL into the database. Default:
-    /// SQLite's 1000.
-    pub wal_autocheckpoint_pages: Option<u32>,
-}
-
-impl Layout {
-    /// For tables of large blobs (build output): 64 KiB pages keep a 32 KiB chunk on
-    /// one page instead of a chain of overflow pages, and checkpoints come every 16 MiB.
-    /// Measured on 256 MiB of output streamed to a watcher: ~150 → ~190 MiB/s.
-    pub const LARGE_ROWS: Layout = Layout {
-        page_size: Some(65_536),
-        wal_autocheckpoint_pages: Some(256),
-    };
-}
-
 /// Opens (creating if needed) the SQLite database at `path` and runs `migrator`.
 pub async fn open_sqlite(path: &Path, migrator: &Migrator) -> Result<SqlitePools, Error> {
-    open_sqlite_with(path, migrator, Layout::default()).await
-}
-
-/// [`open_sqlite`] with a non-default [`Layout`].
-pub async fn open_sqlite_with(
-    path: &Path,
-    migrator: &Migrator,
-    layout: Layout,
-) -> Result<SqlitePools, Error> {
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
@@ -137,14 +107,6 @@ pub async fn open_sqlite_with(
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(5));
-    let options = match layout.page_size {
-        Some(size) => options.page_size(size),
-        None => options,
-    };
-    let options = match layout.wal_autocheckpoint_pages {
-        Some(pages) => options.pragma("wal_autocheckpoint", pages.to_string()),
-        None => options,
-    };
     let write = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options.clone())

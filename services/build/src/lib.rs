@@ -10,6 +10,7 @@ mod error;
 mod files;
 mod log;
 mod maintenance;
+mod outputs;
 mod paths;
 mod queue;
 mod runner;
@@ -128,7 +129,7 @@ impl BuildApi {
             limits: config.workspace,
         };
         disk.init()?;
-        let store = Store::open(&config.db_path()).await?;
+        let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
         let shared = Arc::new(Shared {
             queue: Queue::new(config.queue),
             config,

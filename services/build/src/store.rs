@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::error::{BuildError, Result};
+use crate::outputs::{OutputFiles, StoredEvent};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -43,6 +44,8 @@ pub fn duration_micros(d: Duration) -> i64 {
 pub struct Store {
     write: SqlitePool,
     read: SqlitePool,
+    /// Output bytes, one append-only file per build (see `OutputFiles`).
+    outputs: OutputFiles,
 }
 
 /// A workspace row.
@@ -125,11 +128,16 @@ fn decode_results(mut bytes: &[u8]) -> Result<Vec<pb::StepFinished>> {
 }
 
 impl Store {
-    /// Opens (creating) the database and runs the embedded migrations.
-    pub async fn open(path: &Path) -> Result<Self> {
+    /// Opens (creating) the database and runs the embedded migrations; output bytes go
+    /// to files under `outputs_dir`.
+    pub async fn open(path: &Path, outputs_dir: &Path) -> Result<Self> {
         let kiln_store::SqlitePools { write, read } =
-            kiln_store::open_sqlite_with(path, &MIGRATOR, kiln_store::Layout::LARGE_ROWS).await?;
-        Ok(Self { write, read })
+            kiln_store::open_sqlite(path, &MIGRATOR).await?;
+        Ok(Self {
+            write,
+            read,
+            outputs: OutputFiles::new(outputs_dir)?,
+        })
     }
 
     /// Whether the database is usable (health).
@@ -337,7 +345,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        insert_events(&mut tx, &build.id, std::slice::from_ref(first_event)).await?;
+        insert_events(&mut tx, &build.id, &[(first_event.clone(), None)]).await?;
         sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
             .bind(created)
             .bind(&build.workspace_id)
@@ -444,6 +452,10 @@ impl Store {
         let Some(last) = events.last() else {
             return Ok(());
         };
+        // Output bytes first, to the build's file (no transaction needed: until the rows
+        // below commit, nothing refers to them, and a failed batch only leaves unused
+        // bytes at the end of the file). SQLite then stores a small row per event.
+        let events = self.outputs.spill(build_id, events).await?;
         let mut tx = self.write.begin().await?;
         // One multi-row INSERT per batch: every statement is a round trip to sqlx's
         // SQLite worker thread (a cross-thread wake-up each).
@@ -485,20 +497,29 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<pb::BuildEvent>> {
         let rows = sqlx::query(
-            "SELECT event FROM build_events WHERE build_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+            "SELECT event, data_offset, data_len FROM build_events \
+             WHERE build_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
         )
         .bind(build_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let bytes: Vec<u8> = r.try_get("event")?;
-                pb::BuildEvent::decode(bytes.as_slice())
-                    .map_err(|e| BuildError::Corrupt(format!("build event: {e}")))
-            })
-            .collect()
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let bytes: Vec<u8> = r.try_get("event")?;
+            let event = pb::BuildEvent::decode(bytes.as_slice())
+                .map_err(|e| BuildError::Corrupt(format!("build event: {e}")))?;
+            let range = match (
+                r.try_get::<Option<i64>, _>("data_offset")?,
+                r.try_get::<Option<i64>, _>("data_len")?,
+            ) {
+                (Some(offset), Some(len)) => Some((offset, len)),
+                _ => None,
+            };
+            events.push((event, range));
+        }
+        self.outputs.fill(build_id, events).await
     }
 
     /// Deletes builds (with their logs and labels) that finished before `before`.
@@ -523,29 +544,33 @@ impl Store {
                 sqlx::query(sql).bind(id).execute(&mut *tx).await?;
             }
             tx.commit().await?;
+            self.outputs.remove(id).await;
         }
         Ok(ids.len() as u64)
     }
 }
 
-/// Rows per INSERT statement (4 bound values each; SQLite allows 32 766).
+/// Rows per INSERT statement (6 bound values each; SQLite allows 32 766).
 const EVENTS_PER_INSERT: usize = 256;
 
 async fn insert_events(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     build_id: &str,
-    events: &[pb::BuildEvent],
+    events: &[StoredEvent],
 ) -> Result<()> {
-    let mut q: QueryBuilder<Sqlite> =
-        QueryBuilder::new("INSERT INTO build_events (build_id, sequence, time, event) ");
-    q.push_values(events, |mut row, event| {
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "INSERT INTO build_events (build_id, sequence, time, event, data_offset, data_len) ",
+    );
+    q.push_values(events, |mut row, (event, range)| {
         let time = event
             .time
             .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
         row.push_bind(build_id.to_owned())
             .push_bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
             .push_bind(time)
-            .push_bind(event.encode_to_vec());
+            .push_bind(event.encode_to_vec())
+            .push_bind(range.map(|r| r.0))
+            .push_bind(range.map(|r| r.1));
     });
     q.build().execute(&mut **tx).await?;
     Ok(())

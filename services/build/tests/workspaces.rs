@@ -398,8 +398,18 @@ async fn retention_removes_old_builds_and_idle_workspaces() {
     .await;
     let mut c = rig.client("alice-user").await;
     let ws = workspace(&mut c, vec![]).await;
-    let log = run(&mut c, build_req(&ws.id, vec![step(&["true"])])).await;
+    let log = run(
+        &mut c,
+        build_req(&ws.id, vec![step(&["echo", "kept until retention"])]),
+    )
+    .await;
     assert_eq!(log.state(), pb::BuildState::Succeeded);
+    let outputs = rig.data_dir.join("outputs");
+    let output_files = move || {
+        std::fs::read_dir(&outputs)
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0)
+    };
     let dir = rig.workspace_dir(&ws.id);
     eventually("the workspace directory is removed", || !dir.exists()).await;
     let s = c
@@ -420,6 +430,10 @@ async fn retention_removes_old_builds_and_idle_workspaces() {
             .len();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    eventually("the build's output file is removed with it", || {
+        output_files() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
