@@ -127,15 +127,29 @@ async fn run_build(
     } else {
         let sandbox = shared.sandbox.clone();
         let dir = ws_dir.clone();
-        tokio::task::spawn_blocking(move || sandbox.prepare_workspace(&dir))
-            .await
-            .map_err(|e| crate::error::BuildError::Config(format!("prepare task: {e}")))??;
+        let scratch = scratch_dir(shared, &ws_dir);
+        tokio::task::spawn_blocking(move || {
+            if let Some(scratch) = scratch {
+                std::fs::create_dir_all(&scratch).map_err(|e| {
+                    crate::error::BuildError::io(format!("creating {}", scratch.display()), e)
+                })?;
+            }
+            sandbox
+                .prepare_workspace(&dir)
+                .map_err(crate::error::BuildError::from)
+        })
+        .await
+        .map_err(|e| crate::error::BuildError::Config(format!("prepare task: {e}")))??;
         let limits = limits_from_proto(
             &build.limits.unwrap_or_default(),
             &shared.config.policy.default_limits,
         );
         run_steps(shared, &log, &build, &limits, &ws_dir, &mut stop).await?
     };
+    if let Some(scratch) = scratch_dir(shared, &ws_dir) {
+        // Scratch files are not the build's result: they do not stay in the workspace.
+        let _ = tokio::fs::remove_dir_all(scratch).await;
+    }
     // Builds change files; keep the workspace's size current for GetWorkspace and quotas.
     if ws_dir.is_dir() {
         let dir = ws_dir.clone();
@@ -257,6 +271,14 @@ fn command_spec(
         .current_dir(&step.working_dir)
         .env("PATH", policy.path.clone())
         .env("HOME", home.to_string_lossy().into_owned());
+    if scratch_dir(shared, ws_dir).is_some() {
+        // Tier B has no private /tmp and landlock lets steps write only the workspace:
+        // compilers and tempfile users get a scratch directory inside it instead.
+        spec = spec.env(
+            "TMPDIR",
+            home.join(SCRATCH_DIR).to_string_lossy().into_owned(),
+        );
+    }
     for (k, v) in &policy.fixed_env {
         spec = spec.env(k.clone(), v.clone());
     }
@@ -496,4 +518,12 @@ fn coalesce(step_index: u32, chunks: Vec<OutputChunk>) -> Vec<Event> {
         });
     }
     out.into_iter().map(Event::Output).collect()
+}
+
+/// The TMPDIR of steps in tiers without a private /tmp, inside the workspace.
+const SCRATCH_DIR: &str = ".kiln-tmp";
+
+/// Where a build's temporary files go when the sandbox gives it no /tmp of its own.
+fn scratch_dir(shared: &Shared, ws_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    (shared.sandbox.tier() != kiln_sandbox::Tier::A).then(|| ws_dir.join(SCRATCH_DIR))
 }

@@ -201,3 +201,53 @@ async fn the_environment_is_cleared_and_fixed() {
         );
     }
 }
+
+/// Tier B (what an unprivileged Kubernetes pod gets): no private /tmp, and landlock lets
+/// a step write only its workspace, so compilers and `tempfile` must get a TMPDIR inside
+/// it; the scratch files do not stay behind.
+#[tokio::test]
+async fn in_tier_b_a_c_build_and_temporary_files_work() {
+    use std::os::unix::fs::PermissionsExt;
+    // As root the step runs as nobody, which must be able to reach the workspace.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let rig = rig_at(dir.path(), |c| {
+        c.sandbox.force_tier = Some(kiln_sandbox::Tier::B)
+    })
+    .await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(
+        &mut c,
+        vec![
+            file("hello.c", "#include <stdio.h>\nint main(void) { puts(\"hello from tier B\"); return 0; }\n"),
+            file("Makefile", "run: hello\n\t./hello\n"),
+            file("tmp.py", "import tempfile\nwith tempfile.NamedTemporaryFile() as f:\n    f.write(b'x')\n    print('temp file ok')\n"),
+        ],
+    )
+    .await;
+    let log = run(
+        &mut c,
+        build_req(
+            &ws.id,
+            vec![
+                step(&["cc", "-o", "hello", "hello.c"]),
+                step(&["make", "-s", "run"]),
+                step(&["python3", "tmp.py"]),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        log.state(),
+        pb::BuildState::Succeeded,
+        "{:?} {:?}",
+        log.finished(),
+        log.step_results()
+    );
+    assert_eq!(log.stdout(1), b"hello from tier B\n");
+    assert_eq!(log.stdout(2), b"temp file ok\n");
+    assert!(
+        !rig.workspace_dir(&ws.id).join(".kiln-tmp").exists(),
+        "scratch files are removed"
+    );
+}
