@@ -209,17 +209,26 @@ impl BuildApi {
         let disk = self.shared().disk.clone();
         let id = ws.id.clone();
         let usage = blocking(move || disk.write_files(&id, &deletes, &files)).await?;
+        Ok(pb::WriteFilesResponse {
+            workspace: Some(self.record_usage(&ws.id, usage).await?),
+        })
+    }
+
+    /// Stores a workspace's new size after a change and returns the workspace as it is now.
+    async fn record_usage(
+        &self,
+        id: &str,
+        usage: crate::workspace::Usage,
+    ) -> Result<pb::Workspace> {
         let store = &self.shared().store;
         store
-            .set_workspace_usage(&ws.id, usage.bytes, usage.files, true)
+            .set_workspace_usage(id, usage.bytes, usage.files, true)
             .await?;
         let ws = store
-            .get_workspace(&ws.id)
+            .get_workspace(id)
             .await?
-            .ok_or_else(|| ApiError::not_found("workspace", &ws.id))?;
-        Ok(pb::WriteFilesResponse {
-            workspace: Some(ws.to_proto()),
-        })
+            .ok_or_else(|| ApiError::not_found("workspace", id))?;
+        Ok(ws.to_proto())
     }
 
     pub(crate) async fn list_files_impl(
@@ -375,16 +384,8 @@ impl BuildApi {
         let (usage, files_written) = unpack
             .await
             .map_err(|e| BuildError::Config(format!("unpack task: {e}")))??;
-        let store = &self.shared().store;
-        store
-            .set_workspace_usage(&ws.id, usage.bytes, usage.files, true)
-            .await?;
-        let ws = store
-            .get_workspace(&ws.id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("workspace", &ws.id))?;
         Ok(pb::UploadArchiveResponse {
-            workspace: Some(ws.to_proto()),
+            workspace: Some(self.record_usage(&ws.id, usage).await?),
             files_written,
         })
     }
