@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_rpc::client::ClientConfig;
 use kiln_rpc::pki::ensure_dev_pki;
@@ -17,28 +17,14 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// Health checks per second from `clients` concurrent connections for `duration`.
 async fn throughput(endpoint: &str, ca: &str, clients: usize, duration: Duration) -> f64 {
-    let deadline = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let config = ClientConfig::new(endpoint).ca_pem(ca);
-        tasks.push(tokio::spawn(async move {
-            let mut client = HealthClient::new(config.connect().await.expect("connects"));
-            let mut calls = 0u64;
-            while Instant::now() < deadline {
-                client
-                    .check(HealthCheckRequest::default())
-                    .await
-                    .expect("SERVING");
-                calls += 1;
-            }
-            calls
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.expect("join");
-    }
-    total as f64 / duration.as_secs_f64()
+    let config = ClientConfig::new(endpoint).ca_pem(ca);
+    kiln_bench::calls_per_second(config, clients, duration, |channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+    })
+    .await
 }
 
 #[tokio::main]

@@ -122,7 +122,7 @@ fn claims(role: &str) -> AccessClaims {
     }
 }
 
-/// Calls WhoAmI from `clients` concurrent tasks for `duration`; returns calls/s.
+/// Calls WhoAmI from `clients` concurrent connections for `duration`; returns calls/s.
 async fn throughput(
     endpoint: &str,
     ca: &str,
@@ -130,28 +130,14 @@ async fn throughput(
     clients: usize,
     duration: Duration,
 ) -> f64 {
-    let mut tasks = Vec::new();
-    let deadline = Instant::now() + duration;
-    for _ in 0..clients {
-        let config = ClientConfig::new(endpoint).ca_pem(ca).token(token);
-        tasks.push(tokio::spawn(async move {
-            let mut client = AuthServiceClient::new(config.connect().await.expect("connects"));
-            let mut calls = 0u64;
-            while Instant::now() < deadline {
-                client
-                    .who_am_i(pb::WhoAmIRequest::default())
-                    .await
-                    .expect("call succeeds");
-                calls += 1;
-            }
-            calls
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await.expect("join");
-    }
-    total as f64 / duration.as_secs_f64()
+    let config = ClientConfig::new(endpoint).ca_pem(ca).token(token);
+    kiln_bench::calls_per_second(config, clients, duration, |channel| async move {
+        AuthServiceClient::new(channel)
+            .who_am_i(pb::WhoAmIRequest::default())
+            .await
+            .map(|_| ())
+    })
+    .await
 }
 
 fn per_call<F: FnMut()>(iterations: u32, mut f: F) -> Duration {
