@@ -183,7 +183,7 @@ impl StepCgroup {
         for (controller, dir) in &base.dirs {
             let d = dir.join(name);
             if !dirs.iter().any(|(_, x)| x == &d) {
-                fs::create_dir(&d)?;
+                create_fresh(&d)?;
             }
             dirs.push((controller, d));
         }
@@ -348,6 +348,19 @@ impl StepCgroup {
     }
 }
 
+/// Creates a cgroup directory; an empty one of the same name left by a process that
+/// died before cleaning up is removed first (a cgroup with tasks cannot be removed,
+/// so a live group is never taken over).
+fn create_fresh(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_dir(dir)?;
+            fs::create_dir(dir)
+        }
+        other => other,
+    }
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
 }
@@ -357,4 +370,21 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok())?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_empty_group_of_the_same_name_is_replaced_and_a_busy_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let group = dir.path().join("kiln-step-1-0");
+        create_fresh(&group).expect("created");
+        // Left behind by a dead process whose pid came round again: taken over.
+        create_fresh(&group).expect("a stale empty group is replaced");
+        // Not empty (a real cgroup with tasks cannot be removed either): refused.
+        fs::write(group.join("cgroup.procs"), "42").expect("write");
+        assert!(create_fresh(&group).is_err());
+    }
 }

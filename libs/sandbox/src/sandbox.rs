@@ -33,6 +33,8 @@ struct Inner {
     tier: Tier,
     seccomp: Option<SeccompFilters>,
     next_id: AtomicU64,
+    /// When this sandbox was made (ns since the epoch): part of its cgroup names.
+    started_nanos: u128,
 }
 
 impl Sandbox {
@@ -92,6 +94,9 @@ impl Sandbox {
                 tier,
                 seccomp,
                 next_id: AtomicU64::new(0),
+                started_nanos: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
             }),
         })
     }
@@ -171,7 +176,13 @@ impl Sandbox {
             });
         }
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let name = format!("kiln-step-{}-{id}", std::process::id());
+        // Process ids are reused: a group left behind by an earlier process (one that
+        // died before removing it) must not collide with ours, hence the start time.
+        let name = format!(
+            "kiln-step-{}-{}-{id}",
+            std::process::id(),
+            inner.started_nanos
+        );
         let cgroup = match &inner.probe.cgroup {
             Ok(info) => {
                 let (cg, applied) = StepCgroup::create(&info.base, &name, &spec.limits)
