@@ -437,10 +437,11 @@ impl BuildApi {
             )
             .into());
         }
+        // Row first, as in retention: NOT_FOUND never points at a half-removed tree.
+        shared.store.delete_workspace(&ws.id).await?;
         let disk = shared.disk.clone();
         let dir_id = ws.id.clone();
         blocking(move || disk.remove(&dir_id)).await?;
-        shared.store.delete_workspace(&ws.id).await?;
         Ok(pb::DeleteWorkspaceResponse {})
     }
 }

@@ -49,6 +49,7 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
         .await?;
         tracing::warn!(build = %b.id, "build was running when the service stopped: INTERRUPTED");
     }
+    sweep_orphaned_workspaces(shared).await?;
     for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
         let b = row.build;
         let log = LiveLog::new(
@@ -66,6 +67,27 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
             },
             false,
         );
+    }
+    Ok(())
+}
+
+/// Removes workspace directories that have no row: a crash between deleting a row and
+/// its directory, or between creating a directory and its row, leaves one behind.
+async fn sweep_orphaned_workspaces(shared: &Arc<Shared>) -> Result<()> {
+    let disk = shared.disk.clone();
+    let on_disk = tokio::task::spawn_blocking(move || disk.workspace_ids())
+        .await
+        .map_err(|e| crate::error::BuildError::Config(format!("sweep task: {e}")))??;
+    for id in on_disk {
+        if shared.store.get_workspace(&id).await?.is_some() {
+            continue;
+        }
+        let disk = shared.disk.clone();
+        let dir_id = id.clone();
+        tokio::task::spawn_blocking(move || disk.remove(&dir_id))
+            .await
+            .map_err(|e| crate::error::BuildError::Config(format!("sweep task: {e}")))??;
+        tracing::warn!(workspace = %id, "removed a workspace directory without a record");
     }
     Ok(())
 }
@@ -102,12 +124,14 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
         let Ok(_guard) = tokio::time::timeout(Duration::from_secs(1), lock.lock()).await else {
             continue;
         };
+        // The row goes first, so the API answers NOT_FOUND before the files vanish; a
+        // directory left by a crash in between is swept at the next start.
+        shared.store.delete_workspace(&id).await?;
         let disk = shared.disk.clone();
         let dir_id = id.clone();
         tokio::task::spawn_blocking(move || disk.remove(&dir_id))
             .await
             .map_err(|e| crate::error::BuildError::Config(format!("cleanup task: {e}")))??;
-        shared.store.delete_workspace(&id).await?;
         shared.forget_workspace_lock(&id);
         tracing::info!(workspace = %id, "idle workspace deleted by retention");
     }

@@ -82,6 +82,24 @@ impl Disk {
         fs::remove_dir_all(&doomed).map_err(|e| BuildError::io("deleting a workspace", e))
     }
 
+    /// The ids of the workspace directories on disk (names that are not ids are left
+    /// alone: this directory is never a place to delete guesses from).
+    pub fn workspace_ids(&self) -> Result<Vec<String>> {
+        let entries =
+            fs::read_dir(&self.root).map_err(|e| BuildError::io("listing workspaces", e))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| BuildError::io("listing workspaces", e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if uuid::Uuid::parse_str(&name).is_ok() && entry.path().is_dir() {
+                ids.push(name);
+            }
+        }
+        Ok(ids)
+    }
+
     /// A fresh staging directory for one change.
     pub fn stage(&self) -> Result<Stage> {
         let dir = self.staging.join(uuid::Uuid::new_v4().to_string());

@@ -171,3 +171,40 @@ async fn shutdown_interrupts_running_builds_and_keeps_queued_ones() {
         pb::BuildState::Succeeded
     );
 }
+
+#[tokio::test]
+async fn a_workspace_directory_without_a_record_is_swept_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rig = rig_at(dir.path(), |_| {}).await;
+    let mut c = rig.client("alice-user").await;
+    let kept = workspace(&mut c, vec![]).await;
+    let kept_dir = rig.workspace_dir(&kept.id);
+    let orphan = rig.workspace_dir(&uuid::Uuid::new_v4().to_string());
+    let not_ours = kept_dir
+        .parent()
+        .expect("workspaces dir")
+        .join("lost+found");
+    rig.api.shutdown().await;
+    drop(rig);
+    // What a crash between "delete the record" and "remove the files" leaves behind.
+    std::fs::create_dir_all(orphan.join("src")).expect("orphan");
+    std::fs::write(orphan.join("src/main.rs"), "fn main() {}").expect("orphan file");
+    std::fs::create_dir_all(&not_ours).expect("a directory kiln did not name");
+
+    let rig = rig_at(dir.path(), |_| {}).await;
+    assert!(
+        !orphan.exists(),
+        "the orphaned directory is removed at start"
+    );
+    assert!(kept_dir.exists(), "a workspace with a record is untouched");
+    assert!(
+        not_ours.exists(),
+        "a name that is not a workspace id is left alone"
+    );
+    let mut c = rig.client("alice-user").await;
+    c.get_workspace(pb::GetWorkspaceRequest {
+        workspace_id: kept.id,
+    })
+    .await
+    .expect("the kept workspace still answers");
+}

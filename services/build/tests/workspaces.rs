@@ -411,14 +411,20 @@ async fn retention_removes_old_builds_and_idle_workspaces() {
             .unwrap_or(0)
     };
     let dir = rig.workspace_dir(&ws.id);
+    // What a user sees first is NOT_FOUND; the files go right after the record.
+    let mut seen = Ok(());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.is_ok() && tokio::time::Instant::now() < deadline {
+        seen = c
+            .get_workspace(pb::GetWorkspaceRequest {
+                workspace_id: ws.id.clone(),
+            })
+            .await
+            .map(drop);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.expect_err("gone").code(), Code::NotFound);
     eventually("the workspace directory is removed", || !dir.exists()).await;
-    let s = c
-        .get_workspace(pb::GetWorkspaceRequest {
-            workspace_id: ws.id,
-        })
-        .await
-        .expect_err("gone");
-    assert_eq!(s.code(), Code::NotFound);
     let mut remaining = 1;
     while remaining > 0 {
         remaining = c
