@@ -15,7 +15,7 @@ use crate::outcome::{Control, Enforcement, ExitStatus, Mechanism, Outcome, Reaso
 use crate::output::{self, Budget, OutputReceiver, Stream};
 use crate::plan::{self, HostFacts};
 use crate::probe::{self, Probe};
-use crate::seccomp::SeccompFilters;
+use crate::seccomp::{InetSockets, SeccompFilters};
 use crate::spawn::{self, IdMap};
 use crate::spec::CommandSpec;
 use crate::status::Labels;
@@ -80,7 +80,13 @@ impl Sandbox {
         };
         let seccomp = match tier {
             Tier::None => None,
-            _ => Some(SeccompFilters::build()?),
+            Tier::A => Some(SeccompFilters::build(InetSockets::Any)?),
+            // Landlock ABI 4 brought TCP rules; below it only seccomp can keep tier B off
+            // the host's network.
+            Tier::B if probe.landlock_abi >= 4 => {
+                Some(SeccompFilters::build(InetSockets::StreamOnly)?)
+            }
+            Tier::B => Some(SeccompFilters::build(InetSockets::None)?),
         };
         if tier == Tier::None {
             tracing::warn!("running build steps WITHOUT isolation (allow_unsandboxed)");

@@ -91,6 +91,31 @@ pub fn denied_syscalls() -> Vec<&'static str> {
     names
 }
 
+/// Which internet sockets a step may create. Tier A has its own network namespace (only
+/// its own loopback), so it needs no rule; tier B shares the host's network, where
+/// landlock (ABI ≥ 4) can deny TCP bind/connect but has no say over UDP or raw sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InetSockets {
+    /// Any: the network namespace isolates (tier A).
+    Any,
+    /// TCP stream sockets only, whose bind/connect landlock denies; datagram, raw and
+    /// other types or protocols answer EPERM (tier B with landlock ABI ≥ 4).
+    StreamOnly,
+    /// None at all: nothing else would stop TCP (tier B with landlock ABI < 4).
+    None,
+}
+
+/// `socket(2)` types that are not `SOCK_STREAM` (the low 4 bits; the flags above them are
+/// `SOCK_NONBLOCK`/`SOCK_CLOEXEC`).
+const NON_STREAM_TYPES: [u64; 6] = [
+    libc::SOCK_DGRAM as u64,
+    libc::SOCK_RAW as u64,
+    libc::SOCK_RDM as u64,
+    libc::SOCK_SEQPACKET as u64,
+    6,  // SOCK_DCCP
+    10, // SOCK_PACKET (deprecated in libc, still accepted by the kernel)
+];
+
 /// The compiled filters, installed in order right before `execve`.
 #[derive(Debug)]
 pub(crate) struct SeccompFilters {
@@ -107,12 +132,18 @@ fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition> {
         .map_err(|e| Error::Seccomp(e.to_string()))
 }
 
+/// A condition on a C `int` argument: only the low 32 bits are defined.
+fn int_cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(|e| Error::Seccomp(e.to_string()))
+}
+
 fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
     SeccompRule::new(conditions).map_err(|e| Error::Seccomp(e.to_string()))
 }
 
 impl SeccompFilters {
-    pub fn build() -> Result<Self> {
+    pub fn build(inet: InetSockets) -> Result<Self> {
         let arch = arch()?;
         let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
             DENIED.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
@@ -130,6 +161,10 @@ impl SeccompFilters {
                 rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
             ],
         );
+        let socket_rules = inet_socket_rules(inet)?;
+        if !socket_rules.is_empty() {
+            denied.insert(libc::SYS_socket, socket_rules);
+        }
         let eperm = SeccompFilter::new(
             denied,
             SeccompAction::Allow,
@@ -180,11 +215,48 @@ impl SeccompFilters {
     }
 }
 
+/// The `socket(domain, type, protocol)` calls to deny (rules are OR-ed, the conditions
+/// of one rule AND-ed).
+fn inet_socket_rules(inet: InetSockets) -> Result<Vec<SeccompRule>> {
+    let families = [libc::AF_INET as u64, libc::AF_INET6 as u64];
+    let mut rules = Vec::new();
+    match inet {
+        InetSockets::Any => {}
+        InetSockets::StreamOnly => {
+            for family in families {
+                // Landlock's TCP rules cover TCP only: a stream socket of another
+                // protocol (SCTP, MPTCP) would slip past them.
+                rules.push(rule(vec![
+                    int_cond(0, SeccompCmpOp::Eq, family)?,
+                    int_cond(2, SeccompCmpOp::Ne, 0)?,
+                    int_cond(2, SeccompCmpOp::Ne, libc::IPPROTO_TCP as u64)?,
+                ])?);
+                for ty in NON_STREAM_TYPES {
+                    rules.push(rule(vec![
+                        int_cond(0, SeccompCmpOp::Eq, family)?,
+                        int_cond(1, SeccompCmpOp::MaskedEq(0xf), ty)?,
+                    ])?);
+                }
+            }
+        }
+        InetSockets::None => {
+            for family in families {
+                rules.push(rule(vec![int_cond(0, SeccompCmpOp::Eq, family)?])?);
+            }
+        }
+    }
+    Ok(rules)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn filters_compile() {
-        let f = super::SeccompFilters::build().unwrap();
-        assert_eq!(f.programs.len(), 2);
+        for inet in [InetSockets::Any, InetSockets::StreamOnly, InetSockets::None] {
+            let f = SeccompFilters::build(inet).unwrap();
+            assert_eq!(f.programs.len(), 2);
+        }
     }
 }

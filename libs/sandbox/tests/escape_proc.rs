@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::ErrorKind;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
@@ -40,6 +40,52 @@ except OSError as e:
     assert!(
         matches!(&accepted, Err(e) if e.kind() == ErrorKind::WouldBlock),
         "the listener got a connection: {accepted:?}"
+    );
+}
+
+/// UDP needs no connection: a datagram to a host service on 127.0.0.1 (a DNS stub, a
+/// metrics agent) is an escape as real as a TCP connect. Tier A's loopback is its own;
+/// tier B gets no datagram socket at all. Other protocols over a stream (SCTP), which
+/// landlock's TCP rules do not cover, are refused too.
+async fn udp_to_host_service(s: &Sandbox, tier: Tier) {
+    let ws = Workspace::new(s);
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let port = host.local_addr().unwrap().port().to_string();
+    let code = r#"
+import socket, sys
+for name, args in [("udp", (socket.AF_INET, socket.SOCK_DGRAM)),
+                   ("udp6", (socket.AF_INET6, socket.SOCK_DGRAM)),
+                   ("raw", (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+                   ("sctp", (socket.AF_INET, socket.SOCK_STREAM, 132))]:
+    try:
+        s = socket.socket(*args)
+    except OSError as e:
+        print(name, "NOSOCKET", e.errno)
+        continue
+    try:
+        if name == "udp":
+            s.sendto(b"escaped", ("127.0.0.1", int(sys.argv[1])))
+        print(name, "SOCKET")
+    except OSError as e:
+        print(name, "NOSEND", e.errno)
+"#;
+    let (o, out, err) = run(s, py_args(&ws, code, &[&port])).await;
+    assert!(o.success(), "{o:?} {err}");
+    if tier == Tier::B {
+        for name in ["udp", "udp6", "raw", "sctp"] {
+            assert!(
+                out.contains(&format!("{name} NOSOCKET {}", libc::EPERM)),
+                "{name}: {out}"
+            );
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut buf = [0u8; 64];
+    let got = host.recv_from(&mut buf);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "a datagram reached the host: {got:?} ({out})"
     );
 }
 
@@ -239,6 +285,7 @@ print("alive")
 
 both_tiers!(
     connect_to_host_listener,
+    udp_to_host_service,
     ptrace_denied,
     parent_environment_unreadable,
     setuid_binary_gains_nothing,
