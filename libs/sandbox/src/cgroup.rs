@@ -62,13 +62,44 @@ impl CgroupBase {
     }
 }
 
-fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+/// A cgroup file system mount: where it is mounted, and which cgroup it shows there.
+#[derive(Debug, Clone, PartialEq)]
+struct CgroupMount {
+    /// The mount point (mountinfo field 5).
+    point: PathBuf,
+    /// The cgroup that appears at the mount point (mountinfo field 4): `/` with a cgroup
+    /// namespace or on the host, the container's own cgroup when a runtime bind-mounts
+    /// just that subtree (Docker without cgroupns).
+    root: String,
+}
+
+impl CgroupMount {
+    fn parse(left: &str) -> Option<Self> {
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?.to_owned();
+        let point = PathBuf::from(fields.next()?);
+        Some(CgroupMount { point, root })
+    }
+
+    /// The directory of cgroup `path` (as /proc/self/cgroup names it) under this mount,
+    /// or None when that cgroup is outside what the mount shows.
+    fn dir_of(&self, path: &str) -> Option<PathBuf> {
+        let root = self.root.trim_end_matches('/');
+        let rest = path.strip_prefix(root)?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None; // "/docker/abc" is not under the root "/docker/a"
+        }
+        Some(self.point.join(rest.trim_start_matches('/')))
+    }
+}
+
+fn cgroup2_mount(mountinfo: &str) -> Option<CgroupMount> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         if right.split_whitespace().next()? != "cgroup2" {
             return None;
         }
-        left.split_whitespace().nth(4).map(PathBuf::from)
+        CgroupMount::parse(left)
     })
 }
 
@@ -84,7 +115,12 @@ fn detect_v2(own: &str, mountinfo: &str) -> Result<Option<CgroupBase>, String> {
     let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
         return Ok(None);
     };
-    let base = mount.join(path.trim_start_matches('/'));
+    let Some(base) = mount.dir_of(path) else {
+        return Err(format!(
+            "the service's cgroup {path} is outside the cgroup2 mount at {}",
+            mount.point.display()
+        ));
+    };
     enable_v2_controllers(&base)?;
     let enabled = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
     let dirs = ["memory", "pids", "cpu"]
@@ -147,11 +183,13 @@ fn detect_v1(own: &str, mountinfo: &str) -> Result<CgroupBase, String> {
             if r.next()? != "cgroup" || !r.nth(1)?.split(',').any(|o| o == controller) {
                 return None;
             }
-            left.split_whitespace().nth(4).map(PathBuf::from)
+            CgroupMount::parse(left)
         }) else {
             continue;
         };
-        let dir = mount.join(path.trim_start_matches('/'));
+        let Some(dir) = mount.dir_of(path) else {
+            continue;
+        };
         // cpu and cpuacct are often co-mounted: both names then map to one directory,
         // which create() and attach() handle once.
         dirs.push((controller, dir));
@@ -386,5 +424,135 @@ mod tests {
         // Not empty (a real cgroup with tasks cannot be removed either): refused.
         fs::write(group.join("cgroup.procs"), "42").expect("write");
         assert!(create_fresh(&group).is_err());
+    }
+
+    fn put(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, text).expect("write");
+    }
+
+    fn read(path: &Path) -> String {
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// This host has cgroup v1; most Kubernetes nodes have v2. The v2 path is checked
+    /// here against a directory laid out like a delegated v2 cgroup: the files written
+    /// and read are the kernel's (cgroup-v2.rst), their parsing is ours.
+    #[test]
+    fn v2_writes_the_unified_limit_files_and_reads_the_unified_counters() {
+        let fs_root = tempfile::tempdir().expect("tempdir");
+        let ctr = fs_root.path().join("kubepods/pod1/ctr");
+        put(
+            &ctr.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        );
+        put(&ctr.join("cgroup.subtree_control"), "cpu memory pids\n");
+        let mountinfo = format!(
+            "30 25 0:26 / {} rw,nosuid,nodev - cgroup2 cgroup2 rw,nsdelegate\n",
+            fs_root.path().display()
+        );
+        let base = detect_v2("0::/kubepods/pod1/ctr\n", &mountinfo)
+            .expect("detected")
+            .expect("v2");
+        assert_eq!(base.version, CgroupVersion::V2);
+        assert_eq!(base.controllers(), ["memory", "pids", "cpu"]);
+        assert!(base.dirs.iter().all(|(_, d)| d == &ctr));
+
+        let limits = Limits {
+            memory_bytes: Some(256 << 20),
+            processes: Some(64),
+            cpu_cores: Some(0.5),
+            ..Limits::default()
+        };
+        let (cg, enforced) = StepCgroup::create(&base, "kiln-step-7", &limits).expect("create");
+        let step = ctr.join("kiln-step-7");
+        assert_eq!(read(&step.join("memory.max")), "268435456");
+        assert_eq!(read(&step.join("memory.swap.max")), "0");
+        assert_eq!(read(&step.join("memory.oom.group")), "1");
+        assert_eq!(read(&step.join("pids.max")), "64");
+        assert_eq!(read(&step.join("cpu.max")), "50000 100000");
+        let controls: Vec<_> = enforced.iter().map(|e| e.control).collect();
+        assert_eq!(
+            controls,
+            [Control::Memory, Control::Processes, Control::CpuBandwidth]
+        );
+        assert!(enforced.iter().all(|e| e.mechanism == Mechanism::CgroupV2));
+
+        cg.attach(4242).expect("attach");
+        assert_eq!(
+            read(&step.join("cgroup.procs")),
+            "4242",
+            "one write: one tree"
+        );
+        put(
+            &step.join("cpu.stat"),
+            "usage_usec 1500000\nuser_usec 1000000\n",
+        );
+        put(&step.join("memory.peak"), "123456789\n");
+        put(
+            &step.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 1\noom_kill 0\n",
+        );
+        assert_eq!(cg.cpu_usage(), Some(Duration::from_millis(1500)));
+        assert_eq!(cg.peak_memory(), Some(123_456_789));
+        assert!(
+            !cg.oom_killed(),
+            "`oom` counts events, `oom_kill` counts kills"
+        );
+        put(
+            &step.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n",
+        );
+        assert!(cg.oom_killed());
+        cg.kill_all();
+        assert_eq!(
+            read(&step.join("cgroup.kill")),
+            "1",
+            "v2 kills the tree at once"
+        );
+    }
+
+    #[test]
+    fn a_hybrid_host_is_v1_and_a_foreign_cgroup_is_refused() {
+        let mountinfo = "30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        let hybrid = "4:memory:/svc\n0::/svc\n";
+        assert!(detect_v2(hybrid, mountinfo).expect("no error").is_none());
+        // A runtime that bind-mounts only the container's subtree shows it at the mount
+        // point; a cgroup outside it cannot be used.
+        let bound = "30 25 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let err = detect_v2("0::/docker/other\n", bound).expect_err("outside");
+        assert!(err.contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn cgroup_paths_are_taken_relative_to_the_mount_root() {
+        let host = CgroupMount {
+            point: PathBuf::from("/sys/fs/cgroup/memory"),
+            root: "/".into(),
+        };
+        assert_eq!(
+            host.dir_of("/process_api/b92"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/b92"))
+        );
+        let bound = CgroupMount {
+            point: PathBuf::from("/sys/fs/cgroup/memory"),
+            root: "/docker/abc".into(),
+        };
+        assert_eq!(
+            bound.dir_of("/docker/abc"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            bound.dir_of("/docker/abc/step"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/step"))
+        );
+        assert_eq!(bound.dir_of("/docker/abcd"), None);
+        let line =
+            "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory";
+        let v1 = detect_v1("4:memory:/docker/abc\n", line).expect("v1");
+        assert_eq!(
+            v1.dirs,
+            [("memory", PathBuf::from("/sys/fs/cgroup/memory"))]
+        );
     }
 }
