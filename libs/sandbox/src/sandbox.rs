@@ -133,6 +133,48 @@ impl Sandbox {
         }
     }
 
+    /// Checks that steps can reach workspaces under `dir`. Tier A bind-mounts the
+    /// workspace, so any path works; in tier B (and without isolation) a step opens the
+    /// host path itself, as [`SandboxConfig::run_as`] when the service is root, and that
+    /// uid needs search permission on every parent. A data directory under a 0700 home
+    /// fails here, once and clearly, instead of in every build.
+    pub fn check_reachable(&self, dir: &Path) -> Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let (uid, gid) = self.inner.config.effective_run_as();
+        if self.inner.tier == Tier::A || uid == nix::unistd::geteuid().as_raw() {
+            return Ok(());
+        }
+        let mut blocked = None;
+        for ancestor in dir.ancestors() {
+            let meta = std::fs::metadata(ancestor)
+                .map_err(|e| Error::io(format!("stat {}", ancestor.display()), e))?;
+            let mode = meta.permissions().mode();
+            let search = if meta.uid() == uid {
+                mode & 0o100
+            } else if meta.gid() == gid {
+                mode & 0o010
+            } else {
+                mode & 0o001
+            };
+            if search == 0 {
+                blocked = Some((ancestor.to_path_buf(), mode & 0o7777));
+            }
+        }
+        match blocked {
+            None => Ok(()),
+            Some((parent, mode)) => Err(Error::InvalidWorkspace {
+                path: dir.to_path_buf(),
+                why: format!(
+                    "tier {} steps run as uid {uid}, which cannot enter {} (mode {mode:04o}); \
+                     put the data directory where that uid can traverse every parent \
+                     (e.g. /var/lib/kiln), or set run_as",
+                    self.inner.tier,
+                    parent.display()
+                ),
+            }),
+        }
+    }
+
     /// Gives the workspace tree to the sandbox user (`lchown -R`), so steps can write it.
     /// Needed once per workspace when the service runs as root (steps then run as
     /// [`SandboxConfig::run_as`]); a no-op otherwise. Symlinks are not followed.

@@ -189,3 +189,33 @@ fn probe_reports_tier_a_in_ci() {
         assert_eq!(probe.tier, Tier::A, "{probe}");
     }
 }
+
+/// As root, tier B steps run as `nobody` and open the workspace by its host path: a data
+/// directory under a 0700 parent must be refused up front, naming that parent.
+#[test]
+fn a_workspace_root_the_step_user_cannot_reach_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: steps run as the service's own uid when it is not root");
+        return;
+    }
+    let top = tempfile::tempdir().expect("tempdir");
+    let locked = top.path().join("home-0700");
+    let open = top.path().join("srv");
+    for dir in [&locked, &open] {
+        std::fs::create_dir_all(dir.join("kiln/workspaces")).expect("mkdir");
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let behind_locked = locked.join("kiln/workspaces");
+    if let Some(b) = sandbox(Tier::B) {
+        let err = b.check_reachable(&behind_locked).expect_err("unreachable");
+        let msg = err.to_string();
+        assert!(msg.contains("home-0700") && msg.contains("0700"), "{msg}");
+        b.check_reachable(&open.join("kiln/workspaces"))
+            .expect("a traversable path is fine");
+    }
+    if let Some(a) = sandbox(Tier::A) {
+        a.check_reachable(&behind_locked)
+            .expect("tier A bind-mounts the workspace: the host path does not matter");
+    }
+}

@@ -129,6 +129,7 @@ impl BuildApi {
             limits: config.workspace,
         };
         disk.init()?;
+        sandbox.check_reachable(&disk.root)?;
         let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
         let shared = Arc::new(Shared {
             queue: Queue::new(config.queue),
