@@ -93,6 +93,16 @@ pub fn tier_to_proto(t: kiln_sandbox::Tier) -> pb::SandboxTier {
     }
 }
 
+/// What GetPolicy says about the sandbox: the host's probe, and when the configuration
+/// chose a lower tier than the host offers, that choice first.
+pub fn sandbox_description(tier: kiln_sandbox::Tier, probe: &kiln_sandbox::Probe) -> String {
+    if tier == probe.tier {
+        probe.to_string()
+    } else {
+        format!("tier {tier} (chosen by configuration); host: {probe}")
+    }
+}
+
 impl BuildApi {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -302,7 +312,7 @@ impl BuildApi {
             default_limits: Some(limits_to_proto(&c.policy.default_limits)),
             max_limits: Some(limits_to_proto(&c.policy.max_limits)),
             sandbox_tier: tier_to_proto(self.shared.sandbox.tier()) as i32,
-            sandbox_description: format!("tier {}: {probe}", self.shared.sandbox.tier()),
+            sandbox_description: sandbox_description(self.shared.sandbox.tier(), probe),
             sandbox_features: probe.features(),
             max_running_builds: count(q.max_running),
             max_running_builds_per_user: count(q.max_running_per_user),

@@ -458,7 +458,16 @@ async fn get_policy_describes_the_rules_and_the_sandbox() {
     assert_eq!(sorted, p.allowed_programs);
     assert!(!p.allowed_env.iter().any(|e| e.starts_with("LD_")));
     assert_ne!(p.sandbox_tier, pb::SandboxTier::Unspecified as i32);
-    assert!(!p.sandbox_description.is_empty());
+    let tier = if p.sandbox_tier == pb::SandboxTier::A as i32 {
+        "tier A"
+    } else {
+        "tier B"
+    };
+    assert!(
+        p.sandbox_description.starts_with(tier) && p.sandbox_description.matches(tier).count() == 1,
+        "says its tier once: {}",
+        p.sandbox_description
+    );
     assert_eq!(p.max_steps, 64);
     assert_eq!(p.max_running_builds_per_user, 2);
     assert_eq!(
