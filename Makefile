@@ -54,7 +54,8 @@ bench: tools
 	$(CARGO) run --release -p kiln-bench --bin sandbox_spawn
 	$(CARGO) run --release -p kiln-bench --bin layer_chain
 	$(CARGO) run --release -p kiln-bench --bin health_throughput
-	$(CARGO) test --release -p kiln-build --test measure -- --ignored --nocapture
+	$(CARGO) build --release -p kiln-cli
+	$(CARGO) run --release -p kiln-bench --bin build_stream
 
 ## proto: regenerate libs/proto/src/generated from proto/ (vendored protoc, no install).
 proto:

@@ -38,3 +38,14 @@ where
     }
     total as f64 / duration.as_secs_f64()
 }
+
+/// The `p` quantile (0.0 to 1.0) of `sorted`, by nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

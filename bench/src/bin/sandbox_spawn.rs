@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use kiln_bench::{ms, percentile};
 use kiln_sandbox::{CommandSpec, Sandbox, SandboxConfig, Tier};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
@@ -140,15 +141,6 @@ async fn run_once(case: Case, sandbox: Option<&Sandbox>, ws: &Path, echo: bool) 
             if echo { t } else { start.elapsed() }
         }
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
