@@ -476,3 +476,157 @@ async fn get_policy_describes_the_rules_and_the_sandbox() {
     );
     eprintln!("tier: {}", p.sandbox_description);
 }
+
+/// The first answer of a server-streaming call: its error, whether it comes as the call's
+/// status or as the stream's first item.
+async fn stream_error<T: std::fmt::Debug>(
+    call: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+) -> tonic::Status {
+    match call {
+        Err(s) => s,
+        Ok(r) => r
+            .into_inner()
+            .message()
+            .await
+            .expect_err("the stream fails before any data"),
+    }
+}
+
+/// Ownership over every file RPC: another user gets NOT_FOUND (a workspace's existence
+/// is not revealed), a viewer reads but cannot change, an admin does all — and nothing
+/// bob tried changed alice's files.
+#[tokio::test]
+async fn another_users_workspace_is_not_found_for_every_file_rpc() {
+    let rig = rig().await;
+    let mut alice = rig.client("alice-user").await;
+    let mut bob = rig.client("bob-user").await;
+    let ws = workspace(&mut alice, vec![file("secret.txt", "alice's secret")]).await;
+    let read = |ws: &str| pb::ReadFileRequest {
+        workspace_id: ws.into(),
+        path: "secret.txt".into(),
+        ..Default::default()
+    };
+    let download = |ws: &str| pb::DownloadArchiveRequest {
+        workspace_id: ws.into(),
+        ..Default::default()
+    };
+
+    let mut refusals = vec![
+        (
+            "WriteFiles",
+            bob.write_files(pb::WriteFilesRequest {
+                workspace_id: ws.id.clone(),
+                files: vec![file("secret.txt", "bob was here")],
+                delete_paths: vec![],
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "WriteFiles (delete)",
+            bob.write_files(pb::WriteFilesRequest {
+                workspace_id: ws.id.clone(),
+                files: vec![],
+                delete_paths: vec!["secret.txt".into()],
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "ListFiles",
+            bob.list_files(pb::ListFilesRequest {
+                workspace_id: ws.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "UploadArchive",
+            upload(
+                &mut bob,
+                &ws.id,
+                pb::ArchiveFormat::Tar,
+                true,
+                vec![0; 1024],
+            )
+            .await
+            .map(drop),
+        ),
+        (
+            "DeleteWorkspace",
+            bob.delete_workspace(pb::DeleteWorkspaceRequest {
+                workspace_id: ws.id.clone(),
+            })
+            .await
+            .map(drop),
+        ),
+    ];
+    refusals.push((
+        "ReadFile",
+        Err(stream_error(bob.read_file(read(&ws.id)).await).await),
+    ));
+    refusals.push((
+        "DownloadArchive",
+        Err(stream_error(bob.download_archive(download(&ws.id)).await).await),
+    ));
+    for (rpc, answer) in refusals {
+        let s = answer.expect_err(rpc);
+        assert_eq!(s.code(), Code::NotFound, "{rpc}: {s:?}");
+        assert!(
+            !s.message().contains("secret"),
+            "{rpc} leaks: {}",
+            s.message()
+        );
+    }
+
+    // A viewer reads everything and changes nothing (the USER access level refuses).
+    let mut vera = rig.client("vera-viewer").await;
+    let mut stream = vera
+        .read_file(read(&ws.id))
+        .await
+        .expect("viewer reads")
+        .into_inner();
+    let mut content = Vec::new();
+    while let Some(part) = stream.message().await.expect("chunk") {
+        content.extend_from_slice(&part.data);
+    }
+    assert_eq!(content, b"alice's secret");
+    let s = vera
+        .write_files(pb::WriteFilesRequest {
+            workspace_id: ws.id.clone(),
+            files: vec![file("secret.txt", "vera was here")],
+            delete_paths: vec![],
+        })
+        .await
+        .expect_err("viewer cannot write");
+    assert_eq!(s.code(), Code::PermissionDenied);
+
+    // Nothing bob or vera tried changed alice's workspace.
+    assert_eq!(names(&mut alice, &ws.id).await, ["secret.txt"]);
+    let mut stream = alice
+        .read_file(read(&ws.id))
+        .await
+        .expect("read")
+        .into_inner();
+    let mut content = Vec::new();
+    while let Some(part) = stream.message().await.expect("chunk") {
+        content.extend_from_slice(&part.data);
+    }
+    assert_eq!(content, b"alice's secret");
+
+    // An admin may change and delete anyone's workspace.
+    let mut adam = rig.client("adam-admin").await;
+    adam.write_files(pb::WriteFilesRequest {
+        workspace_id: ws.id.clone(),
+        files: vec![file("by-admin.txt", "ok")],
+        delete_paths: vec![],
+    })
+    .await
+    .expect("admin writes");
+    adam.delete_workspace(pb::DeleteWorkspaceRequest {
+        workspace_id: ws.id.clone(),
+    })
+    .await
+    .expect("admin deletes");
+}
