@@ -93,6 +93,8 @@ fn main() -> ExitCode {
         "warn"
     };
     logging::init(cli.log_format, default_level);
+    // Before any thread exists: every build step starts with a clone of this process.
+    kiln_sandbox::keep_spawns_cheap();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

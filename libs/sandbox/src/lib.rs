@@ -57,3 +57,4 @@ pub use probe::{CgroupInfo, Probe, probe};
 pub use sandbox::{Child, ChildControl, Sandbox};
 pub use seccomp::denied_syscalls;
 pub use spec::{CommandSpec, Limits};
+pub use sys::keep_spawns_cheap;
