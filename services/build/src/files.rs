@@ -177,6 +177,10 @@ impl BuildApi {
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
             );
         }
+        // A DeleteWorkspace that held the lock while this call waited has removed it.
+        if shared.store.get_workspace(id).await?.is_none() {
+            return Err(ApiError::not_found("workspace", id).into());
+        }
         Ok(guard)
     }
 
@@ -244,7 +248,10 @@ impl BuildApi {
             usize::try_from(page_size("page_size", req.page_size, 1000, 10_000)?).unwrap_or(1000);
         let disk = self.shared().disk.clone();
         let after = req.page_token;
-        let (files, more) = blocking(move || disk.list(&ws.id, &dir, &after, limit)).await?;
+        let root = disk.dir(&ws.id);
+        let id = ws.id.clone();
+        let listed = blocking(move || disk.list(&id, &dir, &after, limit)).await;
+        let (files, more) = unless_deleted(&root, &ws.id, listed)?;
         let next_page_token = match (more, files.last()) {
             (true, Some(last)) => last.path.clone(),
             _ => String::new(),
@@ -265,7 +272,11 @@ impl BuildApi {
         let path = paths::check("path", &req.path, &limits, false)
             .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
         let disk = self.shared().disk.clone();
-        let (mut file, size) = blocking(move || disk.open_regular(&ws.id, &path)).await?;
+        let root = disk.dir(&ws.id);
+        let id = ws.id.clone();
+        // Once open, the file reads to the end even if the workspace is deleted meanwhile.
+        let opened = blocking(move || disk.open_regular(&id, &path)).await;
+        let (mut file, size) = unless_deleted(&root, &ws.id, opened)?;
         if req.offset > size {
             return Err(ApiError::new(
                 tonic::Code::OutOfRange,
@@ -409,15 +420,18 @@ impl BuildApi {
         }
         let gzip = req.format == pb::ArchiveFormat::TarGzip as i32;
         let (tx, rx) = mpsc::channel(8);
+        let id = ws.id;
         tokio::task::spawn_blocking(move || {
             let errors = tx.clone();
-            if let Err(e) = archive::download(&root, &dir, gzip, tx)
-                && e.kind() != std::io::ErrorKind::BrokenPipe
-            {
-                let _ = errors.blocking_send(Err(Status::from(BuildError::io(
-                    "archiving a workspace",
-                    e,
-                ))));
+            let result = archive::download(&root, &dir, gzip, tx);
+            if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe) {
+                return; // the client went away
+            }
+            // A walk that raced a DeleteWorkspace may have ended early without an error:
+            // the archive is then incomplete, and the stream ends NOT_FOUND, not OK.
+            let result = result.map_err(|e| BuildError::io("archiving a workspace", e));
+            if let Err(e) = unless_deleted(&root, &id, result) {
+                let _ = errors.blocking_send(Err(Status::from(e)));
             }
         });
         Ok(ReceiverStream::new(rx).boxed())
@@ -442,7 +456,20 @@ impl BuildApi {
         let disk = shared.disk.clone();
         let dir_id = ws.id.clone();
         blocking(move || disk.remove(&dir_id)).await?;
+        // Callers still waiting on the lock find the record gone and answer NOT_FOUND.
+        shared.forget_workspace_lock(&ws.id);
         Ok(pb::DeleteWorkspaceResponse {})
+    }
+}
+
+/// The answer of a read that may have raced a DeleteWorkspace: NOT_FOUND once the
+/// workspace's directory is gone (deletion renames it away first), whatever the file
+/// system said (an error, or a listing that ended early); the read's own answer otherwise.
+fn unless_deleted<T>(root: &std::path::Path, id: &str, result: Result<T>) -> Result<T> {
+    if root.exists() {
+        result
+    } else {
+        Err(ApiError::not_found("workspace", id).into())
     }
 }
 
