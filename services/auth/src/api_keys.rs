@@ -161,19 +161,10 @@ impl Inner {
         let owner = users::by_id(&self.store.read, owner_id)
             .await?
             .ok_or_else(|| AuthError::not_found("user", owner_id))?;
-        if let Some(request_id) = &request_id {
-            let row = sqlx::query("SELECT * FROM api_keys WHERE created_by = ? AND request_id = ?")
-                .bind(&principal.subject)
-                .bind(request_id)
-                .fetch_optional(&self.store.read)
-                .await?;
-            if let Some(row) = row {
-                let key = KeyRow::from_row(&row)?;
-                return Ok(pb::CreateApiKeyResponse {
-                    key: String::new(),
-                    api_key: Some(key.to_pb()),
-                });
-            }
+        if let Some(request_id) = &request_id
+            && let Some(retried) = self.key_by_request(&principal.subject, request_id).await?
+        {
+            return Ok(retried);
         }
         // The cap is the owner's role, and for one's own key also the calling
         // credential's role: a viewer-scoped key must not mint an admin key.
@@ -214,7 +205,7 @@ impl Inner {
             last_used_at: None,
             revoked_at: None,
         };
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO api_keys (id, user_id, name, prefix, secret_hash, role, created_at, \
              expires_at, last_used_at, revoked_at, created_by, request_id) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
@@ -228,14 +219,47 @@ impl Inner {
         .bind(row.created_at)
         .bind(row.expires_at)
         .bind(&principal.subject)
-        .bind(request_id)
+        .bind(&request_id)
         .execute(&self.store.write)
-        .await?;
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // A retry that raced this one stored the key first: answer as a retry does.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && request_id.is_some() => {
+                let rid = request_id.as_deref().unwrap_or_default();
+                if let Some(retried) = self.key_by_request(&principal.subject, rid).await? {
+                    return Ok(retried);
+                }
+                return Err(sqlx::Error::Database(e).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
         audit::record(&self.store, now, event.target("api_key", &row.id)).await;
         Ok(pb::CreateApiKeyResponse {
             key,
             api_key: Some(row.to_pb()),
         })
+    }
+
+    /// The key an earlier call with this request id created, as a retry sees it: the
+    /// secret is not shown again. Read from the writer, which sees every commit.
+    async fn key_by_request(
+        &self,
+        created_by: &str,
+        request_id: &str,
+    ) -> Result<Option<pb::CreateApiKeyResponse>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE created_by = ? AND request_id = ?")
+            .bind(created_by)
+            .bind(request_id)
+            .fetch_optional(&self.store.write)
+            .await?;
+        row.map(|row| {
+            Ok(pb::CreateApiKeyResponse {
+                key: String::new(),
+                api_key: Some(KeyRow::from_row(&row)?.to_pb()),
+            })
+        })
+        .transpose()
     }
 
     pub(crate) async fn list_api_keys(

@@ -194,14 +194,10 @@ impl Inner {
         }
         let request_id = request_id?;
         let (username, role) = (username?, role?.unwrap_or(Role::User));
-        if let Some(id) = &request_id {
-            let existing = sqlx::query("SELECT * FROM users WHERE create_request_id = ?")
-                .bind(id)
-                .fetch_optional(&self.store.read)
-                .await?;
-            if let Some(row) = existing {
-                return Ok(UserRow::from_row(&row)?.to_pb());
-            }
+        if let Some(id) = &request_id
+            && let Some(user) = self.user_by_request(id).await?
+        {
+            return Ok(user);
         }
         let hash = self.hasher.hash(&req.password).await?;
         let now = self.now();
@@ -223,10 +219,27 @@ impl Inner {
                 Ok(user.to_pb())
             }
             Err(e) => {
+                // A retry that raced this one created the user first: answer as a retry.
+                if let (AuthError::AlreadyExists { .. }, Some(id)) = (&e, &request_id)
+                    && let Some(user) = self.user_by_request(id).await?
+                {
+                    return Ok(user);
+                }
                 audit::record(&self.store, now, event.failed(e.reason())).await;
                 Err(e)
             }
         }
+    }
+
+    /// The user an earlier CreateUser with this request id created. Read from the writer,
+    /// which sees every commit.
+    async fn user_by_request(&self, request_id: &str) -> Result<Option<pb::User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE create_request_id = ?")
+            .bind(request_id)
+            .fetch_optional(&self.store.write)
+            .await?;
+        row.map(|row| Ok(UserRow::from_row(&row)?.to_pb()))
+            .transpose()
     }
 
     pub(crate) async fn get_user(&self, caller: &Caller, user_id: &str) -> Result<pb::User> {
