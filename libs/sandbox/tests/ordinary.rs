@@ -219,3 +219,30 @@ fn a_workspace_root_the_step_user_cannot_reach_is_named() {
             .expect("tier A bind-mounts the workspace: the host path does not matter");
     }
 }
+
+/// What the service writes into a workspace between builds (as root) becomes the step
+/// user's, also inside directories earlier steps created and already own.
+#[test]
+fn prepare_gives_new_files_in_owned_directories_to_the_step_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: nothing to hand over when the service is not root");
+        return;
+    }
+    let Some(s) = sandbox(Tier::B) else { return };
+    let ws = Workspace::new(&s);
+    let owner = std::fs::metadata(ws.path()).unwrap().uid();
+    assert_ne!(owner, 0, "the workspace is the step user's");
+    std::fs::create_dir_all(ws.join("out")).unwrap();
+    s.prepare_workspace(ws.path()).unwrap();
+    std::fs::write(ws.join("out/new-from-the-api.txt"), "x").unwrap();
+    std::fs::create_dir(ws.join("out/new-dir")).unwrap();
+    s.prepare_workspace(ws.path()).unwrap();
+    for p in ["out", "out/new-from-the-api.txt", "out/new-dir"] {
+        assert_eq!(
+            std::fs::symlink_metadata(ws.join(p)).unwrap().uid(),
+            owner,
+            "{p}"
+        );
+    }
+}
