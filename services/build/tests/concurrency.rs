@@ -103,19 +103,7 @@ async fn concurrent_writers_of_one_workspace_lose_nothing() {
     for a in answers {
         a.expect("every write applies");
     }
-    let mut names: Vec<String> = c
-        .list_files(pb::ListFilesRequest {
-            workspace_id: ws.id.clone(),
-            directory: "own".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .files
-        .into_iter()
-        .map(|f| f.path)
-        .collect();
+    let mut names = names_in(&mut c, &ws.id, "own").await;
     names.sort();
     let expected: Vec<String> = (0..RACERS).map(|i| format!("own/{i:02}.txt")).collect();
     assert_eq!(names, expected);
@@ -153,7 +141,7 @@ async fn a_delete_racing_writers_and_readers_leaves_nothing_behind() {
             let id = ws.id.clone();
             tokio::spawn(async move {
                 match i % 3 {
-                    0 => read_all(&mut c, &id).await,
+                    0 => read_whole(&mut c, &id, "a.txt").await.map(drop),
                     1 => c
                         .list_files(pb::ListFilesRequest {
                             workspace_id: id,
@@ -198,19 +186,6 @@ async fn a_delete_racing_writers_and_readers_leaves_nothing_behind() {
         .await
         .expect_err("gone");
     assert_eq!(s.code(), Code::NotFound);
-}
-
-async fn read_all(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
-    let mut s = c
-        .read_file(pb::ReadFileRequest {
-            workspace_id: id.into(),
-            path: "a.txt".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while s.message().await?.is_some() {}
-    Ok(())
 }
 
 async fn download_all(c: &mut Client, id: &str) -> Result<(), tonic::Status> {

@@ -63,17 +63,7 @@ async fn upload(
 }
 
 async fn names(c: &mut Client, ws: &str) -> Vec<String> {
-    c.list_files(pb::ListFilesRequest {
-        workspace_id: ws.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("list")
-    .into_inner()
-    .files
-    .into_iter()
-    .map(|f| f.path)
-    .collect()
+    names_in(c, ws, "").await
 }
 
 #[tokio::test]
@@ -582,16 +572,8 @@ async fn another_users_workspace_is_not_found_for_every_file_rpc() {
 
     // A viewer reads everything and changes nothing (the USER access level refuses).
     let mut vera = rig.client("vera-viewer").await;
-    let mut stream = vera
-        .read_file(read(&ws.id))
-        .await
-        .expect("viewer reads")
-        .into_inner();
-    let mut content = Vec::new();
-    while let Some(part) = stream.message().await.expect("chunk") {
-        content.extend_from_slice(&part.data);
-    }
-    assert_eq!(content, b"alice's secret");
+    let content = read_whole(&mut vera, &ws.id, "secret.txt").await;
+    assert_eq!(content.expect("viewer reads"), b"alice's secret");
     let s = vera
         .write_files(pb::WriteFilesRequest {
             workspace_id: ws.id.clone(),
@@ -604,16 +586,8 @@ async fn another_users_workspace_is_not_found_for_every_file_rpc() {
 
     // Nothing bob or vera tried changed alice's workspace.
     assert_eq!(names(&mut alice, &ws.id).await, ["secret.txt"]);
-    let mut stream = alice
-        .read_file(read(&ws.id))
-        .await
-        .expect("read")
-        .into_inner();
-    let mut content = Vec::new();
-    while let Some(part) = stream.message().await.expect("chunk") {
-        content.extend_from_slice(&part.data);
-    }
-    assert_eq!(content, b"alice's secret");
+    let content = read_whole(&mut alice, &ws.id, "secret.txt").await;
+    assert_eq!(content.expect("read"), b"alice's secret");
 
     // An admin may change and delete anyone's workspace.
     let mut adam = rig.client("adam-admin").await;

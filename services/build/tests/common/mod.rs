@@ -155,6 +155,39 @@ pub async fn workspace(c: &mut Client, files: Vec<pb::File>) -> pb::Workspace {
     .into_inner()
 }
 
+/// The paths ListFiles gives under `directory` ("" for the whole workspace), in its order.
+pub async fn names_in(c: &mut Client, ws: &str, directory: &str) -> Vec<String> {
+    c.list_files(pb::ListFilesRequest {
+        workspace_id: ws.into(),
+        directory: directory.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner()
+    .files
+    .into_iter()
+    .map(|f| f.path)
+    .collect()
+}
+
+/// A whole file through ReadFile, or the status that ended the call or its stream.
+pub async fn read_whole(c: &mut Client, ws: &str, path: &str) -> Result<Vec<u8>, Status> {
+    let mut stream = c
+        .read_file(pb::ReadFileRequest {
+            workspace_id: ws.into(),
+            path: path.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut content = Vec::new();
+    while let Some(part) = stream.message().await? {
+        content.extend_from_slice(&part.data);
+    }
+    Ok(content)
+}
+
 pub fn step(argv: &[&str]) -> pb::Step {
     pb::Step {
         argv: argv.iter().map(|s| (*s).to_owned()).collect(),
