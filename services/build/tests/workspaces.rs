@@ -604,3 +604,54 @@ async fn another_users_workspace_is_not_found_for_every_file_rpc() {
     .await
     .expect("admin deletes");
 }
+
+/// Archives that are not what they claim: garbage, a tar cut off inside a file, a gzip
+/// stream that breaks off, a tar sent as gzip. Each is INVALID_ARGUMENT with a reason,
+/// and the workspace is exactly as before (an upload applies whole or not at all).
+#[tokio::test]
+async fn broken_archives_are_invalid_and_change_nothing() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![file("keep.txt", "kept")]).await;
+    let whole = tar_of(&[("a.txt", &[b'a'; 4000]), ("b.txt", b"b")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &whole).expect("gz");
+    let gz = gz.finish().expect("gz");
+    let cases: Vec<(&str, pb::ArchiveFormat, Vec<u8>)> = vec![
+        (
+            "garbage",
+            pb::ArchiveFormat::Tar,
+            b"this is not a tar archive at all".repeat(40),
+        ),
+        (
+            "tar cut inside a file",
+            pb::ArchiveFormat::Tar,
+            whole[..1500].to_vec(),
+        ),
+        (
+            "gzip cut short",
+            pb::ArchiveFormat::TarGzip,
+            gz[..gz.len() / 2].to_vec(),
+        ),
+        (
+            "tar sent as gzip",
+            pb::ArchiveFormat::TarGzip,
+            whole.clone(),
+        ),
+    ];
+    for (what, format, bytes) in cases {
+        for replace in [false, true] {
+            let s = upload(&mut c, &ws.id, format, replace, bytes.clone())
+                .await
+                .expect_err(what);
+            assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+            let info = tonic_types::StatusExt::get_details_error_info(&s).expect("error info");
+            assert!(!info.reason.is_empty(), "{what}: a reason");
+            assert_eq!(
+                names(&mut c, &ws.id).await,
+                ["keep.txt"],
+                "{what} (replace: {replace}) changed the workspace"
+            );
+        }
+    }
+}
