@@ -445,14 +445,14 @@ impl BuildApi {
         let ws = self.workspace_for(p, id, true).await?;
         let shared = self.shared();
         let _guard = self.lock_for_change(&ws.id).await?;
-        if shared.store.workspace_has_active_builds(&ws.id).await? {
+        // Row first, as in retention: NOT_FOUND never points at a half-removed tree. The
+        // delete itself refuses while a build is queued or running.
+        if !shared.store.delete_workspace(&ws.id).await? {
             return Err(busy(
                 "a build of this workspace is queued or running; wait for it or cancel it",
             )
             .into());
         }
-        // Row first, as in retention: NOT_FOUND never points at a half-removed tree.
-        shared.store.delete_workspace(&ws.id).await?;
         let disk = shared.disk.clone();
         let dir_id = ws.id.clone();
         blocking(move || disk.remove(&dir_id)).await?;

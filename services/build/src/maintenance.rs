@@ -116,8 +116,7 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
     }
     let idle_before = now.saturating_sub(duration_micros(retention.idle_workspaces));
     for id in shared.store.idle_workspaces(idle_before, 1000).await? {
-        if shared.queue.workspace_busy(&id) || shared.store.workspace_has_active_builds(&id).await?
-        {
+        if shared.queue.workspace_busy(&id) {
             continue;
         }
         let lock = shared.workspace_lock(&id);
@@ -125,8 +124,11 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
             continue;
         };
         // The row goes first, so the API answers NOT_FOUND before the files vanish; a
-        // directory left by a crash in between is swept at the next start.
-        shared.store.delete_workspace(&id).await?;
+        // directory left by a crash in between is swept at the next start. A build
+        // started since the check above keeps the workspace.
+        if !shared.store.delete_workspace(&id).await? {
+            continue;
+        }
         let disk = shared.disk.clone();
         let dir_id = id.clone();
         tokio::task::spawn_blocking(move || disk.remove(&dir_id))

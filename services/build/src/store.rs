@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::build as pb;
+use kiln_rpc::ApiError;
 use prost::Message;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -277,12 +278,21 @@ impl Store {
         Ok(())
     }
 
-    pub async fn delete_workspace(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM workspaces WHERE id = ?")
-            .bind(id)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+    /// Deletes a workspace's record unless a build of it is queued or running, in one
+    /// statement (so a StartBuild cannot slip in between a check and the delete).
+    /// Returns whether it was deleted.
+    pub async fn delete_workspace(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM workspaces WHERE id = ? AND NOT EXISTS \
+             (SELECT 1 FROM builds WHERE workspace_id = ? AND state IN (?, ?))",
+        )
+        .bind(id)
+        .bind(id)
+        .bind(pb::BuildState::Queued as i32)
+        .bind(pb::BuildState::Running as i32)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Workspaces not used since `before`, oldest first.
@@ -321,6 +331,17 @@ impl Store {
             .created_at
             .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
         let mut tx = self.write.begin().await?;
+        // In the same transaction as the insert: a DeleteWorkspace that committed first
+        // leaves nothing to update, and the build is refused instead of queued for a
+        // workspace that is gone (the single writer serializes the two).
+        let touched = sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
+            .bind(created)
+            .bind(&build.workspace_id)
+            .execute(&mut *tx)
+            .await?;
+        if touched.rows_affected() == 0 {
+            return Err(ApiError::not_found("workspace", &build.workspace_id).into());
+        }
         sqlx::query(
             "INSERT INTO builds (id, workspace_id, owner, state, spec, created_at, last_sequence, \
              step_results, request_id, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -346,11 +367,6 @@ impl Store {
                 .await?;
         }
         insert_events(&mut tx, &build.id, &[(first_event.clone(), None)]).await?;
-        sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
-            .bind(created)
-            .bind(&build.workspace_id)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -430,18 +446,6 @@ impl Store {
     }
 
     /// Whether a build of the workspace is queued or running.
-    pub async fn workspace_has_active_builds(&self, workspace_id: &str) -> Result<bool> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM builds WHERE workspace_id = ? AND state IN (?, ?)",
-        )
-        .bind(workspace_id)
-        .bind(pb::BuildState::Queued as i32)
-        .bind(pb::BuildState::Running as i32)
-        .fetch_one(&self.write)
-        .await?;
-        Ok(row.try_get::<i64, _>("n")? > 0)
-    }
-
     /// Persists events (already numbered) and the row changes in one transaction.
     pub async fn append(
         &self,

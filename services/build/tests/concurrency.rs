@@ -199,3 +199,38 @@ async fn download_all(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
     while s.message().await?.is_some() {}
     Ok(())
 }
+
+/// StartBuild racing DeleteWorkspace: either the delete wins (the start answers
+/// NOT_FOUND) or the build wins (the delete is refused while it is queued or running,
+/// FAILED_PRECONDITION, and the build runs). Never both: a build accepted and then
+/// failed because its workspace vanished under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_build_racing_delete_workspace_has_one_winner() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    for _ in 0..8 {
+        let ws = workspace(&mut c, vec![file("a.txt", "a")]).await;
+        let mut starter = c.clone();
+        let mut deleter = c.clone();
+        let req = build_req(&ws.id, vec![step(&["cat", "a.txt"])]);
+        let (started, deleted) = tokio::join!(
+            starter.start_build(req),
+            deleter.delete_workspace(pb::DeleteWorkspaceRequest {
+                workspace_id: ws.id.clone(),
+            })
+        );
+        match (started, deleted) {
+            (Ok(build), Err(s)) => {
+                assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                let log = watch(&mut c, &build.into_inner().id, 0).await;
+                assert_eq!(log.state(), pb::BuildState::Succeeded);
+            }
+            (Err(s), Ok(_)) => assert_eq!(s.code(), Code::NotFound, "{s:?}"),
+            (Ok(build), Ok(_)) => {
+                let log = watch(&mut c, &build.into_inner().id, 0).await;
+                panic!("both won: the build ended {:?}", log.finished());
+            }
+            (Err(a), Err(b)) => panic!("neither won: {a:?} / {b:?}"),
+        }
+    }
+}
