@@ -338,3 +338,62 @@ async fn a_viewer_watches_but_cannot_start() {
         .into_inner();
     assert_eq!(listed.builds.len(), 1);
 }
+
+/// Only CancelBuild and the build's own timeouts end a build: not the RunBuild call that
+/// started it running out of its deadline, and not its client going away.
+#[tokio::test]
+async fn a_run_build_deadline_or_disconnect_never_ends_the_build() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    let slow = || {
+        build_req(
+            &ws.id,
+            vec![step(&[
+                "python3",
+                "-c",
+                "import time\nprint('begun', flush=True)\ntime.sleep(1)\nprint('done')\n",
+            ])],
+        )
+    };
+
+    // 1. A 400 ms deadline, enforced as grpcio and grpc-js clients do: the call is
+    //    cancelled (RST_STREAM) when it passes, mid-step.
+    let mut request = tonic::Request::new(slow());
+    request.set_timeout(Duration::from_millis(400));
+    let mut events = 0;
+    let call = async {
+        let mut stream = c.clone().run_build(request).await?.into_inner();
+        while stream.message().await?.is_some() {
+            events += 1;
+        }
+        Ok::<_, tonic::Status>(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_millis(400), call).await;
+    assert!(outcome.is_err(), "the deadline passed first: {outcome:?}");
+    assert!(events > 0, "the build was running when the deadline passed");
+
+    // 2. The client drops the RunBuild stream after its first event.
+    let mut stream = c.run_build(slow()).await.expect("run").into_inner();
+    stream.message().await.expect("ok").expect("first event");
+    drop(stream);
+
+    // Both builds run to the end, with all their output.
+    let builds = c
+        .list_builds(pb::ListBuildsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .builds;
+    assert_eq!(builds.len(), 2);
+    for b in builds {
+        let log = watch(&mut c, &b.id, 0).await;
+        assert_eq!(
+            log.state(),
+            pb::BuildState::Succeeded,
+            "{:?}",
+            log.finished()
+        );
+        assert_eq!(log.stdout(0), b"begun\ndone\n");
+    }
+}
