@@ -82,6 +82,21 @@ impl Shared {
         }
     }
 
+    /// Cancels a build wherever it is: takes it out of the queue (true: the caller ends
+    /// it), or tells its runner. Under the `runs` lock, which the scheduler also holds
+    /// from taking a build off the queue to registering its runner, so a build is never
+    /// seen in neither place and a cancel is never lost.
+    pub fn cancel_build(&self, owner: &str, id: &str, grace: Duration) -> bool {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.queue.remove(owner, id) {
+            return true;
+        }
+        if let Some(tx) = runs.get(id) {
+            tx.send_replace(Stop::Cancel(grace));
+        }
+        false
+    }
+
     pub fn runs_remove(&self, id: &str) {
         self.runs
             .lock()
@@ -229,13 +244,15 @@ impl BuildApi {
 async fn scheduler(shared: Arc<Shared>) {
     loop {
         let woken = shared.queue.wake.notified();
-        while let Some(entry) = shared.queue.next() {
+        loop {
+            // Dequeue and register under one lock: see `Shared::cancel_build`.
+            let mut runs = shared.runs.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = shared.queue.next() else {
+                break;
+            };
             let (tx, rx) = watch::channel(Stop::No);
-            shared
-                .runs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(entry.build_id.clone(), tx);
+            runs.insert(entry.build_id.clone(), tx);
+            drop(runs);
             tokio::spawn(runner::run(shared.clone(), entry, rx));
         }
         if shared.queue.is_closed() {

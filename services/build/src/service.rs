@@ -16,7 +16,6 @@ use tonic::{Request, Response, Status};
 use crate::error::{BuildError, Result, invalid, reason, violation};
 use crate::log::{self, LiveLog, is_final};
 use crate::queue::Entry;
-use crate::runner::Stop;
 use crate::store::{
     BuildRow, BuildUpdate, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token,
     timestamp,
@@ -270,7 +269,7 @@ impl BuildApi {
             return Ok(b);
         }
         let shared = &self.shared;
-        if shared.queue.remove(&b.owner, &b.id) {
+        if shared.cancel_build(&b.owner, &b.id, grace) {
             let log = shared.logs.get(&b.id).unwrap_or_else(|| {
                 LiveLog::new(
                     &b.id,
@@ -295,8 +294,6 @@ impl BuildApi {
             )
             .await?;
             shared.logs.remove(&b.id);
-        } else {
-            shared.stop_build(&b.id, Stop::Cancel(grace));
         }
         Ok(self.build_for(p, &b.id, false).await?.build)
     }

@@ -234,3 +234,52 @@ async fn start_build_racing_delete_workspace_has_one_winner() {
         }
     }
 }
+
+/// CancelBuild right after StartBuild, many times over, while the scheduler hands builds
+/// out: wherever each build is at that moment (queued, being handed to a runner,
+/// starting), the cancel takes effect; none runs its long step to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_right_after_start_is_never_lost() {
+    let rig = rig_with(|c| {
+        c.queue.max_running = 4;
+        c.queue.max_running_per_user = 4;
+        c.queue.max_queued_per_user = 64;
+    })
+    .await;
+    let c = rig.client("alice-user").await;
+    let spaces: Vec<String> = {
+        let mut c = c.clone();
+        let mut ids = Vec::new();
+        for _ in 0..RACERS {
+            ids.push(workspace(&mut c, vec![]).await.id);
+        }
+        ids
+    };
+    let builds = join_all(spaces.iter().map(|ws| {
+        let mut c = c.clone();
+        let req = build_req(ws, vec![step(&["sleep", "30"])]);
+        async move {
+            let id = c.start_build(req).await.expect("start").into_inner().id;
+            c.cancel_build(pb::CancelBuildRequest {
+                build_id: id.clone(),
+                grace_period: None,
+            })
+            .await
+            .expect("cancel");
+            id
+        }
+    }))
+    .await;
+    for id in builds {
+        let mut c = c.clone();
+        let log = tokio::time::timeout(std::time::Duration::from_secs(20), watch(&mut c, &id, 0))
+            .await
+            .expect("a cancelled build ends long before its 30 s step would");
+        assert_eq!(
+            log.state(),
+            pb::BuildState::Cancelled,
+            "{:?}",
+            log.finished()
+        );
+    }
+}
