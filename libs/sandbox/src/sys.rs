@@ -153,8 +153,11 @@ pub(crate) fn owned(fd: RawFd) -> OwnedFd {
 /// with 100 MB touched: tier A spawn → first byte 4.5 → 11 ms). glibc raises its mmap
 /// threshold after the first large free, so later large allocations (an Argon2 login
 /// takes 19 MiB) stay resident in the heap of whichever thread ran them: four logins grew
-/// `kiln up` from 37 to 58 MB. A fixed threshold hands allocations of 1 MiB and more back
-/// to the kernel when freed. Call it at start, before other threads exist.
+/// `kiln up` from 37 to 58 MB. A fixed 4 MiB threshold hands such allocations back to
+/// the kernel when freed (21 MB either way), while mid-size buffers of the output path
+/// stay in the heap instead of costing an mmap each; the heap is trimmed above 8 MiB
+/// free, the pair glibc's own adjustment would pick for 4 MiB. Call it at start, before
+/// other threads exist.
 pub fn keep_spawns_cheap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes malloc's tuning parameters.
