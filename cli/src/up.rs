@@ -149,6 +149,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         .or(server.data_dir.clone())
         .unwrap_or_else(default_data_dir);
     create_private_dir(&data_dir)?;
+    // First of all: a second `kiln up` on this directory must not touch the live
+    // suite's state (it would mark its running builds INTERRUPTED). Held until exit.
+    let _dir_lock = kiln_store::DirLock::acquire(&data_dir)?;
     let trust_domain = args
         .trust_domain
         .or(server.trust_domain.clone())

@@ -200,10 +200,21 @@ pub fn ensure_dev_pki(dir: &Path, trust_domain: &str, services: &[&str]) -> Resu
         wanted.push(pki.workload_cert(s));
         wanted.push(pki.workload_key(s));
     }
+    // 0700: it holds the CA key. An existing directory (made 0755 by older versions)
+    // is tightened too.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io(dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(dir, e))?;
+    }
     if wanted.iter().all(|p| p.exists()) {
         return Ok(pki);
     }
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     tracing::info!(dir = %dir.display(), "creating the development PKI (CA, server and workload certificates)");
     let ca = CertificateAuthority::new("kiln development CA")?;
     write_file(&pki.ca_cert(), ca.cert_pem(), false)?;
@@ -245,14 +256,19 @@ mod tests {
 
     #[test]
     fn dev_pki_is_created_once_with_private_keys() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = ensure_dev_pki(dir.path(), "kiln.local", &["auth", "build"]).expect("created");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("pki");
+        let pki = ensure_dev_pki(&dir, "kiln.local", &["auth", "build"]).expect("created");
         let mode = |p: PathBuf| fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+        assert_eq!(mode(dir.clone()), 0o700, "the directory holds the CA key");
         assert_eq!(mode(pki.ca_key()), 0o600);
         assert_eq!(mode(pki.server_key()), 0o600);
         assert_eq!(mode(pki.workload_key("build")), 0o600);
         let first = fs::read_to_string(pki.ca_cert()).expect("ca");
-        ensure_dev_pki(dir.path(), "kiln.local", &["auth", "build"]).expect("reused");
+        // A directory left 0755 by an older version is tightened when reused.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_dev_pki(&dir, "kiln.local", &["auth", "build"]).expect("reused");
+        assert_eq!(mode(dir.clone()), 0o700);
         assert_eq!(
             first,
             fs::read_to_string(pki.ca_cert()).expect("ca"),

@@ -1,4 +1,5 @@
-//! kiln-store: how a kiln service opens its SQLite database.
+//! kiln-store: how a kiln service opens its SQLite database (and locks its data
+//! directory: see [`DirLock`]).
 //!
 //! Each service owns its own database file and tables (services never share tables);
 //! what they share is how the file is opened:
@@ -12,6 +13,10 @@
 //!   read-then-write without SQLITE_BUSY on the lock upgrade, and WAL lets readers go on
 //!   meanwhile;
 //! - the service's embedded migrations run before anything else.
+
+mod dir_lock;
+
+pub use dir_lock::{DirLock, LOCK_FILE, LockError};
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};

@@ -55,6 +55,9 @@ pub enum BuildError {
     Corrupt(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// Another process uses the data directory.
+    #[error(transparent)]
+    DataDirLocked(#[from] kiln_store::LockError),
 }
 
 pub type Result<T, E = BuildError> = std::result::Result<T, E>;

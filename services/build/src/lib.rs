@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     runs_changed: tokio::sync::Notify,
     /// One lock per workspace: API changes and builds never overlap.
     ws_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while the service runs: one process per data directory.
+    _dir_lock: kiln_store::DirLock,
 }
 
 impl Shared {
@@ -127,6 +129,9 @@ impl BuildApi {
     pub async fn open(mut config: BuildConfig) -> Result<BuildApi, BuildError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| BuildError::io("creating the data directory", e))?;
+        // Before anything reads or changes the directory: recovery and the staging sweep
+        // below would destroy the work of another live process using it.
+        let dir_lock = kiln_store::DirLock::acquire(&config.data_dir)?;
         config.data_dir = config
             .data_dir
             .canonicalize()
@@ -156,6 +161,7 @@ impl BuildApi {
             runs: Mutex::new(HashMap::new()),
             runs_changed: tokio::sync::Notify::new(),
             ws_locks: Mutex::new(HashMap::new()),
+            _dir_lock: dir_lock,
         });
         maintenance::recover(&shared).await?;
         let tasks = vec![
