@@ -159,6 +159,8 @@ pub struct WorkspaceSection {
     pub max_bytes: Option<u64>,
     pub max_files: Option<u64>,
     pub max_file_bytes: Option<u64>,
+    pub upload_idle_timeout: Option<Dur>,
+    pub upload_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +242,14 @@ impl ConfigFile {
         set(
             &mut config.workspace.max_file_bytes,
             b.workspace.max_file_bytes,
+        );
+        set_dur(
+            &mut config.workspace.upload_idle_timeout,
+            b.workspace.upload_idle_timeout,
+        );
+        set_dur(
+            &mut config.workspace.upload_timeout,
+            b.workspace.upload_timeout,
         );
         set_dur(
             &mut config.retention.finished_builds,
@@ -367,6 +377,8 @@ pub fn describe(auth: &AuthConfig, build: &BuildConfig, api_key_cache: Duration)
                 "max_bytes": build.workspace.max_bytes,
                 "max_files": build.workspace.max_files,
                 "max_file_bytes": build.workspace.max_file_bytes,
+                "upload_idle_timeout": format_duration(build.workspace.upload_idle_timeout),
+                "upload_timeout": format_duration(build.workspace.upload_timeout),
             },
             "retention": {
                 "finished_builds": format_duration(build.retention.finished_builds),

@@ -68,16 +68,19 @@ enum Item {
     Dir,
 }
 
-/// Reads the archive into a staging area and applies it to workspace `id`.
-pub fn upload(
+/// Reads the archive into a staging area, then takes the workspace with `lock` and
+/// applies it to workspace `id`. Returns the lock still held.
+pub fn upload<G>(
     disk: &Disk,
     id: &str,
     header: &pb::upload_archive_request::Header,
     directory: &RelPath,
     input: ChunkReader,
-) -> Result<(Usage, u64)> {
+    lock: impl FnOnce() -> Result<G>,
+) -> Result<(Usage, u64, G)> {
     let mut stage = disk.stage()?;
     let result = extract(disk, header, directory, input, &mut stage).and_then(|items| {
+        let guard = lock()?;
         let root = disk.dir(id);
         let mut txn = Txn::new(stage.dir.join("trash"))?;
         let applied = apply(disk, &root, header.replace, directory, &items, &mut txn);
@@ -88,7 +91,7 @@ pub fn upload(
         match applied {
             Ok(usage) => {
                 txn.commit();
-                Ok((usage, files))
+                Ok((usage, files, guard))
             }
             Err(e) => {
                 txn.rollback();

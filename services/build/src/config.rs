@@ -258,6 +258,12 @@ pub struct WorkspaceLimits {
     pub max_component_bytes: usize,
     /// Most files (and delete paths) in one request. Default 10 000.
     pub max_files_per_request: usize,
+    /// An UploadArchive stream that sends nothing for this long is abandoned
+    /// (DEADLINE_EXCEEDED, nothing applied). Default 30 s.
+    pub upload_idle_timeout: Duration,
+    /// The longest an UploadArchive stream may take, however steadily it sends.
+    /// Default 10 min.
+    pub upload_timeout: Duration,
 }
 
 impl Default for WorkspaceLimits {
@@ -269,6 +275,8 @@ impl Default for WorkspaceLimits {
             max_path_bytes: 1024,
             max_component_bytes: 255,
             max_files_per_request: 10_000,
+            upload_idle_timeout: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod reason {
     pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
     pub const OUT_OF_RANGE: &str = "OUT_OF_RANGE";
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    pub const UPLOAD_TIMED_OUT: &str = "UPLOAD_TIMED_OUT";
 }
 
 /// Everything that can fail in kiln-build.

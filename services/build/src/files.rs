@@ -164,14 +164,14 @@ impl BuildApi {
     }
 
     /// Takes the workspace's lock for an API change, refusing while a build runs on it.
-    async fn lock_for_change(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+    async fn lock_for_change(&self, id: &str) -> Result<crate::WorkspaceGuard> {
         let shared = self.shared();
         if shared.queue.workspace_busy(id) {
             return Err(
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
             );
         }
-        let guard = shared.workspace_lock(id).lock_owned().await;
+        let guard = shared.lock_workspace(id).await;
         if shared.queue.workspace_busy(id) {
             return Err(
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
@@ -350,49 +350,46 @@ impl BuildApi {
         let limits = self.shared().config.workspace;
         let directory = paths::check("header.directory", &header.directory, &limits, true)
             .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
-        let _guard = self.lock_for_change(&ws.id).await?;
+        // Fail fast while a build runs; the lock itself is taken only to apply (below).
+        if self.shared().queue.workspace_busy(&ws.id) {
+            return Err(
+                busy("a build of this workspace is running; wait for it or cancel it").into(),
+            );
+        }
         let (tx, rx) = mpsc::channel(8);
         let disk = self.shared().disk.clone();
         let id = ws.id.clone();
         let dir = directory.clone();
+        // The archive is unpacked into a staging area at the client's pace without the
+        // workspace's lock: a client that streams slowly (or stalls) holds up no build
+        // and no other change. The lock is taken once the archive is complete, for the
+        // quick apply, and only once the client's stream has ended cleanly (an archive
+        // followed by a broken stream is not applied either).
+        let api = self.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let (fed, fed_ok) = tokio::sync::oneshot::channel::<()>();
         let unpack = tokio::task::spawn_blocking(move || {
-            archive::upload(&disk, &id, &header, &dir, ChunkReader::new(rx))
+            archive::upload(&disk, &id, &header, &dir, ChunkReader::new(rx), || {
+                runtime.block_on(async {
+                    fed_ok.await.map_err(|_| {
+                        BuildError::from(ApiError::invalid_field(
+                            "chunk",
+                            "the upload stream ended with an error",
+                        ))
+                    })?;
+                    api.lock_for_change(&id).await
+                })
+            })
         });
-        let mut feed_error = None;
-        loop {
-            match stream.message().await {
-                Ok(Some(pb::UploadArchiveRequest {
-                    part: Some(pb::upload_archive_request::Part::Chunk(chunk)),
-                })) => {
-                    if tx.send(chunk).await.is_err() {
-                        break; // the unpacker stopped early; its error says why
-                    }
-                }
-                Ok(Some(_)) => {
-                    feed_error = Some(
-                        ApiError::invalid_field(
-                            "header",
-                            "only the first message may carry the header",
-                        )
-                        .into(),
-                    );
-                    break;
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    feed_error = Some(status_to_error(status));
-                    break;
-                }
-            }
-        }
-        if feed_error.is_some() {
-            // Make the unpacker fail (truncated archive) so that nothing is applied.
-            drop(tx);
+        let feed = feed_upload(&mut stream, &tx, &limits).await;
+        drop(tx); // the end of the archive for the unpacker
+        if let Err(e) = feed {
+            drop(fed); // the unpacker applies nothing
             let _ = unpack.await;
-            return Err(feed_error.unwrap_or_else(|| BuildError::Config("unreachable".into())));
+            return Err(e);
         }
-        drop(tx);
-        let (usage, files_written) = unpack
+        let _ = fed.send(());
+        let (usage, files_written, _guard) = unpack
             .await
             .map_err(|e| BuildError::Config(format!("unpack task: {e}")))??;
         Ok(pb::UploadArchiveResponse {
@@ -460,6 +457,59 @@ impl BuildApi {
         shared.forget_workspace_lock(&ws.id);
         Ok(pb::DeleteWorkspaceResponse {})
     }
+}
+
+/// Passes an upload's chunks to the unpacker until the client's stream ends. A client
+/// that sends nothing for `upload_idle_timeout`, or is not done after `upload_timeout`,
+/// gets DEADLINE_EXCEEDED (UPLOAD_TIMED_OUT): a stalled upload holds a blocking thread
+/// and a staging area, and must not hold them for ever.
+async fn feed_upload(
+    stream: &mut tonic::Streaming<pb::UploadArchiveRequest>,
+    tx: &mpsc::Sender<bytes::Bytes>,
+    limits: &crate::config::WorkspaceLimits,
+) -> Result<()> {
+    let timed_out = |why: String| -> BuildError {
+        ApiError::new(
+            tonic::Code::DeadlineExceeded,
+            reason::UPLOAD_TIMED_OUT,
+            format!("{why}; the upload was abandoned and nothing was changed"),
+        )
+        .into()
+    };
+    let idle = limits.upload_idle_timeout;
+    let feed = async {
+        loop {
+            let next = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| timed_out(format!("no data for {} s", idle.as_secs_f32())))?;
+            match next {
+                Ok(Some(pb::UploadArchiveRequest {
+                    part: Some(pb::upload_archive_request::Part::Chunk(chunk)),
+                })) => {
+                    if tx.send(chunk).await.is_err() {
+                        return Ok(()); // the unpacker stopped early; its answer says why
+                    }
+                }
+                Ok(Some(_)) => {
+                    return Err(ApiError::invalid_field(
+                        "header",
+                        "only the first message may carry the header",
+                    )
+                    .into());
+                }
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status_to_error(status)),
+            }
+        }
+    };
+    tokio::time::timeout(limits.upload_timeout, feed)
+        .await
+        .unwrap_or_else(|_| {
+            Err(timed_out(format!(
+                "the upload took longer than {} s",
+                limits.upload_timeout.as_secs()
+            )))
+        })
 }
 
 /// The answer of a read that may have raced a DeleteWorkspace: NOT_FOUND once the

@@ -53,8 +53,8 @@ pub(crate) struct Shared {
     runs_changed: tokio::sync::Notify,
     /// One lock per workspace: API changes and builds never overlap.
     ws_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Held while the service runs: one process per data directory.
-    _dir_lock: kiln_store::DirLock,
+    /// Held from `open` until `shutdown`: one service per data directory.
+    dir_lock: Mutex<Option<kiln_store::DirLock>>,
 }
 
 impl Shared {
@@ -65,6 +65,15 @@ impl Shared {
             .entry(id.to_owned())
             .or_default()
             .clone()
+    }
+
+    /// Takes the workspace's lock for an API change. Letting it go wakes the scheduler,
+    /// which skips builds whose workspace is held (see [`scheduler`]).
+    pub async fn lock_workspace(self: &Arc<Self>, id: &str) -> WorkspaceGuard {
+        WorkspaceGuard {
+            guard: Some(self.workspace_lock(id).lock_owned().await),
+            shared: self.clone(),
+        }
     }
 
     pub fn forget_workspace_lock(&self, id: &str) {
@@ -109,6 +118,25 @@ impl Shared {
 
     fn runs_len(&self) -> usize {
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A workspace held for an API change; dropping it wakes the scheduler.
+pub(crate) struct WorkspaceGuard {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for WorkspaceGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkspaceGuard")
+    }
+}
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.shared.queue.wake.notify_one();
     }
 }
 
@@ -161,7 +189,7 @@ impl BuildApi {
             runs: Mutex::new(HashMap::new()),
             runs_changed: tokio::sync::Notify::new(),
             ws_locks: Mutex::new(HashMap::new()),
-            _dir_lock: dir_lock,
+            dir_lock: Mutex::new(Some(dir_lock)),
         });
         maintenance::recover(&shared).await?;
         let tasks = vec![
@@ -206,7 +234,8 @@ impl BuildApi {
 
     /// Stops starting builds; running builds are stopped (their step's tree killed) and
     /// end INTERRUPTED with their logs; queued builds stay QUEUED and run after a
-    /// restart. Waits for the runners up to the sandbox's kill grace plus 10 s.
+    /// restart. Waits for the runners up to the sandbox's kill grace plus 10 s, then
+    /// releases the data directory for the next service to open.
     pub async fn shutdown(&self) {
         self.shared.queue.close();
         let ids: Vec<String> = self
@@ -243,23 +272,39 @@ impl BuildApi {
         {
             task.abort();
         }
+        // Its state is now what a restart understands: the next service may take over.
+        self.shared
+            .dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
 /// Starts queued builds whenever a slot frees up.
+///
+/// A build is handed out only together with its workspace's lock, taken without
+/// waiting: one whose workspace an API change holds (an upload that streams slowly, say)
+/// stays queued and is skipped, so it never occupies a running slot while it waits and
+/// other builds go first. Releasing the lock wakes this loop.
 async fn scheduler(shared: Arc<Shared>) {
     loop {
         let woken = shared.queue.wake.notified();
         loop {
             // Dequeue and register under one lock: see `Shared::cancel_build`.
             let mut runs = shared.runs.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(entry) = shared.queue.next() else {
+            let Some((entry, workspace)) = shared.queue.next(|entry| {
+                shared
+                    .workspace_lock(&entry.workspace_id)
+                    .try_lock_owned()
+                    .ok()
+            }) else {
                 break;
             };
             let (tx, rx) = watch::channel(Stop::No);
             runs.insert(entry.build_id.clone(), tx);
             drop(runs);
-            tokio::spawn(runner::run(shared.clone(), entry, rx));
+            tokio::spawn(runner::run(shared.clone(), entry, workspace, rx));
         }
         if shared.queue.is_closed() {
             return;

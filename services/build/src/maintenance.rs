@@ -119,8 +119,9 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
         if shared.queue.workspace_busy(&id) {
             continue;
         }
-        let lock = shared.workspace_lock(&id);
-        let Ok(_guard) = tokio::time::timeout(Duration::from_secs(1), lock.lock()).await else {
+        let Ok(_guard) =
+            tokio::time::timeout(Duration::from_secs(1), shared.lock_workspace(&id)).await
+        else {
             continue;
         };
         // The row goes first, so the API answers NOT_FOUND before the files vanish; a

@@ -126,7 +126,9 @@ impl Queue {
     }
 
     /// The next build to start, marking it running; `None` when nothing may start now.
-    pub fn next(&self) -> Option<Entry> {
+    /// `claim` is asked for each candidate in turn order and may refuse it (`None`, e.g.
+    /// its workspace is held); a refused build stays queued in place and counts nowhere.
+    pub fn next<G>(&self, mut claim: impl FnMut(&Entry) -> Option<G>) -> Option<(Entry, G)> {
         let mut s = self.lock();
         if s.closed || s.running >= self.config.max_running {
             return None;
@@ -139,11 +141,12 @@ impl Queue {
                 continue;
             }
             let busy = &s.busy_workspaces;
-            let Some(index) = s
-                .queued
-                .get(&user)
-                .and_then(|q| q.iter().position(|e| !busy.contains(&e.workspace_id)))
-            else {
+            let Some((index, claimed)) = s.queued.get(&user).and_then(|q| {
+                q.iter()
+                    .enumerate()
+                    .filter(|(_, e)| !busy.contains(&e.workspace_id))
+                    .find_map(|(i, e)| claim(e).map(|c| (i, c)))
+            }) else {
                 continue;
             };
             let entry = s.queued.get_mut(&user).and_then(|q| q.remove(index))?;
@@ -157,7 +160,7 @@ impl Queue {
             s.running += 1;
             *s.running_per_user.entry(user).or_default() += 1;
             s.busy_workspaces.insert(entry.workspace_id.clone());
-            return Some(entry);
+            return Some((entry, claimed));
         }
         None
     }
@@ -228,4 +231,47 @@ fn estimate(s: &State, owner: &str, index: usize, owner_turn: usize) -> u32 {
         })
         .sum();
     u32::try_from(ahead + index + 1).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(build: &str, owner: &str, ws: &str) -> Entry {
+        Entry {
+            build_id: build.into(),
+            owner: owner.into(),
+            workspace_id: ws.into(),
+        }
+    }
+
+    #[test]
+    fn a_build_whose_workspace_cannot_be_claimed_waits_without_taking_a_slot() {
+        let queue = Queue::new(QueueConfig {
+            max_running: 1,
+            ..QueueConfig::default()
+        });
+        queue.push(entry("a1", "alice", "held"), false);
+        queue.push(entry("a2", "alice", "free"), false);
+        queue.push(entry("b1", "bob", "free-b"), false);
+        let claim_free = |e: &Entry| (e.workspace_id != "held").then_some(());
+        let (first, ()) = queue.next(claim_free).expect("a claimable build starts");
+        assert_eq!(first.build_id, "a2", "alice's next build that can start");
+        assert!(queue.next(claim_free).is_none(), "the one slot is taken");
+        queue.finished(&first);
+        let (second, ()) = queue.next(claim_free).expect("bob's turn");
+        assert_eq!(second.build_id, "b1");
+        queue.finished(&second);
+        assert!(
+            queue.next(claim_free).is_none(),
+            "a1 stays queued while its workspace is held"
+        );
+        assert_eq!(
+            queue.position("alice", "a1"),
+            Some(1),
+            "and keeps its place"
+        );
+        let (third, ()) = queue.next(|_| Some(())).expect("released");
+        assert_eq!(third.build_id, "a1");
+    }
 }

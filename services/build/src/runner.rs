@@ -45,7 +45,12 @@ struct StepEnd {
 
 /// Runs a build the queue handed out, then frees its slot. Never fails: errors end the
 /// build FAILED (or leave it RUNNING for recovery if even that cannot be stored).
-pub async fn run(shared: Arc<Shared>, entry: Entry, stop: watch::Receiver<Stop>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    entry: Entry,
+    workspace: tokio::sync::OwnedMutexGuard<()>,
+    stop: watch::Receiver<Stop>,
+) {
     if let Err(e) = run_build(&shared, &entry, stop).await {
         tracing::error!(build = %entry.build_id, error = %e, "build failed on the server side");
         if let Some(log) = shared.logs.get(&entry.build_id) {
@@ -67,6 +72,7 @@ pub async fn run(shared: Arc<Shared>, entry: Entry, stop: watch::Receiver<Stop>)
     }
     shared.logs.remove(&entry.build_id);
     shared.runs_remove(&entry.build_id);
+    drop(workspace);
     shared.queue.finished(&entry);
 }
 
@@ -102,9 +108,8 @@ async fn run_build(
             l
         }
     };
-    // Waits for an API change of the workspace in flight; later ones see it busy.
-    let ws_lock = shared.workspace_lock(&entry.workspace_id);
-    let _guard = ws_lock.lock().await;
+    // The scheduler handed this build out holding its workspace's lock (see `run`):
+    // API changes in flight have finished, later ones see the workspace busy.
     let tier = crate::service::tier_to_proto(shared.sandbox.tier());
     log.append(
         &shared.store,
