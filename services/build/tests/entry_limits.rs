@@ -119,7 +119,11 @@ async fn a_build_making_many_directories_is_stopped_at_the_limit() {
         "import os, time\nfor i in range({}): os.mkdir('d%d' % i)\nprint('made')\ntime.sleep(20)\n",
         LIMIT * 5
     );
-    let log = run(&mut c, build_req(&ws.id, vec![step(&["python3", "-c", &code])])).await;
+    let log = run(
+        &mut c,
+        build_req(&ws.id, vec![step(&["python3", "-c", &code])]),
+    )
+    .await;
     assert_eq!(log.state(), pb::BuildState::Failed, "{:?}", log.finished());
     let results = log.step_results();
     assert_eq!(
