@@ -131,6 +131,7 @@ impl Monitor {
         let mut stopping = Stopping::Running;
         let mut requests_open = true;
         let checks = self.limits.disk_bytes.is_some()
+            || self.limits.disk_entries.is_some()
             || (self.limits.cpu_time.is_some() && self.cgroup.is_some());
         let mut next_check = Instant::now() + self.check_interval;
         let far = Instant::now() + Duration::from_secs(86400 * 365);
@@ -195,15 +196,32 @@ impl Monitor {
                 format!("CPU time limit of {limit:?} exceeded by the process tree"),
             ));
         }
-        if let Some(limit) = self.limits.disk_bytes {
+        if self.limits.disk_bytes.is_some() || self.limits.disk_entries.is_some() {
             let ws = self.workspace.clone();
             let used = tokio::task::spawn_blocking(move || crate::disk::usage(&ws))
                 .await
-                .unwrap_or(0);
-            if used > limit {
+                .unwrap_or_default();
+            if let Some(limit) = self.limits.disk_bytes
+                && used.bytes > limit
+            {
                 return Some((
                     Reason::DiskLimit,
-                    format!("workspace uses {used} bytes, over the disk limit of {limit}"),
+                    format!(
+                        "workspace uses {} bytes, over the disk limit of {limit}",
+                        used.bytes
+                    ),
+                ));
+            }
+            // Directories and symlinks count: each costs an inode like a file.
+            if let Some(limit) = self.limits.disk_entries
+                && used.entries > limit
+            {
+                return Some((
+                    Reason::DiskLimit,
+                    format!(
+                        "workspace holds {} entries (files, directories and symlinks), over the limit of {limit}",
+                        used.entries
+                    ),
                 ));
             }
         }

@@ -140,7 +140,11 @@ pub(crate) fn probe_with(config: &SandboxConfig) -> Probe {
 /// the only honest answer to "may we?" on hosts where, say, user namespaces work but
 /// /proc cannot be mounted.
 fn dry_run_tier_a(config: &SandboxConfig, landlock_abi: u32, root: bool) -> Result<(), String> {
-    let dir = std::env::temp_dir().join(format!("kiln-sandbox-probe-{}", std::process::id()));
+    // Unique per probe, not per process: two sandboxes probed at once in one process
+    // (parallel tests) must not remove each other's directory.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kiln-sandbox-probe-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let result = (|| {
         let spec = CommandSpec::new(["/bin/true"], &dir);

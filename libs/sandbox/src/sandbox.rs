@@ -177,30 +177,16 @@ impl Sandbox {
 
     /// Gives the workspace tree to the sandbox user (`lchown -R`), so steps can write it.
     /// Needed once per workspace when the service runs as root (steps then run as
-    /// [`SandboxConfig::run_as`]); a no-op otherwise. Symlinks are not followed.
+    /// [`SandboxConfig::run_as`]); a no-op otherwise. Symlinks are never followed, not
+    /// even one a still-running process swaps in mid-walk: the walk is fd-relative
+    /// (`fchownat(AT_SYMLINK_NOFOLLOW)` on entries of directories opened `O_NOFOLLOW`).
     pub fn prepare_workspace(&self, workspace: &Path) -> Result<()> {
         if !nix::unistd::geteuid().is_root() {
             return Ok(());
         }
-        use std::os::unix::fs::MetadataExt;
         let (uid, gid) = self.inner.config.effective_run_as();
-        let mut stack = vec![workspace.to_path_buf()];
-        while let Some(path) = stack.pop() {
-            let meta = std::fs::symlink_metadata(&path)
-                .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
-            // Runs before every build: what earlier steps wrote is already theirs, and
-            // skipping it halves the system calls over a large tree.
-            if meta.uid() != uid || meta.gid() != gid {
-                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                    .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
-            }
-            if meta.is_dir() {
-                let entries = std::fs::read_dir(&path)
-                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        }
-        Ok(())
+        crate::disk::chown_tree(workspace, uid, gid)
+            .map_err(|e| Error::io(format!("chown {}", workspace.display()), e))
     }
 
     /// Starts `spec`. Errors are about the request (bad argv, working directory outside
@@ -222,7 +208,7 @@ impl Sandbox {
                 mechanism: Mechanism::Monitor,
             },
         ];
-        if spec.limits.disk_bytes.is_some() {
+        if spec.limits.disk_bytes.is_some() || spec.limits.disk_entries.is_some() {
             enforced.push(Enforcement {
                 control: Control::Disk,
                 mechanism: Mechanism::Monitor,

@@ -37,6 +37,10 @@ pub struct Limits {
     /// Growth of the workspace during the step, and the size of the private `/tmp`
     /// (tier A). See the README for how it is enforced. Default 1 GiB.
     pub disk_bytes: Option<u64>,
+    /// Entries of any kind (files, directories, symlinks) the workspace may hold during
+    /// the step, checked by the monitor with the disk use (reason DISK_LIMIT). Default
+    /// none.
+    pub disk_entries: Option<u64>,
     /// CPU bandwidth in cores (cgroup `cpu.max` / CFS quota), e.g. `1.5`. Default none.
     pub cpu_cores: Option<f64>,
 }
@@ -53,6 +57,7 @@ impl Default for Limits {
             processes: Some(256),
             output_bytes: Some(16 << 20),
             disk_bytes: Some(1 << 30),
+            disk_entries: None,
             cpu_cores: None,
         }
     }

@@ -3,17 +3,21 @@
 //! Upload: the chunks of the gRPC stream feed a blocking tar reader (through a small
 //! channel, so a slow disk slows the client, not the server's memory). Entries are
 //! checked one by one: only regular files and directories, every path by the workspace
-//! path rules, the total size and file count against the workspace limits before a byte
-//! is written (tar bombs stop at their first header over the limit). Files go to a
+//! path rules, the total size and entry count (directories count like files) against the
+//! workspace limits before a byte is written (tar bombs stop at their first header over
+//! the limit). Files go to a
 //! staging area and the change is applied atomically like WriteFiles.
 //!
-//! Download: a blocking tar writer walks the tree (not following symlinks, which are
-//! archived as symlinks) and sends 32 KiB chunks through a channel.
+//! Download: a blocking tar writer walks the tree fd-relative ([`crate::beneath`]): each
+//! header is built from the descriptor it opened itself (`O_NOFOLLOW`), symlinks are
+//! archived as symlinks from `readlinkat`, and nothing is ever opened by path (the tar
+//! crate's `append_path*` would). It sends 32 KiB chunks through a channel.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use kiln_proto::build as pb;
@@ -21,6 +25,7 @@ use kiln_rpc::ApiError;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
+use crate::beneath::{self, Dir, Kind, Meta};
 use crate::error::{BuildError, Result, invalid, reason, violation};
 use crate::paths::{self, RelPath};
 use crate::workspace::{self, Disk, Stage, Txn, Usage};
@@ -81,7 +86,7 @@ pub fn upload<G>(
     let mut stage = disk.stage()?;
     let result = extract(disk, header, directory, input, &mut stage).and_then(|items| {
         let guard = lock()?;
-        let root = disk.dir(id);
+        let root = disk.open(id)?;
         let mut txn = Txn::new(stage.dir.join("trash"))?;
         let applied = apply(disk, &root, header.replace, directory, &items, &mut txn);
         let files = items
@@ -117,7 +122,7 @@ fn extract(
     };
     let mut archive = tar::Archive::new(crate::tar_guard::TarHeaderGuard::new(reader));
     let mut items = BTreeMap::new();
-    let (mut total, mut files) = (0u64, 0u64);
+    let (mut total, mut count) = (0u64, 0u64);
     let entries = archive
         .entries()
         .map_err(|e| bad_archive(format!("not a tar stream: {e}")))?;
@@ -150,6 +155,14 @@ fn extract(
             )
             .map_err(|v| bad_archive(format!("entry {n} ({name:?}): path {}", v.description)))?
         };
+        // Every entry counts against the limit: a directory costs an inode like a file.
+        count += 1;
+        if count > limits.max_files {
+            return Err(too_large(format!(
+                "the archive unpacks to more than the workspace limit of {} entries (files and directories)",
+                limits.max_files
+            )));
+        }
         if kind.is_dir() {
             items.insert(rel, Item::Dir);
             continue;
@@ -161,17 +174,16 @@ fn extract(
         }
         let size = entry.size();
         total = total.saturating_add(size);
-        files += 1;
         if size > limits.max_file_bytes {
             return Err(too_large(format!(
                 "entry {n} ({name:?}) is larger than {} bytes",
                 limits.max_file_bytes
             )));
         }
-        if total > limits.max_bytes || files > limits.max_files {
+        if total > limits.max_bytes {
             return Err(too_large(format!(
-                "the archive unpacks to more than the workspace limits ({} files, {} bytes)",
-                limits.max_files, limits.max_bytes
+                "the archive unpacks to more than the workspace limit of {} bytes",
+                limits.max_bytes
             )));
         }
         let executable = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
@@ -189,34 +201,30 @@ fn extract(
 
 fn apply(
     disk: &Disk,
-    root: &Path,
+    root: &Arc<Dir>,
     replace: bool,
     directory: &RelPath,
     items: &BTreeMap<RelPath, Item>,
     txn: &mut Txn,
 ) -> Result<Usage> {
     if replace {
-        let (target, _) = paths::resolve(
-            root,
-            directory,
-            "header.directory",
-            paths::Parents::Existing,
-        )
-        .or_else(|e| {
-            if directory.is_root() {
-                Ok((root.to_path_buf(), Vec::new()))
-            } else {
-                Err(e)
-            }
-        })?;
         if directory.is_root() {
-            let entries =
-                fs::read_dir(root).map_err(|e| BuildError::io("listing a workspace", e))?;
-            for entry in entries.flatten() {
-                txn.remove(&entry.path())?;
+            let names = root
+                .names()
+                .map_err(|e| BuildError::io("listing a workspace", e))?;
+            for name in names {
+                txn.remove(root, &name)?;
             }
-        } else if fs::symlink_metadata(&target).is_ok() {
-            txn.remove(&target)?;
+        } else {
+            let r = paths::resolve(
+                root,
+                directory,
+                "header.directory",
+                paths::Parents::Existing,
+            )?;
+            if r.parent.stat(&r.name).is_ok() {
+                txn.remove(&r.parent, r.name.as_ref())?;
+            }
         }
     }
     for (rel, item) in items {
@@ -263,13 +271,16 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Streams `dir` of the workspace at `root` as a tar (optionally gzip) into `tx`.
+/// Streams `dir` of workspace `id` as a tar (optionally gzip) into `tx`.
 pub fn download(
-    root: &Path,
+    disk: &Disk,
+    id: &str,
     dir: &RelPath,
     gzip: bool,
     tx: mpsc::Sender<Result<pb::DownloadArchiveResponse, Status>>,
 ) -> io::Result<()> {
+    let root = Arc::new(Dir::open(&disk.dir(id))?);
+    let start = root.dir_path(dir.components())?;
     let writer = ChunkWriter {
         tx,
         buf: Vec::with_capacity(DOWNLOAD_CHUNK),
@@ -283,35 +294,82 @@ pub fn download(
         Box::new(writer)
     };
     let mut builder = tar::Builder::new(sink);
-    builder.follow_symlinks(false);
-    let start = dir.under(root);
     if !dir.is_root() {
-        builder.append_dir(dir.as_str(), &start)?;
+        let mut header = header(&start.meta()?, tar::EntryType::Directory);
+        builder.append_data(&mut header, dir.as_str(), io::empty())?;
     }
-    append_tree(&mut builder, &start, dir)?;
+    beneath::walk(&start, &mut |e| {
+        let Some(name) = workspace::api_path(dir, e.path) else {
+            return Ok(()); // not UTF-8: cannot be named in the API
+        };
+        append_entry(&mut builder, e, name.as_str())
+    })?;
     let mut sink = builder.into_inner()?;
     sink.flush()
 }
 
-fn append_tree(
+/// One entry, from what this walk itself opened; an entry that changed kind in the
+/// meantime (a build is running) is left out rather than looked through.
+fn append_entry(
     builder: &mut tar::Builder<Box<dyn Write>>,
-    dir: &Path,
-    rel: &RelPath,
+    e: &beneath::Entry<'_>,
+    name: &str,
 ) -> io::Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(dir)?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        let child = rel.join(&name);
-        let meta = fs::symlink_metadata(entry.path())?;
-        if meta.is_dir() {
-            builder.append_dir(child.as_str(), entry.path())?;
-            append_tree(builder, &entry.path(), &child)?;
-        } else if meta.is_file() || meta.file_type().is_symlink() {
-            builder.append_path_with_name(entry.path(), child.as_str())?;
+    match e.meta.kind {
+        Kind::Dir => {
+            let mut header = header(&e.meta, tar::EntryType::Directory);
+            builder.append_data(&mut header, name, io::empty())
         }
+        Kind::File => {
+            let file = match e.parent.open_file(e.name) {
+                Ok(f) => f,
+                Err(err) if raced(&err) => return Ok(()),
+                Err(err) => return Err(err),
+            };
+            let meta: Meta = rustix::fs::fstat(&file)?.into();
+            if meta.kind != Kind::File {
+                return Ok(());
+            }
+            let mut header = header(&meta, tar::EntryType::Regular);
+            header.set_size(meta.size);
+            // Exactly `size` bytes whatever the file does meanwhile (it may shrink or
+            // grow): the header promised that many.
+            let body = (&file).take(meta.size).chain(io::repeat(0)).take(meta.size);
+            builder.append_data(&mut header, name, body)
+        }
+        Kind::Symlink => {
+            let target = match e.parent.read_link(e.name) {
+                Ok(t) => t,
+                // EINVAL: no longer a symlink.
+                Err(err) if raced(&err) || beneath::is(&err, rustix::io::Errno::INVAL) => {
+                    return Ok(());
+                }
+                Err(err) => return Err(err),
+            };
+            let mut header = header(&e.meta, tar::EntryType::Symlink);
+            builder.append_link(
+                &mut header,
+                name,
+                Path::new(std::ffi::OsStr::from_bytes(target.as_bytes())),
+            )
+        }
+        Kind::Other => Ok(()),
     }
-    Ok(())
+}
+
+fn raced(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    beneath::is(e, Errno::NOENT) || beneath::is(e, Errno::LOOP) || beneath::is(e, Errno::NXIO)
+}
+
+/// A GNU header with the entry's mode, owner and modification time (size 0).
+fn header(meta: &Meta, kind: tar::EntryType) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(meta.mode);
+    header.set_uid(u64::from(meta.uid));
+    header.set_gid(u64::from(meta.gid));
+    header.set_mtime(u64::try_from(meta.mtime).unwrap_or(0));
+    header.set_size(0);
+    header
 }

@@ -243,12 +243,13 @@ impl Default for QueueConfig {
 }
 
 /// Limits of workspaces, checked by every API change (builds are bounded by their
-/// disk limit instead).
+/// disk limit, and by `max_files` as the sandbox's entry limit).
 #[derive(Debug, Clone, Copy)]
 pub struct WorkspaceLimits {
     /// Total apparent size of the files. Default 1 GiB.
     pub max_bytes: u64,
-    /// Number of regular files. Default 100 000.
+    /// Number of entries of every kind (files, directories, symlinks), in API changes
+    /// and during builds. Default 100 000.
     pub max_files: u64,
     /// Largest single file. Default 256 MiB.
     pub max_file_bytes: u64,

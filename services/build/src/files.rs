@@ -117,7 +117,7 @@ impl BuildApi {
             id: id.clone(),
             owner: p.subject.clone(),
             size_bytes: usage.bytes,
-            file_count: usage.files,
+            file_count: usage.entries,
             created_at: now,
             updated_at: now,
             request_hash: Some(hash.clone()),
@@ -226,7 +226,7 @@ impl BuildApi {
     ) -> Result<pb::Workspace> {
         let store = &self.shared().store;
         store
-            .set_workspace_usage(id, usage.bytes, usage.files, true)
+            .set_workspace_usage(id, usage.bytes, usage.entries, true)
             .await?;
         let ws = store
             .get_workspace(id)
@@ -408,19 +408,17 @@ impl BuildApi {
         let limits = self.shared().config.workspace;
         let dir = paths::check("directory", &req.directory, &limits, true)
             .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
-        let root = self.shared().disk.dir(&ws.id);
-        if !dir.is_root() {
-            let (full, _) = paths::resolve(&root, &dir, "directory", paths::Parents::Existing)?;
-            if !std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
-                return Err(ApiError::not_found("directory", dir.as_str()).into());
-            }
-        }
+        let disk = self.shared().disk.clone();
+        let root = disk.dir(&ws.id);
+        let (check_disk, check_id, check_dir) = (disk.clone(), ws.id.clone(), dir.clone());
+        let checked = blocking(move || check_disk.check_directory(&check_id, &check_dir)).await;
+        unless_deleted(&root, &ws.id, checked)?;
         let gzip = req.format == pb::ArchiveFormat::TarGzip as i32;
         let (tx, rx) = mpsc::channel(8);
         let id = ws.id;
         tokio::task::spawn_blocking(move || {
             let errors = tx.clone();
-            let result = archive::download(&root, &dir, gzip, tx);
+            let result = archive::download(&disk, &id, &dir, gzip, tx);
             if matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe) {
                 return; // the client went away
             }

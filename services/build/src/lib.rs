@@ -5,6 +5,7 @@
 //! `KilnServer::add_service`. See README.md for the design and its decisions.
 
 mod archive;
+mod beneath;
 mod config;
 mod error;
 mod files;

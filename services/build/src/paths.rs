@@ -1,15 +1,20 @@
 //! Workspace-relative paths: the contract's rules, and resolving them on disk without
 //! ever following a symbolic link.
 //!
-//! Resolution walks the parents one component at a time with `lstat` and refuses a
-//! symlink anywhere on the way. That is race-free here because nothing else changes a
-//! workspace while the API does: API changes hold the workspace's lock, and builds (the
-//! only other writers, which may leave symlinks behind) never run at the same time.
+//! Resolution is fd-relative ([`crate::beneath`]): from the workspace root's descriptor,
+//! each parent is opened `O_NOFOLLOW | O_DIRECTORY` relative to the previous one, and
+//! the caller gets the last parent's descriptor and the final name. Checking by path
+//! (`lstat` each component, then open the string) would be a race: reads run without
+//! the workspace lock while a build — attacker code — runs, and the build can swap a
+//! directory for a symlink between the check and the open.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_rpc::{ApiError, FieldViolation};
+use rustix::io::Errno;
+
+use crate::beneath::{self, Dir, Kind};
 
 use crate::config::WorkspaceLimits;
 use crate::error::{BuildError, invalid, reason, violation};
@@ -29,15 +34,6 @@ impl RelPath {
 
     pub fn is_root(&self) -> bool {
         self.0.is_empty()
-    }
-
-    /// The path under `root` (no symlink check; see [`resolve`]).
-    pub fn under(&self, root: &Path) -> PathBuf {
-        if self.0.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&self.0)
-        }
     }
 
     /// `self/child`.
@@ -133,49 +129,103 @@ pub enum Parents {
     Create,
 }
 
-/// Resolves `rel` under `root`, refusing symbolic links and non-directories among the
-/// parents. Returns the full path and the directories it created. The last component is
-/// not inspected (callers decide what may be there).
+/// `rel` resolved to the directory holding its last component.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The last parent, opened without following a symlink.
+    pub parent: Arc<Dir>,
+    /// The last component (not inspected: callers decide what may be there).
+    pub name: String,
+    /// The directories created on the way (parent, name), outermost first.
+    pub created: Vec<(Arc<Dir>, String)>,
+}
+
+/// Resolves `rel` (not the root) under `root`, refusing symbolic links and
+/// non-directories among the parents.
 pub fn resolve(
-    root: &Path,
+    root: &Arc<Dir>,
     rel: &RelPath,
     field: &str,
     parents: Parents,
-) -> Result<(PathBuf, Vec<PathBuf>), BuildError> {
+) -> Result<Resolved, BuildError> {
     let components: Vec<&str> = rel.components().collect();
-    let mut path = root.to_path_buf();
-    let mut created = Vec::new();
-    let Some((_, dirs)) = components.split_last() else {
-        return Ok((path, created));
+    let Some((last, dirs)) = components.split_last() else {
+        return Err(invalid_path(
+            field,
+            "must name an entry, not the workspace root",
+        ));
     };
-    for dir in dirs {
-        path.push(dir);
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(invalid_path(field, "goes through a symbolic link"));
-            }
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(invalid_path(
-                    field,
-                    "goes through a file that is not a directory",
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match parents {
+    let mut dir = Arc::clone(root);
+    let mut created = Vec::new();
+    for name in dirs {
+        let next = match dir.dir(name) {
+            Ok(d) => d,
+            Err(e) if beneath::is(&e, Errno::NOENT) => match parents {
                 Parents::Existing => {
                     return Err(ApiError::not_found("path", rel.as_str()).into());
                 }
                 Parents::Create => {
-                    std::fs::create_dir(&path)
-                        .map_err(|e| BuildError::io("creating a directory", e))?;
-                    created.push(path.clone());
+                    match dir.mkdir(name, 0o755) {
+                        Ok(()) => created.push((Arc::clone(&dir), (*name).to_owned())),
+                        // Created meanwhile: opening it below says what it is.
+                        Err(e) if beneath::is(&e, Errno::EXIST) => {}
+                        Err(e) => return Err(BuildError::io("creating a directory", e)),
+                    }
+                    dir.dir(name)
+                        .map_err(|e| not_a_directory(&dir, name, field, e))?
                 }
             },
-            Err(e) => return Err(BuildError::io("inspecting a workspace path", e)),
-        }
+            Err(e) => return Err(not_a_directory(&dir, name, field, e)),
+        };
+        dir = Arc::new(next);
     }
-    path.push(components[components.len() - 1]);
-    Ok((path, created))
+    Ok(Resolved {
+        parent: dir,
+        name: (*last).to_owned(),
+        created,
+    })
+}
+
+/// Why opening the parent `name` of a path failed.
+fn not_a_directory(dir: &Dir, name: &str, field: &str, e: io::Error) -> BuildError {
+    if !(beneath::is(&e, Errno::NOTDIR) || beneath::is(&e, Errno::LOOP)) {
+        return BuildError::io("inspecting a workspace path", e);
+    }
+    // Only the message depends on this second look; the refusal does not.
+    match dir.stat(name) {
+        Ok(m) if m.kind == Kind::Symlink => invalid_path(field, "goes through a symbolic link"),
+        _ => invalid_path(field, "goes through a file that is not a directory"),
+    }
+}
+
+/// Why [`open_dir`] found no directory at the path itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoDir {
+    Missing,
+    /// A file, a symlink or anything else.
+    NotADirectory,
+}
+
+/// Opens the directory `rel` (the root when empty) under `root`, refusing symbolic links
+/// anywhere including at the end. The outer error is about the parents (as in
+/// [`resolve`]), the inner one about the last component.
+pub fn open_dir(
+    root: &Arc<Dir>,
+    rel: &RelPath,
+    field: &str,
+) -> Result<Result<Arc<Dir>, NoDir>, BuildError> {
+    if rel.is_root() {
+        return Ok(Ok(Arc::clone(root)));
+    }
+    let r = resolve(root, rel, field, Parents::Existing)?;
+    match r.parent.dir(&r.name) {
+        Ok(d) => Ok(Ok(Arc::new(d))),
+        Err(e) if beneath::is(&e, Errno::NOENT) => Ok(Err(NoDir::Missing)),
+        Err(e) if beneath::is(&e, Errno::NOTDIR) || beneath::is(&e, Errno::LOOP) => {
+            Ok(Err(NoDir::NotADirectory))
+        }
+        Err(e) => Err(BuildError::io("opening a workspace directory", e)),
+    }
 }
 
 #[cfg(test)]

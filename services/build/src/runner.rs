@@ -132,12 +132,13 @@ async fn run_build(
     } else {
         let sandbox = shared.sandbox.clone();
         let dir = ws_dir.clone();
-        let scratch = scratch_dir(shared, &ws_dir);
+        let scratch = scratch_dir(shared, &ws_dir).is_some();
+        let (disk, ws_id) = (shared.disk.clone(), entry.workspace_id.clone());
         tokio::task::spawn_blocking(move || {
-            if let Some(scratch) = scratch {
-                std::fs::create_dir_all(&scratch).map_err(|e| {
-                    crate::error::BuildError::io(format!("creating {}", scratch.display()), e)
-                })?;
+            if scratch {
+                // An earlier build may have left a symlink by that name: replaced, never
+                // followed.
+                disk.ensure_plain_dir(&ws_id, SCRATCH_DIR)?;
             }
             sandbox
                 .prepare_workspace(&dir)
@@ -163,7 +164,7 @@ async fn run_build(
         {
             shared
                 .store
-                .set_workspace_usage(&entry.workspace_id, usage.bytes, usage.files, false)
+                .set_workspace_usage(&entry.workspace_id, usage.bytes, usage.entries, false)
                 .await?;
         }
     }
@@ -302,6 +303,8 @@ fn command_spec(
         memory_bytes: Some(limits.memory_bytes),
         output_bytes: Some(output_left),
         disk_bytes: Some(limits.disk_bytes),
+        // The workspace's entry limit holds during builds too, not only for the API.
+        disk_entries: Some(shared.config.workspace.max_files),
         processes: Some(u64::from(limits.processes)),
         open_files: Some(u64::from(limits.open_files)),
         ..Limits::default()
@@ -435,6 +438,10 @@ async fn run_step(
                 limits.output_bytes
             );
             stop_build = Some((pb::BuildState::Failed, message.clone()));
+        }
+        // The monitor says which of the two limits it was (bytes or entries).
+        (Stop::No, Reason::DiskLimit) if message.contains("entries") => {
+            message = format!("{message}: the step was killed");
         }
         (Stop::No, Reason::DiskLimit) => {
             message = format!(

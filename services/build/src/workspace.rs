@@ -1,5 +1,9 @@
 //! Workspaces on disk: `<data_dir>/workspaces/<id>`, changed atomically.
 //!
+//! Every access to a workspace's contents goes through [`crate::beneath`]: relative to
+//! directory descriptors, never following a symbolic link (builds may leave symlinks
+//! behind, and may swap entries while the API reads).
+//!
 //! A change (WriteFiles, UploadArchive) is staged first: new files are written under
 //! `<data_dir>/staging/<uuid>` on the same file system. Applying moves each replaced or
 //! deleted entry into the staging area's trash and renames the new files into place,
@@ -10,17 +14,22 @@
 //!
 //! Every function here blocks; handlers call them through `spawn_blocking`.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_proto::build as pb;
 use kiln_rpc::ApiError;
+use rustix::io::Errno;
 
+use crate::beneath::{self, Dir, Kind, Meta};
 use crate::config::WorkspaceLimits;
 use crate::error::{BuildError, Result, reason};
-use crate::paths::{self, Parents, RelPath};
+use crate::paths::{self, NoDir, Parents, RelPath};
 
 /// The directories of all workspaces.
 #[derive(Debug, Clone)]
@@ -30,11 +39,14 @@ pub struct Disk {
     pub limits: WorkspaceLimits,
 }
 
-/// Size and file count of a workspace.
+/// Size and entry count of a workspace. Every entry counts against the file limit —
+/// directories and symlinks too: they cost inodes and walking time like files do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Apparent size of the regular files.
     pub bytes: u64,
-    pub files: u64,
+    /// Files, directories, symlinks and anything else below the root.
+    pub entries: u64,
 }
 
 /// A file to write, as requested.
@@ -49,6 +61,17 @@ pub struct NewFile {
 impl Disk {
     pub fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
+    }
+
+    /// The workspace's root directory, opened: the anchor of every access to it.
+    pub fn open(&self, id: &str) -> Result<Arc<Dir>> {
+        match Dir::open(&self.dir(id)) {
+            Ok(d) => Ok(Arc::new(d)),
+            Err(e) if beneath::is(&e, Errno::NOENT) => {
+                Err(ApiError::not_found("workspace", id).into())
+            }
+            Err(e) => Err(BuildError::io("opening a workspace", e)),
+        }
     }
 
     /// Creates the directories and empties the staging area (leftovers of a crash).
@@ -109,7 +132,7 @@ impl Disk {
 
     /// Writes, replaces and deletes in one atomic change, then checks the quota.
     pub fn write_files(&self, id: &str, deletes: &[RelPath], files: &[NewFile]) -> Result<Usage> {
-        let root = self.dir(id);
+        let root = self.open(id)?;
         let mut stage = self.stage()?;
         let mut staged = Vec::with_capacity(files.len());
         for file in files {
@@ -119,11 +142,11 @@ impl Disk {
         let result = (|| {
             for (i, path) in deletes.iter().enumerate() {
                 let field = format!("delete_paths[{i}]");
-                let (full, _) = paths::resolve(&root, path, &field, Parents::Existing)?;
-                if fs::symlink_metadata(&full).is_err() {
+                let r = paths::resolve(&root, path, &field, Parents::Existing)?;
+                if r.parent.stat(&r.name).is_err() {
                     return Err(ApiError::not_found("path", path.as_str()).into());
                 }
-                txn.remove(&full)?;
+                txn.remove(&r.parent, r.name.as_ref())?;
             }
             for (file, staged) in files.iter().zip(&staged) {
                 txn.place(&root, &file.path, &file.field, staged)?;
@@ -135,12 +158,13 @@ impl Disk {
 
     /// Measures a workspace and refuses it over the limits with RESOURCE_EXHAUSTED (the
     /// caller rolls back).
-    pub fn check_quota(&self, root: &Path) -> Result<Usage> {
-        let usage = usage(root)?;
-        if usage.bytes > self.limits.max_bytes || usage.files > self.limits.max_files {
+    pub fn check_quota(&self, root: &Arc<Dir>) -> Result<Usage> {
+        let usage = usage_of(root)?;
+        if usage.bytes > self.limits.max_bytes || usage.entries > self.limits.max_files {
             let message = format!(
-                "the workspace would hold {} files and {} bytes; the limits are {} files and {} bytes",
-                usage.files, usage.bytes, self.limits.max_files, self.limits.max_bytes
+                "the workspace would hold {} entries (files, directories and symlinks) and {} bytes; \
+                 the limits are {} entries and {} bytes",
+                usage.entries, usage.bytes, self.limits.max_files, self.limits.max_bytes
             );
             return Err(ApiError::new(
                 tonic::Code::ResourceExhausted,
@@ -161,55 +185,108 @@ impl Disk {
         after: &str,
         limit: usize,
     ) -> Result<(Vec<pb::FileInfo>, bool)> {
-        let root = self.dir(id);
-        let start = if dir.is_root() {
-            root.clone()
-        } else {
-            let (full, _) = paths::resolve(&root, dir, "directory", Parents::Existing)?;
-            match fs::symlink_metadata(&full) {
-                Ok(m) if m.is_dir() => full,
-                Ok(_) => return Err(paths::invalid_path("directory", "is not a directory")),
-                Err(_) => return Err(ApiError::not_found("directory", dir.as_str()).into()),
+        let root = self.open(id)?;
+        let start = match paths::open_dir(&root, dir, "directory")? {
+            Ok(d) => d,
+            Err(NoDir::NotADirectory) => {
+                return Err(paths::invalid_path("directory", "is not a directory"));
+            }
+            Err(NoDir::Missing) => {
+                return Err(ApiError::not_found("directory", dir.as_str()).into());
             }
         };
         let mut entries = Vec::new();
-        walk(&start, dir, &mut |rel, meta, full| {
-            if rel.as_str() > after {
-                entries.push((rel, meta, full));
+        beneath::walk(&start, &mut |e| {
+            if !matches!(e.meta.kind, Kind::File | Kind::Symlink) {
+                return Ok(());
             }
-        })?;
+            let Some(rel) = api_path(dir, e.path) else {
+                return Ok(()); // not UTF-8: cannot be named in the API
+            };
+            if rel.as_str() > after {
+                // Read now, from the directory that holds it: never through a path.
+                let target = if e.meta.kind == Kind::Symlink {
+                    e.parent.read_link(e.name).unwrap_or_default()
+                } else {
+                    OsString::new()
+                };
+                entries.push((rel, e.meta, target));
+            }
+            Ok(())
+        })
+        .map_err(|e| BuildError::io("listing a workspace", e))?;
         entries.sort_by(|a, b| a.0.as_str().as_bytes().cmp(b.0.as_str().as_bytes()));
         let more = entries.len() > limit;
         let files = entries
             .into_iter()
             .take(limit)
-            .map(|(rel, meta, full)| file_info(rel, &meta, &full))
+            .map(|(rel, meta, target)| file_info(rel, &meta, &target))
             .collect();
         Ok((files, more))
     }
 
+    /// Refuses a DownloadArchive of anything but an existing directory (NOT_FOUND).
+    pub fn check_directory(&self, id: &str, dir: &RelPath) -> Result<()> {
+        let root = self.open(id)?;
+        match paths::open_dir(&root, dir, "directory")? {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ApiError::not_found("directory", dir.as_str()).into()),
+        }
+    }
+
     /// Opens a regular file for reading, without following a symlink anywhere.
     pub fn open_regular(&self, id: &str, path: &RelPath) -> Result<(File, u64)> {
-        let root = self.dir(id);
-        let (full, _) = paths::resolve(&root, path, "path", Parents::Existing)?;
-        let meta = match fs::symlink_metadata(&full) {
-            Ok(m) => m,
-            Err(_) => return Err(ApiError::not_found("file", path.as_str()).into()),
-        };
-        if !meta.is_file() {
-            return Err(ApiError::failed_precondition(
+        let root = self.open(id)?;
+        let r = paths::resolve(&root, path, "path", Parents::Existing)?;
+        let not_regular = || -> BuildError {
+            ApiError::failed_precondition(
                 reason::NOT_A_REGULAR_FILE,
                 format!("{:?} is a directory or a symbolic link", path.as_str()),
             )
-            .into());
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&full)
+            .into()
+        };
+        let file = match r.parent.open_file(&r.name) {
+            Ok(f) => f,
+            Err(e) if beneath::is(&e, Errno::NOENT) => {
+                return Err(ApiError::not_found("file", path.as_str()).into());
+            }
+            // ELOOP: a symlink (O_NOFOLLOW); ENXIO: a socket.
+            Err(e) if beneath::is(&e, Errno::LOOP) || beneath::is(&e, Errno::NXIO) => {
+                return Err(not_regular());
+            }
+            Err(e) => return Err(BuildError::io("opening a workspace file", e)),
+        };
+        // The kind and size of what was opened, not of what the name points to now.
+        let meta = file
+            .metadata()
             .map_err(|e| BuildError::io("opening a workspace file", e))?;
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
         Ok((file, meta.len()))
     }
+
+    /// Makes `name` in the workspace a plain directory the server created: whatever a
+    /// build left there (a symlink, a file) is removed first, never followed.
+    pub fn ensure_plain_dir(&self, id: &str, name: &str) -> Result<()> {
+        let root = self.open(id)?;
+        match root.stat(name) {
+            Ok(m) if m.kind == Kind::Dir => return Ok(()),
+            Ok(_) => root
+                .remove_tree(name)
+                .map_err(|e| BuildError::io("replacing a workspace entry", e))?,
+            Err(_) => {}
+        }
+        match root.mkdir(name, 0o755) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(BuildError::io("creating a workspace directory", e)),
+        }
+    }
+}
+
+/// `prefix/path` as an API path, if `path` (from a walk) is UTF-8.
+pub fn api_path(prefix: &RelPath, path: &[u8]) -> Option<RelPath> {
+    std::str::from_utf8(path).ok().map(|p| prefix.join(p))
 }
 
 /// Commits or rolls back `txn` depending on `result`, and removes the staging area.
@@ -271,14 +348,26 @@ pub fn create_file(path: &Path, executable: bool) -> Result<File> {
 }
 
 enum Undo {
-    Created(PathBuf),
-    CreatedDir(PathBuf),
-    Moved { original: PathBuf, parked: PathBuf },
+    Created {
+        dir: Arc<Dir>,
+        name: String,
+    },
+    CreatedDir {
+        dir: Arc<Dir>,
+        name: String,
+    },
+    Moved {
+        dir: Arc<Dir>,
+        name: OsString,
+        parked: String,
+    },
 }
 
-/// A change being applied to a workspace, undoable until committed.
+/// A change being applied to a workspace, undoable until committed. Every step is
+/// recorded as (directory descriptor, name), so undoing never resolves a path either.
 pub struct Txn {
-    trash: PathBuf,
+    trash_path: PathBuf,
+    trash: Dir,
     undo: Vec<Undo>,
     parked: u64,
 }
@@ -294,58 +383,87 @@ impl std::fmt::Debug for Txn {
 impl Txn {
     pub fn new(trash: PathBuf) -> Result<Self> {
         fs::create_dir_all(&trash).map_err(|e| BuildError::io("creating a trash directory", e))?;
+        let dir = Dir::open(&trash).map_err(|e| BuildError::io("opening a trash directory", e))?;
         Ok(Self {
-            trash,
+            trash_path: trash,
+            trash: dir,
             undo: Vec::new(),
             parked: 0,
         })
     }
 
-    /// Moves an existing entry (file, symlink or directory tree) out of the way.
-    pub fn remove(&mut self, full: &Path) -> Result<()> {
+    /// Moves the entry `name` of `dir` (file, symlink or directory tree) out of the way.
+    pub fn remove(&mut self, dir: &Arc<Dir>, name: &OsStr) -> Result<()> {
         self.parked += 1;
-        let parked = self.trash.join(self.parked.to_string());
-        fs::rename(full, &parked).map_err(|e| BuildError::io("removing a workspace entry", e))?;
+        let parked = self.parked.to_string();
+        dir.rename(name, &self.trash, &parked)
+            .map_err(|e| BuildError::io("removing a workspace entry", e))?;
         self.undo.push(Undo::Moved {
-            original: full.to_path_buf(),
+            dir: Arc::clone(dir),
+            name: name.to_owned(),
             parked,
         });
         Ok(())
     }
 
-    /// Creates the parents of `path` as needed and returns its full path, replacing
+    fn record_created(&mut self, created: Vec<(Arc<Dir>, String)>) {
+        self.undo.extend(
+            created
+                .into_iter()
+                .map(|(dir, name)| Undo::CreatedDir { dir, name }),
+        );
+    }
+
+    /// Creates the parents of `path` as needed and returns where it goes, replacing
     /// whatever file or symlink was there (never a directory).
-    pub fn prepare_target(&mut self, root: &Path, path: &RelPath, field: &str) -> Result<PathBuf> {
-        let (full, created) = paths::resolve(root, path, field, Parents::Create)?;
-        self.undo.extend(created.into_iter().map(Undo::CreatedDir));
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.is_dir() => {
+    pub fn prepare_target(
+        &mut self,
+        root: &Arc<Dir>,
+        path: &RelPath,
+        field: &str,
+    ) -> Result<(Arc<Dir>, String)> {
+        let r = paths::resolve(root, path, field, Parents::Create)?;
+        self.record_created(r.created);
+        match r.parent.stat(&r.name) {
+            Ok(m) if m.kind == Kind::Dir => {
                 return Err(paths::invalid_path(field, "is an existing directory"));
             }
-            Ok(_) => self.remove(&full)?,
+            Ok(_) => self.remove(&r.parent, r.name.as_ref())?,
             Err(_) => {}
         }
-        Ok(full)
+        Ok((r.parent, r.name))
     }
 
     /// Renames a staged file into place at `path`.
-    pub fn place(&mut self, root: &Path, path: &RelPath, field: &str, staged: &Path) -> Result<()> {
-        let full = self.prepare_target(root, path, field)?;
-        fs::rename(staged, &full).map_err(|e| BuildError::io("placing a file", e))?;
-        self.undo.push(Undo::Created(full));
+    pub fn place(
+        &mut self,
+        root: &Arc<Dir>,
+        path: &RelPath,
+        field: &str,
+        staged: &Path,
+    ) -> Result<()> {
+        let (dir, name) = self.prepare_target(root, path, field)?;
+        dir.rename_in(staged, &name)
+            .map_err(|e| BuildError::io("placing a file", e))?;
+        self.undo.push(Undo::Created { dir, name });
         Ok(())
     }
 
     /// Creates a directory (and its parents) if missing.
-    pub fn mkdir(&mut self, root: &Path, path: &RelPath, field: &str) -> Result<()> {
-        let (full, created) = paths::resolve(root, path, field, Parents::Create)?;
-        self.undo.extend(created.into_iter().map(Undo::CreatedDir));
-        match fs::symlink_metadata(&full) {
-            Ok(m) if m.is_dir() => Ok(()),
+    pub fn mkdir(&mut self, root: &Arc<Dir>, path: &RelPath, field: &str) -> Result<()> {
+        let r = paths::resolve(root, path, field, Parents::Create)?;
+        self.record_created(r.created);
+        match r.parent.stat(&r.name) {
+            Ok(m) if m.kind == Kind::Dir => Ok(()),
             Ok(_) => Err(paths::invalid_path(field, "is an existing file")),
             Err(_) => {
-                fs::create_dir(&full).map_err(|e| BuildError::io("creating a directory", e))?;
-                self.undo.push(Undo::CreatedDir(full));
+                r.parent
+                    .mkdir(&r.name, 0o755)
+                    .map_err(|e| BuildError::io("creating a directory", e))?;
+                self.undo.push(Undo::CreatedDir {
+                    dir: r.parent,
+                    name: r.name,
+                });
                 Ok(())
             }
         }
@@ -354,9 +472,9 @@ impl Txn {
     pub fn rollback(self) {
         for step in self.undo.into_iter().rev() {
             let result = match step {
-                Undo::Created(p) => fs::remove_file(&p),
-                Undo::CreatedDir(p) => fs::remove_dir_all(&p),
-                Undo::Moved { original, parked } => fs::rename(&parked, &original),
+                Undo::Created { dir, name } => dir.remove_file(&name),
+                Undo::CreatedDir { dir, name } => dir.remove_tree(&name),
+                Undo::Moved { dir, name, parked } => self.trash.rename(&parked, &dir, &name),
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "rolling back a workspace change failed");
@@ -365,53 +483,35 @@ impl Txn {
     }
 
     pub fn commit(self) {
-        let _ = fs::remove_dir_all(&self.trash);
+        // The trash is the server's own staging area, never a workspace: std's
+        // remove_dir_all (which does not follow symlinks either) is fine here.
+        let _ = fs::remove_dir_all(&self.trash_path);
     }
 }
 
-/// Total apparent size and number of regular files, not following symlinks.
+/// [`usage_of`] the workspace directory at `root` (a server-controlled path).
 pub fn usage(root: &Path) -> Result<Usage> {
+    let dir = Dir::open(root).map_err(|e| BuildError::io("measuring a workspace", e))?;
+    usage_of(&Arc::new(dir))
+}
+
+/// Total apparent size of the regular files, and the number of entries of any kind,
+/// not following symlinks.
+pub fn usage_of(root: &Arc<Dir>) -> Result<Usage> {
     let mut usage = Usage::default();
-    walk(root, &RelPath::default(), &mut |_, meta, _| {
-        if meta.is_file() {
-            usage.bytes += meta.len();
-            usage.files += 1;
+    beneath::walk(root, &mut |e| {
+        usage.entries += 1;
+        if e.meta.kind == Kind::File {
+            usage.bytes += e.meta.size;
         }
-    })?;
+        Ok(())
+    })
+    .map_err(|e| BuildError::io("measuring a workspace", e))?;
     Ok(usage)
 }
 
-/// Visits regular files and symlinks below `dir` (not following symlinks).
-fn walk(
-    dir: &Path,
-    rel: &RelPath,
-    visit: &mut dyn FnMut(RelPath, fs::Metadata, PathBuf),
-) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(BuildError::io("listing a workspace", e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| BuildError::io("listing a workspace", e))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue; // not UTF-8: cannot be named in the API
-        };
-        let meta = entry
-            .metadata()
-            .map_err(|e| BuildError::io("listing a workspace", e))?;
-        let child = rel.join(&name);
-        if meta.is_dir() {
-            walk(&entry.path(), &child, visit)?;
-        } else if meta.is_file() || meta.file_type().is_symlink() {
-            visit(child, meta, entry.path());
-        }
-    }
-    Ok(())
-}
-
-fn file_info(rel: RelPath, meta: &fs::Metadata, full: &Path) -> pb::FileInfo {
-    let symlink = meta.file_type().is_symlink();
+fn file_info(rel: RelPath, meta: &Meta, target: &OsStr) -> pb::FileInfo {
+    let symlink = meta.kind == Kind::Symlink;
     pb::FileInfo {
         path: rel.as_str().to_owned(),
         file_type: if symlink {
@@ -419,18 +519,12 @@ fn file_info(rel: RelPath, meta: &fs::Metadata, full: &Path) -> pb::FileInfo {
         } else {
             pb::FileType::Regular
         } as i32,
-        size_bytes: if symlink { 0 } else { meta.len() },
-        executable: !symlink && meta.mode() & 0o111 != 0,
+        size_bytes: if symlink { 0 } else { meta.size },
+        executable: !symlink && meta.mode & 0o111 != 0,
         modified_at: Some(prost_types::Timestamp {
-            seconds: meta.mtime(),
-            nanos: i32::try_from(meta.mtime_nsec()).unwrap_or(0),
+            seconds: meta.mtime,
+            nanos: i32::try_from(meta.mtime_nsec).unwrap_or(0),
         }),
-        symlink_target: if symlink {
-            fs::read_link(full)
-                .map(|t| t.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        },
+        symlink_target: String::from_utf8_lossy(target.as_bytes()).into_owned(),
     }
 }

@@ -75,7 +75,8 @@ async fn write_list_read_and_delete_files() {
         vec![file("a.txt", "alpha"), file("dir/b.txt", "beta")],
     )
     .await;
-    assert_eq!((ws.file_count, ws.size_bytes), (2, 9));
+    // Entries count directories too: a.txt, dir, dir/b.txt.
+    assert_eq!((ws.file_count, ws.size_bytes), (3, 9));
     let mut exe = file("run.py", "print(1)");
     exe.executable = true;
     let resp = c
