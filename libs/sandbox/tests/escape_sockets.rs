@@ -103,6 +103,46 @@ for ty in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
     assert_eq!(out, "ping\nping\nping\n");
 }
 
+/// Runtimes' own plumbing needs no `socket(AF_UNIX)`: python's subprocess and
+/// multiprocessing processes and pipes (fork and spawn; forkserver, the default from
+/// python 3.14, listens on a unix socket and fails in tier B; and multiprocessing's
+/// locks need /dev/shm, which tier B does not grant) and node's child_process (libuv's
+/// socketpair).
+async fn runtimes_work_without_unix_sockets(s: &Sandbox, _tier: Tier) {
+    let ws = Workspace::new(s);
+    let code = r#"
+import multiprocessing as mp, subprocess
+def child(conn):
+    conn.send(sum(map(abs, conn.recv())))
+if __name__ == "__main__":
+    print(subprocess.run(["/bin/echo", "sub"], capture_output=True, text=True).stdout.strip())
+    for method in ("fork", "spawn"):
+        ctx = mp.get_context(method)
+        ours, theirs = ctx.Pipe()  # duplex: a socketpair
+        p = ctx.Process(target=child, args=(theirs,))
+        p.start()
+        ours.send([-1, -2, 3])
+        print(method, ours.recv())
+        p.join()
+"#;
+    // A file, not -c: spawn's children import the main module.
+    std::fs::write(ws.join("mp.py"), code).unwrap();
+    let (o, out, err) = run(s, spec(&ws, &["/usr/bin/python3", "-I", "-S", "mp.py"])).await;
+    assert!(o.success(), "{o:?} {err}");
+    assert_eq!(out, "sub\nfork 6\nspawn 6\n", "{err}");
+    let node = "/usr/bin/node";
+    if !std::path::Path::new(node).exists() {
+        eprintln!("SKIPPED the node part: no {node}");
+        return;
+    }
+    let js = "const cp = require('child_process');\
+              process.stdout.write(cp.execFileSync('/bin/echo', ['node-child']));\
+              cp.spawn('/bin/cat', [], { stdio: ['pipe', 'inherit', 'inherit'] }).stdin.end('piped\\n');";
+    let (o, out, err) = run(s, spec(&ws, &[node, "-e", js])).await;
+    assert!(o.success(), "{o:?} {err}");
+    assert_eq!(out, "node-child\npiped\n", "{err}");
+}
+
 /// Tier A has its own cgroup namespace rooted at the step's cgroup: the host's
 /// hierarchy (the service's unit, sibling steps' names) does not show.
 async fn cgroup_namespace_root(s: &Sandbox, _tier: Tier) {
@@ -118,6 +158,7 @@ async fn cgroup_namespace_root(s: &Sandbox, _tier: Tier) {
 both_tiers!(
     vsock_refused,
     host_unix_socket_unreachable,
-    socketpair_works
+    socketpair_works,
+    runtimes_work_without_unix_sockets,
 );
 tier_a_only!(cgroup_namespace_root);
