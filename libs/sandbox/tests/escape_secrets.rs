@@ -40,7 +40,7 @@ for pid in sorted({"1", str(ppid)}):
             print(pid, name, "READ", os.listdir("/proc/%s/%s" % (pid, name)))
         except OSError as e:
             print(pid, name, "DENIED", e.errno)
-    for name in ("exe", "cwd", "root"):
+    for name in ("exe", "cwd", "root", "fd/0", "fd/3"):
         try:
             print(pid, name, "READ", os.readlink("/proc/%s/%s" % (pid, name)))
         except OSError as e:
@@ -48,9 +48,53 @@ for pid in sorted({"1", str(ppid)}):
 print("supervisor", ppid)
 "#;
 
+/// How the step relates to the "service".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Case {
+    A,
+    B,
+    /// Tier B with the step running as the service's own uid, as with an unprivileged
+    /// service: neither a uid nor file permissions stand between the step and the
+    /// service's `/proc/<pid>/environ`; landlock's ptrace scope (and the supervisor's
+    /// non-dumpability) must.
+    BSameUid,
+}
+
+impl Case {
+    fn tier(self) -> Tier {
+        match self {
+            Case::A => Tier::A,
+            _ => Tier::B,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Case::A => "tier_a",
+            Case::B => "tier_b",
+            Case::BSameUid => "tier_b_same_uid",
+        }
+    }
+}
+
 /// The step's view, from inside the "service" process.
-async fn look_for_secret(tier: Tier, secret: &str) {
-    let Some(s) = sandbox(tier) else {
+async fn look_for_secret(case: Case, secret: &str) {
+    let tier = case.tier();
+    let s = if case == Case::BSameUid {
+        let config = kiln_sandbox::SandboxConfig {
+            force_tier: Some(Tier::B),
+            run_as: Some((
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )),
+            ..Default::default()
+        };
+        kiln_sandbox::Sandbox::new(config).ok()
+    } else {
+        sandbox(tier)
+    };
+    let Some(s) = s else {
+        eprintln!("SKIPPED: tier {tier} unavailable");
         return;
     };
     let ws = Workspace::new(&s);
@@ -91,22 +135,33 @@ async fn look_for_secret(tier: Tier, secret: &str) {
         "exe",
         "cwd",
         "root",
+        "fd/0",
+        "fd/3",
     ] {
+        // A non-dumpable process's /proc files belong to root, which here is the step's
+        // own uid: it may list fd/ (numbers only), though not follow an entry.
+        if case == Case::BSameUid && nix::unistd::geteuid().is_root() && name == "fd" {
+            continue;
+        }
         let prefix = format!("{sup} {name} ");
         let line = out.lines().find(|l| l.starts_with(&prefix)).unwrap();
         assert!(line.contains("DENIED"), "{line}");
     }
-    println!("CHECKED tier {tier}");
+    println!("CHECKED {}", case.name());
 }
 
-/// Runs `inner::<tier>` in a new process of this binary, with a fresh secret.
-async fn service_secret_unreadable(tier: Tier) {
+/// Runs `inner::<case>` in a new process of this binary, with a fresh secret.
+async fn service_secret_unreadable(case: Case) {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let secret = format!("kiln-service-secret-{}-{nanos}-{tier}", std::process::id());
-    let name = format!("inner::tier_{}", tier.to_string().to_lowercase());
+    let secret = format!(
+        "kiln-service-secret-{}-{nanos}-{}",
+        std::process::id(),
+        case.name()
+    );
+    let name = format!("inner::{}", case.name());
     let out = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", &name, "--nocapture", "--test-threads=1", &secret])
         .env(SECRET_ENV, &secret)
@@ -116,7 +171,7 @@ async fn service_secret_unreadable(tier: Tier) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let checked = stdout.contains(&format!("CHECKED tier {tier}"));
+    let checked = stdout.contains(&format!("CHECKED {}\n", case.name()));
     assert!(
         checked || stderr.contains("SKIPPED: tier"),
         "{stdout}\n{stderr}"
@@ -126,30 +181,40 @@ async fn service_secret_unreadable(tier: Tier) {
 mod inner {
     use super::*;
 
-    async fn run_if_service(tier: Tier) {
+    async fn run_if_service(case: Case) {
         // Only in the re-run process; a no-op in the ordinary run.
         if let Ok(secret) = std::env::var(SECRET_ENV) {
-            look_for_secret(tier, &secret).await;
+            look_for_secret(case, &secret).await;
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tier_a() {
-        run_if_service(Tier::A).await;
+        run_if_service(Case::A).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tier_b() {
-        run_if_service(Tier::B).await;
+        run_if_service(Case::B).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tier_b_same_uid() {
+        run_if_service(Case::BSameUid).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_secret_unreadable_tier_a() {
-    service_secret_unreadable(Tier::A).await;
+    service_secret_unreadable(Case::A).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_secret_unreadable_tier_b() {
-    service_secret_unreadable(Tier::B).await;
+    service_secret_unreadable(Case::B).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_secret_unreadable_tier_b_same_uid() {
+    service_secret_unreadable(Case::BSameUid).await;
 }
