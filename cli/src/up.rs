@@ -64,10 +64,14 @@ pub struct UpArgs {
     #[arg(long, env = "KILN_REQUIRE_CLIENT_CERT")]
     require_client_cert: bool,
 
-    /// Password of the bootstrap `admin` user on an empty store. When unset, one is
-    /// generated and written once to `<data-dir>/auth/admin-password` (0600).
-    #[arg(long, env = "KILN_ADMIN_PASSWORD", hide_env_values = true)]
-    admin_password: Option<String>,
+    /// A file holding the password of the bootstrap `admin` user on an empty store (its
+    /// first line). The password can also come from the environment variable
+    /// `KILN_ADMIN_PASSWORD`, but there is deliberately no flag that takes it: a command
+    /// line is readable by every process on the host (`/proc/<pid>/cmdline`), builds
+    /// included. With neither, a password is generated and written once to
+    /// `<data-dir>/auth/admin-password` (0600).
+    #[arg(long, env = "KILN_ADMIN_PASSWORD_FILE", value_name = "PATH")]
+    admin_password_file: Option<PathBuf>,
 
     /// Lifetime of access tokens, in seconds. Default: 900.
     #[arg(long, env = "KILN_ACCESS_TOKEN_TTL_SECS")]
@@ -132,6 +136,33 @@ pub fn config(command: ConfigCommand) -> anyhow::Result<i32> {
 }
 
 /// `<data dir>/kiln`, or `./.kiln` where the platform has no data directory.
+/// The environment variable that may carry the bootstrap admin's password.
+const ADMIN_PASSWORD_ENV: &str = "KILN_ADMIN_PASSWORD";
+
+/// The bootstrap admin's password: from `--admin-password-file` or `KILN_ADMIN_PASSWORD`
+/// (not both: which one wins would be a guess), never from a flag's value.
+fn admin_password(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let from_env = std::env::var(ADMIN_PASSWORD_ENV)
+        .ok()
+        .filter(|p| !p.is_empty());
+    let Some(path) = file else {
+        return Ok(from_env);
+    };
+    if from_env.is_some() {
+        anyhow::bail!("set either --admin-password-file or {ADMIN_PASSWORD_ENV}, not both");
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the admin password from {}", path.display()))?;
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        anyhow::bail!(
+            "{} holds no admin password (its first line is empty)",
+            path.display()
+        );
+    }
+    Ok(Some(password.to_owned()))
+}
+
 pub fn default_data_dir() -> PathBuf {
     dirs::data_dir().map_or_else(|| PathBuf::from(".kiln"), |d| d.join("kiln"))
 }
@@ -192,7 +223,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     });
 
     let mut auth_config = file.auth(data_dir.join("auth"));
-    auth_config.admin_password = args.admin_password;
+    auth_config.admin_password = admin_password(args.admin_password_file.as_deref())?;
     if let Some(secs) = args.access_token_ttl_secs {
         auth_config.access_ttl = Duration::from_secs(secs);
     }

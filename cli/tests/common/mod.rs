@@ -33,9 +33,28 @@ impl Suite {
 
     /// Starts `kiln up` with extra flags and waits until it prints its endpoint.
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra_args, true)
+    }
+
+    /// Starts `kiln up` whose admin password comes from `--admin-password-file`, not
+    /// from the environment.
+    pub fn start_with_password_file() -> Self {
         let data = tempfile::tempdir().expect("tempdir");
+        let file = data.path().join("admin-password.txt");
+        std::fs::write(&file, format!("{ADMIN_PASSWORD}\n")).expect("password file");
+        let file = file.to_str().expect("utf-8 path").to_owned();
+        Self::start_in(data, &["--admin-password-file", &file], false)
+    }
+
+    fn start_in(data: tempfile::TempDir, extra_args: &[&str], password_env: bool) -> Self {
         let log = std::fs::File::create(data.path().join("kiln.log")).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        if password_env {
+            command.env("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD);
+        } else {
+            command.env_remove("KILN_ADMIN_PASSWORD");
+        }
+        let mut child = command
             .args([
                 "up",
                 "--listen",
@@ -47,7 +66,6 @@ impl Suite {
             .arg(data.path())
             .args(extra_args)
             .env("KILN_LOG", "info,kiln_rpc=debug")
-            .env("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

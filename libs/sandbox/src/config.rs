@@ -17,6 +17,27 @@ pub enum Tier {
     A,
 }
 
+impl Tier {
+    /// What this tier leaves visible or shared, in one line for GetPolicy (the README's
+    /// tier matrix says it at length). None when nothing notable is left.
+    pub fn caveats(self) -> Option<&'static str> {
+        match self {
+            Tier::A => None,
+            // Hiding other uids' processes needs `hidepid=` on the host's /proc mount,
+            // which only the host's root can set; an unprivileged process cannot mount a
+            // /proc of its own without a pid namespace.
+            Tier::B => Some(
+                "not isolated here: the host's process list and every process's command \
+                 line (other builds' argv included) are visible in /proc, and the host's \
+                 network namespace is shared (internet sockets other than TCP, and TCP \
+                 bind/connect with landlock >= 4, are refused; unix sockets only as \
+                 socketpair)",
+            ),
+            Tier::None => Some("no isolation at all: builds run as the service"),
+        }
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

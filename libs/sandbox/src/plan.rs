@@ -114,8 +114,50 @@ pub(crate) struct Plan<'a> {
     pub envp_ptrs: Vec<*const libc::c_char>,
     pub landlock: Option<LandlockPlan>,
     pub seccomp: Option<&'a SeccompFilters>,
+    /// The service's argument and environment strings, which the supervisor (a copy of
+    /// the service's memory) overwrites first thing: see [`ArgArea`].
+    pub arg_area: Option<ArgArea>,
     /// Probe mode: build the sandbox, report success, run nothing.
     pub probe_only: bool,
+}
+
+/// Where the kernel finds a process's command line and environment: the strings on the
+/// initial stack, `[arg_start, arg_end)` and `[env_start, env_end)` (fields 48–51 of
+/// `/proc/<pid>/stat`). `/proc/<pid>/cmdline` is readable by every process that can see
+/// the pid, whatever its uid, and the supervisor is a `clone` of the service without an
+/// `execve`: unless it overwrites these bytes it shows the service's command line (and
+/// environment) to the step, as pid 1 in tier A and as the step's parent in tier B.
+/// Setting them elsewhere (`PR_SET_MM_ARG_START`) needs `CAP_SYS_RESOURCE` on the host,
+/// and an `execve` of a separate init would cost a binary and an exec per step; writing
+/// over our own copy is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ArgArea {
+    pub arg: (usize, usize),
+    pub env: (usize, usize),
+}
+
+impl ArgArea {
+    /// This process's areas, or None if /proc says something unexpected (then the
+    /// supervisor shows the service's command line, as before; the caller logs it).
+    pub(crate) fn of_self() -> Option<ArgArea> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) may contain spaces and parentheses: count fields
+        // from the last ')', after which field 3 comes.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<usize> = rest
+            .split_whitespace()
+            .skip(48 - 3)
+            .take(4)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let [arg_start, arg_end, env_start, env_end] = fields[..] else {
+            return None;
+        };
+        (arg_start < arg_end && env_start <= env_end).then_some(ArgArea {
+            arg: (arg_start, arg_end),
+            env: (env_start, env_end),
+        })
+    }
 }
 
 pub(crate) fn cstr(bytes: impl AsRef<[u8]>) -> Result<CString> {
@@ -144,6 +186,8 @@ pub(crate) struct HostFacts {
     pub root: bool,
     pub cgroup_memory: bool,
     pub cgroup_pids: bool,
+    /// The service's argv/environment strings, for the supervisor to overwrite.
+    pub arg_area: Option<ArgArea>,
 }
 
 /// Builds the plan and lists the controls it applies.
@@ -271,6 +315,7 @@ pub(crate) fn build<'a>(
         envp,
         landlock,
         seccomp: if tier == Tier::None { None } else { seccomp },
+        arg_area: host.arg_area,
         probe_only: false,
     })
 }

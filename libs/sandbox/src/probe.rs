@@ -153,6 +153,7 @@ fn dry_run_tier_a(config: &SandboxConfig, landlock_abi: u32, root: bool) -> Resu
             root,
             cgroup_memory: false,
             cgroup_pids: false,
+            arg_area: plan::ArgArea::of_self(),
         };
         let mut enforced: Vec<Enforcement> = Vec::new();
         let mut plan = plan::build(config, Tier::A, &spec, &dir, facts, None, &mut enforced)

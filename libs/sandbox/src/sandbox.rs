@@ -15,7 +15,7 @@ use crate::outcome::{Control, Enforcement, ExitStatus, Mechanism, Outcome, Reaso
 use crate::output::{self, Budget, OutputReceiver, Stream};
 use crate::plan::{self, HostFacts};
 use crate::probe::{self, Probe};
-use crate::seccomp::{InetSockets, SeccompFilters};
+use crate::seccomp::{InetSockets, SeccompFilters, UnixSockets};
 use crate::spawn::{self, IdMap};
 use crate::spec::CommandSpec;
 use crate::status::Labels;
@@ -33,6 +33,9 @@ struct Inner {
     tier: Tier,
     seccomp: Option<SeccompFilters>,
     next_id: AtomicU64,
+    /// This process's command line and environment strings, which every supervisor
+    /// overwrites in its copy of our memory.
+    arg_area: Option<plan::ArgArea>,
     /// When this sandbox was made (ns since the epoch): part of its cgroup names.
     started_nanos: u128,
 }
@@ -80,14 +83,26 @@ impl Sandbox {
         };
         let seccomp = match tier {
             Tier::None => None,
-            Tier::A => Some(SeccompFilters::build(InetSockets::Any)?),
+            Tier::A => Some(SeccompFilters::build(InetSockets::Any, UnixSockets::Any)?),
             // Landlock ABI 4 brought TCP rules; below it only seccomp can keep tier B off
-            // the host's network.
-            Tier::B if probe.landlock_abi >= 4 => {
-                Some(SeccompFilters::build(InetSockets::StreamOnly)?)
-            }
-            Tier::B => Some(SeccompFilters::build(InetSockets::None)?),
+            // the host's network. Tier B shares the host's socket files too: only
+            // socketpair(AF_UNIX) is allowed.
+            Tier::B if probe.landlock_abi >= 4 => Some(SeccompFilters::build(
+                InetSockets::StreamOnly,
+                UnixSockets::PairOnly,
+            )?),
+            Tier::B => Some(SeccompFilters::build(
+                InetSockets::None,
+                UnixSockets::PairOnly,
+            )?),
         };
+        let arg_area = plan::ArgArea::of_self();
+        if arg_area.is_none() && tier != Tier::None {
+            tracing::warn!(
+                "cannot locate this process's command line in /proc/self/stat: steps may \
+                 read it from their supervisor"
+            );
+        }
         if tier == Tier::None {
             tracing::warn!("running build steps WITHOUT isolation (allow_unsandboxed)");
         } else {
@@ -100,6 +115,7 @@ impl Sandbox {
                 tier,
                 seccomp,
                 next_id: AtomicU64::new(0),
+                arg_area,
                 started_nanos: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos()),
@@ -244,6 +260,7 @@ impl Sandbox {
             root: inner.probe.root,
             cgroup_memory: has("memory") && spec.limits.memory_bytes.is_some(),
             cgroup_pids: has("pids") && spec.limits.processes.is_some(),
+            arg_area: inner.arg_area,
         };
         let result = (|| {
             let plan = plan::build(

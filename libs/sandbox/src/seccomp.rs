@@ -84,6 +84,7 @@ const NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
 pub fn denied_syscalls() -> Vec<&'static str> {
     let mut names: Vec<_> = DENIED.iter().map(|(_, n)| *n).collect();
     names.extend([
+        "socket(AF_VSOCK)",
         "clone(CLONE_NEW*)",
         "clone3 (ENOSYS)",
         "ioctl(TIOCSTI/TIOCLINUX)",
@@ -116,6 +117,23 @@ const NON_STREAM_TYPES: [u64; 6] = [
     10, // SOCK_PACKET (deprecated in libc, still accepted by the kernel)
 ];
 
+/// Whether a step may create `AF_UNIX` sockets with `socket(2)`. `socketpair(2)` (what
+/// runtimes use for their own plumbing: libuv's child stdio, python's multiprocessing)
+/// is a different system call and always allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnixSockets {
+    /// Tier A: the mount namespace shows no host socket files outside the read-only
+    /// system binds, and abstract sockets belong to the step's network namespace.
+    Any,
+    /// Tier B: a pathname socket of the host (an agent's, a database's, a docker socket
+    /// left world-writable under /tmp) is reachable by path, landlock does not check
+    /// `connect` on socket files, and a socket file's mode is the only other guard.
+    PairOnly,
+}
+
+/// `AF_VSOCK`: talks to the hypervisor and sibling VMs, outside every namespace.
+const AF_VSOCK: u64 = 40;
+
 /// The compiled filters, installed in order right before `execve`.
 #[derive(Debug)]
 pub(crate) struct SeccompFilters {
@@ -143,7 +161,7 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule> {
 }
 
 impl SeccompFilters {
-    pub fn build(inet: InetSockets) -> Result<Self> {
+    pub fn build(inet: InetSockets, unix: UnixSockets) -> Result<Self> {
         let arch = arch()?;
         let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
             DENIED.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
@@ -161,10 +179,17 @@ impl SeccompFilters {
                 rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
             ],
         );
-        let socket_rules = inet_socket_rules(inet)?;
-        if !socket_rules.is_empty() {
-            denied.insert(libc::SYS_socket, socket_rules);
+        let mut socket_rules = inet_socket_rules(inet)?;
+        // vsock reaches the host (or the hypervisor) whatever the network namespace.
+        socket_rules.push(rule(vec![int_cond(0, SeccompCmpOp::Eq, AF_VSOCK)?])?);
+        if unix == UnixSockets::PairOnly {
+            socket_rules.push(rule(vec![int_cond(
+                0,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )?])?);
         }
+        denied.insert(libc::SYS_socket, socket_rules);
         let eperm = SeccompFilter::new(
             denied,
             SeccompAction::Allow,
@@ -255,8 +280,10 @@ mod tests {
     #[test]
     fn filters_compile() {
         for inet in [InetSockets::Any, InetSockets::StreamOnly, InetSockets::None] {
-            let f = SeccompFilters::build(inet).unwrap();
-            assert_eq!(f.programs.len(), 2);
+            for unix in [UnixSockets::Any, UnixSockets::PairOnly] {
+                let f = SeccompFilters::build(inet, unix).unwrap();
+                assert_eq!(f.programs.len(), 2);
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -24,8 +25,18 @@ fn processes_with(marker: &str) -> Vec<String> {
     found
 }
 
-fn marker(tag: &str) -> String {
-    format!("{}{}", tag, std::process::id())
+/// A marker no other test shares: under plain `cargo test` the tier A and tier B
+/// variants run at once in this process, and a marker made of the pid alone made each see
+/// the other's live processes as "survivors". Digits only, since one becomes a `sleep`
+/// argument.
+fn marker(tag: &str, tier: Tier) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let tier = match tier {
+        Tier::A => 1,
+        _ => 2,
+    };
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{tag}{}{tier}{n:03}", std::process::id())
 }
 
 fn short(limits: Limits) -> Limits {
@@ -35,9 +46,9 @@ fn short(limits: Limits) -> Limits {
     }
 }
 
-async fn fork_bomb_contained(s: &Sandbox, _tier: Tier) {
+async fn fork_bomb_contained(s: &Sandbox, tier: Tier) {
     let ws = Workspace::new(s);
-    let m = marker("kilnbomb");
+    let m = marker("kilnbomb", tier);
     let script = format!("b() {{ b | b & }}; b; wait # {m}");
     let limits = short(Limits {
         processes: Some(64),
@@ -90,9 +101,9 @@ fn libc_sigterm() -> i32 {
     15
 }
 
-async fn sleep_and_daemon_killed_on_timeout(s: &Sandbox, _tier: Tier) {
+async fn sleep_and_daemon_killed_on_timeout(s: &Sandbox, tier: Tier) {
     let ws = Workspace::new(s);
-    let m = marker("99");
+    let m = marker("99", tier);
     // A daemon that double-forks and leaves the session and process group, then a
     // main process that outlives the timeout.
     let script = format!(

@@ -21,7 +21,7 @@ pub const ADMIN_USERNAME: &str = "admin";
 pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
 
 /// Creates `admin` if the store has no user at all. The password is `configured`
-/// (from `KILN_ADMIN_PASSWORD`) when set; otherwise it is generated and written to
+/// (from `KILN_ADMIN_PASSWORD` or `--admin-password-file`) when set; otherwise it is generated and written to
 /// `<data_dir>/admin-password` with mode 0600, and the log names the file (never the
 /// password). A store that has users is left alone, so restarts keep the same admin.
 pub async fn ensure_admin(
@@ -36,8 +36,11 @@ pub async fn ensure_admin(
     }
     let (password, generated) = match configured {
         Some(pw) => {
-            check_new_password("admin_password", pw, ADMIN_USERNAME)
-                .map_err(|e| AuthError::Config(format!("KILN_ADMIN_PASSWORD: {e}")))?;
+            check_new_password("admin_password", pw, ADMIN_USERNAME).map_err(|e| {
+                AuthError::Config(format!(
+                    "the admin password (KILN_ADMIN_PASSWORD or --admin-password-file): {e}"
+                ))
+            })?;
             (pw.to_owned(), false)
         }
         None => (random_token(24), true),
@@ -53,9 +56,7 @@ pub async fn ensure_admin(
              (mode 0600). Log in, change the password, then delete the file"
         );
     } else {
-        tracing::warn!(
-            "created the first kiln user `admin` with the password from KILN_ADMIN_PASSWORD"
-        );
+        tracing::warn!("created the first kiln user `admin` with the configured password");
     }
     let event = Event::new(Actor::named("", "bootstrap"), "user.create", "local")
         .target("user", &admin.id)

@@ -38,8 +38,9 @@ pub struct AuthConfig {
     /// Argon2id cost; see [`PasswordCost`]. Default: the OWASP parameters.
     pub password_cost: PasswordCost,
     /// Password of the bootstrap `admin` user, used only when the store is empty. `kiln
-    /// up` fills it from `KILN_ADMIN_PASSWORD`. Default `None`: a password is generated
-    /// and written once to `<data_dir>/admin-password` (mode 0600).
+    /// up` fills it from `KILN_ADMIN_PASSWORD` or `--admin-password-file`, never from a
+    /// flag's value (command lines are world-readable in /proc). Default `None`: a
+    /// password is generated and written once to `<data_dir>/admin-password` (mode 0600).
     pub admin_password: Option<String>,
     /// Concurrent Argon2 computations. Default: the number of CPU cores, so that hashing
     /// (about 20 ms of one core each) never takes every blocking thread and logins queue

@@ -109,9 +109,12 @@ impl BuildLimits {
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// Names argv[0] may be (exact match, no `/`). Default: common toolchains and harmless
-    /// utilities, no shell: see [`Policy::DEFAULT_PROGRAMS`]. Note that `make`, `python3`
-    /// and friends can run anything: the allowlist keeps honest mistakes and lazy
-    /// injections out, the sandbox is what contains a hostile build.
+    /// utilities, no shell and no exec wrapper: see [`Policy::DEFAULT_PROGRAMS`]. A
+    /// program that an allowed wrapper would run (`env X`, `nice X`, `timeout 5 X`,
+    /// `xargs X`, `find -exec X`, …) must be on the list too. The allowlist is a policy,
+    /// not a security boundary: `make`, `python3`, `node`, `cargo` (build scripts) and
+    /// friends run anything by design. It keeps honest mistakes and lazy injections out;
+    /// the sandbox is what contains a hostile build.
     pub allowed_programs: BTreeSet<String>,
     /// Environment variable names a request may set. Default:
     /// [`Policy::DEFAULT_ENV`]. `LD_*`, `KILN_*`, `PATH` and `HOME` are refused even if
@@ -134,12 +137,14 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The default program allowlist.
+    /// The default program allowlist. No `env` (a pure exec wrapper whose `NAME=VALUE`
+    /// words would also bypass `allowed_env`); `find` stays, and its `-exec` family is
+    /// checked like any wrapper.
     pub const DEFAULT_PROGRAMS: &[&str] = &[
         "cargo", "rustc", "python3", "python", "pip", "pip3", "node", "npm", "npx", "go", "make",
         "cc", "gcc", "g++", "c++", "clang", "ld", "ar", "true", "false", "echo", "cat", "ls",
-        "test", "env", "sleep", "printf", "head", "tail", "wc", "sort", "grep", "sed", "diff",
-        "mkdir", "cp", "mv", "rm", "touch", "tar", "find",
+        "test", "sleep", "printf", "head", "tail", "wc", "sort", "grep", "sed", "diff", "mkdir",
+        "cp", "mv", "rm", "touch", "tar", "find",
     ];
 
     /// The default environment allowlist: build-tool knobs, never loader or server

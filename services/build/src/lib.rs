@@ -20,6 +20,7 @@ mod store;
 mod tar_guard;
 mod validate;
 mod workspace;
+mod wrappers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -93,13 +93,20 @@ pub fn tier_to_proto(t: kiln_sandbox::Tier) -> pb::SandboxTier {
 }
 
 /// What GetPolicy says about the sandbox: the host's probe, and when the configuration
-/// chose a lower tier than the host offers, that choice first.
+/// chose a lower tier than the host offers, that choice first; then what the tier leaves
+/// visible ([`kiln_sandbox::Tier::caveats`]).
 pub fn sandbox_description(tier: kiln_sandbox::Tier, probe: &kiln_sandbox::Probe) -> String {
-    if tier == probe.tier {
+    let mut text = if tier == probe.tier {
         probe.to_string()
     } else {
         format!("tier {tier} (chosen by configuration); host: {probe}")
+    };
+    // What the tier does not isolate, so a client can tell before it sends secrets.
+    if let Some(caveats) = tier.caveats() {
+        text.push_str("; ");
+        text.push_str(caveats);
     }
+    text
 }
 
 impl BuildApi {

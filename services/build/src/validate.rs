@@ -247,6 +247,28 @@ fn check_step(
                 format!("{program:?} is not on the allowlist of programs (see GetPolicy)"),
             );
         }
+        // `env sh -c …`: a program the allowed one would run must be allowed too.
+        for w in crate::wrappers::wrapped(&argv) {
+            match w {
+                crate::wrappers::Wrapped::Program { index, name } => {
+                    if !policy.allowed_programs.contains(name) {
+                        v.push(
+                            reason::PROGRAM_NOT_ALLOWED,
+                            format!("{field}[{index}]"),
+                            format!(
+                                "{program:?} would run {name:?}, which is not on the \
+                                 allowlist of programs (see GetPolicy)"
+                            ),
+                        );
+                    }
+                }
+                crate::wrappers::Wrapped::Unchecked { index, why } => v.push(
+                    reason::PROGRAM_NOT_ALLOWED,
+                    format!("{field}[{index}]"),
+                    format!("{why}, whose programs cannot be checked against the allowlist"),
+                ),
+            }
+        }
     }
     if let Err(e) = paths::check(
         &format!("steps[{i}].working_dir"),

@@ -170,6 +170,73 @@ async fn a_program_off_the_allowlist_is_permission_denied_with_the_list() {
     );
 }
 
+/// An exec wrapper must not smuggle a shell past the allowlist: `env` is off the default
+/// list, and a wrapper an operator does allow (`nice`, `timeout`, `find -exec`) has the
+/// program it would run checked too.
+#[tokio::test]
+async fn an_exec_wrapper_does_not_bypass_the_allowlist() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    let s = c
+        .start_build(build_req(&ws.id, vec![step(&["env", "sh", "-c", "id"])]))
+        .await
+        .expect_err("refused");
+    assert_invalid(
+        &s,
+        Code::PermissionDenied,
+        "PROGRAM_NOT_ALLOWED",
+        "steps[0].argv[0]",
+    );
+
+    let rig = rig_with(|c| {
+        for p in ["env", "nice", "timeout"] {
+            c.policy.allowed_programs.insert(p.into());
+        }
+    })
+    .await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![]).await;
+    for (argv, field) in [
+        (&["env", "sh", "-c", "id"][..], "steps[0].argv[1]"),
+        (&["env", "-i", "A=1", "bash"][..], "steps[0].argv[3]"),
+        (&["env", "-S", "sh -c id"][..], "steps[0].argv[1]"),
+        (&["nice", "-n", "5", "env", "sh"][..], "steps[0].argv[4]"),
+        (&["timeout", "5", "sh", "-c", "id"][..], "steps[0].argv[2]"),
+        (
+            &[
+                "find",
+                ".",
+                "-maxdepth",
+                "0",
+                "-exec",
+                "sh",
+                "-c",
+                "id",
+                ";",
+            ][..],
+            "steps[0].argv[5]",
+        ),
+    ] {
+        let s = c
+            .start_build(build_req(&ws.id, vec![step(argv)]))
+            .await
+            .expect_err("refused");
+        assert_invalid(&s, Code::PermissionDenied, "PROGRAM_NOT_ALLOWED", field);
+    }
+    // Wrapping an allowed program is fine.
+    let log = run(
+        &mut c,
+        build_req(
+            &ws.id,
+            vec![step(&["timeout", "30", "env", "-i", "echo", "ok"])],
+        ),
+    )
+    .await;
+    assert_eq!(log.state(), pb::BuildState::Succeeded);
+    assert_eq!(log.stdout(0), b"ok\n");
+}
+
 #[tokio::test]
 async fn an_unsplittable_command_is_refused() {
     let rig = rig().await;

@@ -433,6 +433,33 @@ async fn retention_removes_old_builds_and_idle_workspaces() {
     .await;
 }
 
+/// Tier B cannot hide the host's process list (hidepid needs the host's root), so
+/// GetPolicy says so rather than let a client believe its argv is private.
+#[tokio::test]
+async fn get_policy_says_what_tier_b_leaves_visible() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let rig = rig_at(dir.path(), |c| {
+        c.sandbox.force_tier = Some(kiln_sandbox::Tier::B)
+    })
+    .await;
+    let mut vera = rig.client("vera-viewer").await;
+    let p = vera
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .expect("policy")
+        .into_inner();
+    assert_eq!(p.sandbox_tier, pb::SandboxTier::B as i32);
+    let d = &p.sandbox_description;
+    assert!(
+        d.contains("process list") && d.contains("command line"),
+        "{d}"
+    );
+    assert!(d.contains("unix sockets only as socketpair"), "{d}");
+    assert_eq!(d.matches("tier B").count(), 1, "{d}");
+}
+
 #[tokio::test]
 async fn get_policy_describes_the_rules_and_the_sandbox() {
     let rig = rig().await;

@@ -76,6 +76,8 @@ pub(crate) enum Stage {
     LandlockRestrict,
     Seccomp,
     Exec,
+    CgroupNamespace,
+    Dumpable,
 }
 
 impl Stage {
@@ -102,6 +104,8 @@ impl Stage {
             LandlockRestrict,
             Seccomp,
             Exec,
+            CgroupNamespace,
+            Dumpable,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -174,8 +178,17 @@ pub(crate) unsafe fn child_main(plan: &Plan<'_>, fds: ChildFds) -> ! {
     }
     // SAFETY: closing our own descriptor.
     unsafe { libc::close(SYNC_FD) };
+    // Before anything the step could observe: our memory is the service's.
+    setup::hide_service(plan);
 
     if plan.tier == crate::Tier::A {
+        // Now that the service has moved us into the step's cgroup, make it the root of
+        // a cgroup namespace: the step's /proc/self/cgroup shows "/", not the host's
+        // hierarchy (which names the service's unit and its sibling steps).
+        // SAFETY: plain system call; we hold CAP_SYS_ADMIN in our new user namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+            fail(Stage::CgroupNamespace, 0, errno());
+        }
         setup::open_sources(plan);
     }
     if plan.may_setgroups && plan.init_ids.is_some() {
@@ -188,6 +201,9 @@ pub(crate) unsafe fn child_main(plan: &Plan<'_>, fds: ChildFds) -> ! {
     if let Some((uid, gid)) = plan.init_ids {
         setup::set_ids(uid, gid);
     }
+    // After set_ids: a change of credentials resets dumpability to fs.suid_dumpable,
+    // which an administrator may have set to 1.
+    setup::not_dumpable();
     match plan.tier {
         crate::Tier::A => {
             setup::build_root(plan);

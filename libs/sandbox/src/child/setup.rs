@@ -50,6 +50,41 @@ pub(super) fn arrange_fds(fds: ChildFds) {
     }
 }
 
+/// What the supervisor shows in `/proc/<pid>/cmdline` instead of the service's argv.
+const INIT_NAME: &[u8] = b"kiln-sandbox-init\0";
+
+/// Overwrites the service's command line and environment strings in our copy of its
+/// memory (see [`crate::plan::ArgArea`]) and renames the thread, so the step reads
+/// `kiln-sandbox-init` from `/proc/<supervisor>/{cmdline,comm}` and nothing from
+/// `environ`, whatever else protects those files.
+pub(super) fn hide_service(plan: &Plan<'_>) {
+    if let Some(area) = plan.arg_area {
+        let (start, end) = area.arg;
+        let name = INIT_NAME.len().min(end - start);
+        // SAFETY: both ranges are the strings on our initial stack, as the kernel reported
+        // them for the service before clone; that mapping is private, writable and ours.
+        // Nothing in the child reads argv or the environment.
+        unsafe {
+            std::ptr::copy_nonoverlapping(INIT_NAME.as_ptr(), start as *mut u8, name);
+            std::ptr::write_bytes((start + name) as *mut u8, 0, end - start - name);
+            let (start, end) = area.env;
+            std::ptr::write_bytes(start as *mut u8, 0, end - start);
+        }
+    }
+    // SAFETY: PR_SET_NAME with a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr(), 0, 0, 0) };
+}
+
+/// Makes the supervisor (and the program until its `execve`, which share the service's
+/// memory image) non-dumpable: `/proc/<pid>/{environ,mem,maps,fd,…}` become root-owned
+/// and ptrace-style access needs `CAP_SYS_PTRACE` on the host, whatever the step's uid.
+pub(super) fn not_dumpable() {
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        fail(Stage::Dumpable, 0, errno());
+    }
+}
+
 /// Raw system calls, not glibc's wrappers: see [`super::setgroups_empty`].
 pub(crate) fn set_ids(uid: u32, gid: u32) {
     // SAFETY: plain system calls with integer arguments.
