@@ -117,6 +117,7 @@ fn claims(role: &str) -> AccessClaims {
         sid: "s-bench".into(),
         jti: "j-bench".into(),
         iat: now,
+        iat_ms: now * 1000,
         nbf: now,
         exp: now + 3600,
     }

@@ -32,6 +32,9 @@ pub mod reason {
     pub const MALFORMED_CREDENTIALS: &str = "MALFORMED_CREDENTIALS";
     /// The token was not accepted (bad signature, expired, revoked, unknown key…).
     pub const INVALID_TOKEN: &str = "INVALID_TOKEN";
+    /// The token was revoked (logout, a password or role change, the user disabled or
+    /// deleted, its sessions revoked): log in again.
+    pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
     /// This server cannot verify tokens yet (no identity provider configured).
     pub const TOKEN_VERIFICATION_UNAVAILABLE: &str = "TOKEN_VERIFICATION_UNAVAILABLE";
     /// The caller is authenticated but its role is too low for the RPC.

@@ -22,6 +22,7 @@ pub mod limit;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub(crate) mod revocation;
 pub mod server;
 pub mod tls;
 pub mod token;

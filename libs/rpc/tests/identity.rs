@@ -100,6 +100,7 @@ impl Rig {
             sid: "s-1".into(),
             jti: uuid::Uuid::new_v4().to_string(),
             iat: now,
+            iat_ms: now * 1000,
             nbf: now,
             exp: now + 900,
         }
