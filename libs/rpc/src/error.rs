@@ -193,6 +193,11 @@ impl ApiError {
     }
 
     /// Adds `google.rpc.RetryInfo`: when the client may try again.
+    /// The RetryInfo delay, when the error has one.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self

@@ -115,38 +115,68 @@ impl Gate {
             .cloned()
             .unwrap_or_default();
         let authorization = request.headers().get(http::header::AUTHORIZATION);
-        if let Some(limiter) = &self.rate_limiter {
-            limiter.check(authorization, &peer, path)?;
-        }
+        let limiter = self.rate_limiter.as_ref();
+        // Buckets are keyed by the verified identity; everything unverified by the peer.
         let principal = match access {
-            Access::Public => return Ok(()),
-            Access::Service => self.workload_principal(&peer)?,
-            Access::Viewer | Access::User | Access::Admin => {
-                let token = BearerToken::from_header(authorization)?
-                    .ok_or_else(|| {
-                        ApiError::unauthenticated(
-                            reason::MISSING_CREDENTIALS,
-                            "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
-                        )
-                    })?;
-                let principal = self.authenticator.authenticate(&token, &peer).await?;
-                if !principal.role.is_some_and(|role| role.satisfies(access)) {
-                    return Err(ApiError::permission_denied(
-                        reason::INSUFFICIENT_ROLE,
-                        format!(
-                            "{path} needs role {} or higher; {} has role {}",
-                            access.to_string().to_lowercase(),
-                            principal.username,
-                            principal.role.map_or("none", |r| r.as_str()),
-                        ),
-                    ));
+            Access::Public => {
+                if let Some(limiter) = limiter {
+                    limiter.check_peer(&peer, path)?;
                 }
+                return Ok(());
+            }
+            Access::Service => self.workload_principal(&peer),
+            Access::Viewer | Access::User | Access::Admin => {
+                if let Some(limiter) = limiter {
+                    limiter.refuse_blocked_peer(&peer, path)?;
+                }
+                self.user_principal(authorization, &peer, path, access)
+                    .await
+            }
+        };
+        let principal = match (principal, limiter) {
+            (Ok(principal), Some(limiter)) => {
+                limiter.check_principal(&principal, path)?;
                 principal
             }
+            (Ok(principal), None) => principal,
+            (Err(err), Some(limiter)) => {
+                limiter.check_peer(&peer, path)?;
+                return Err(err);
+            }
+            (Err(err), None) => return Err(err),
         };
         tracing::Span::current().record("principal", principal.username.as_str());
         request.extensions_mut().insert(principal);
         Ok(())
+    }
+
+    /// The end user behind the bearer credential, if its role suffices for `access`.
+    async fn user_principal(
+        &self,
+        authorization: Option<&HeaderValue>,
+        peer: &PeerInfo,
+        path: &str,
+        access: Access,
+    ) -> Result<Principal, ApiError> {
+        let token = BearerToken::from_header(authorization)?.ok_or_else(|| {
+            ApiError::unauthenticated(
+                reason::MISSING_CREDENTIALS,
+                "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
+            )
+        })?;
+        let principal = self.authenticator.authenticate(&token, peer).await?;
+        if !principal.role.is_some_and(|role| role.satisfies(access)) {
+            return Err(ApiError::permission_denied(
+                reason::INSUFFICIENT_ROLE,
+                format!(
+                    "{path} needs role {} or higher; {} has role {}",
+                    access.to_string().to_lowercase(),
+                    principal.username,
+                    principal.role.map_or("none", |r| r.as_str()),
+                ),
+            ));
+        }
+        Ok(principal)
     }
 
     fn workload_principal(&self, peer: &PeerInfo) -> Result<Principal, ApiError> {
