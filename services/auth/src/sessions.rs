@@ -45,16 +45,19 @@ impl Inner {
         // Throttle on the folded name so that `Alice` and `alice` share one counter.
         let account = req.username.to_ascii_lowercase();
         let now = self.now();
-        if let Some(retry_after) = self.throttle.locked_for(&account, caller.ip, now) {
-            let event = Event::new(
-                Actor::named("", &req.username),
-                "login.locked_out",
-                &caller.peer,
-            )
-            .failed(reason::LOGIN_THROTTLED);
-            audit::record(&self.store, now, event).await;
-            return Err(AuthError::LoginThrottled { retry_after });
-        }
+        let reservation = match self.throttle.reserve(&account, caller.ip, now) {
+            Ok(reservation) => reservation,
+            Err(retry_after) => {
+                let event = Event::new(
+                    Actor::named("", &req.username),
+                    "login.locked_out",
+                    &caller.peer,
+                )
+                .failed(reason::LOGIN_THROTTLED);
+                audit::record(&self.store, now, event).await;
+                return Err(AuthError::LoginThrottled { retry_after });
+            }
+        };
         let user = users::by_username(&self.store.read, &req.username).await?;
         // Unknown users are checked against a dummy hash: same work, same answer.
         let verified = self
@@ -68,7 +71,7 @@ impl Inner {
         let user = match user {
             Some(user) if verified && !user.disabled => user,
             user => {
-                self.throttle.failure(&account, caller.ip, now);
+                reservation.failed(now);
                 let mut event = Event::new(
                     Actor::named(user.as_ref().map_or("", |u| u.id.as_str()), &req.username),
                     "login",
@@ -82,7 +85,7 @@ impl Inner {
                 return Err(AuthError::InvalidCredentials);
             }
         };
-        self.throttle.success(&account);
+        reservation.succeeded();
         let issued = self.start_session(&user, &caller.peer, now).await?;
         let event = Event::new(
             Actor::named(&user.id, &user.username),
@@ -397,9 +400,10 @@ impl Inner {
             ));
         }
         let now = self.now();
-        if let Some(retry_after) = self.throttle.locked_for(&user.username, caller.ip, now) {
-            return Err(AuthError::LoginThrottled { retry_after });
-        }
+        let reservation = self
+            .throttle
+            .reserve(&user.username, caller.ip, now)
+            .map_err(|retry_after| AuthError::LoginThrottled { retry_after })?;
         let event = Event::new(Actor::of(principal), "password.change", &caller.peer)
             .target("user", &user.id);
         if !self
@@ -408,7 +412,7 @@ impl Inner {
             .await?
         {
             let now = self.now();
-            self.throttle.failure(&user.username, caller.ip, now);
+            reservation.failed(now);
             audit::record(&self.store, now, event.failed(reason::INVALID_CREDENTIALS)).await;
             return Err(AuthError::InvalidCredentials);
         }

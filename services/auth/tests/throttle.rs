@@ -116,3 +116,34 @@ async fn username_case_does_not_bypass_the_account_counter() {
         .expect_err("locked");
     assert_eq!(reason(&err), "LOGIN_THROTTLED");
 }
+
+/// 60 guesses at once for one account from one peer: the attempts are reserved before
+/// hashing, so at most the account's free failures (5) are evaluated; the rest get the
+/// lockout answer at once, and the account ends locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_cannot_outrun_the_lockout() {
+    let h = harness().await;
+    let (_, password) = h.user("carol", pb::Role::User).await;
+    let answers = futures::future::join_all(
+        (0..60).map(|_| h.login_from("carol", "not-carols-password", "192.0.2.77:1")),
+    )
+    .await;
+    let evaluated = answers
+        .iter()
+        .filter(|a| {
+            a.as_ref()
+                .is_err_and(|s| reason(s) == "INVALID_CREDENTIALS")
+        })
+        .count();
+    let throttled = answers
+        .iter()
+        .filter(|a| a.as_ref().is_err_and(|s| reason(s) == "LOGIN_THROTTLED"))
+        .count();
+    assert!(evaluated <= 5, "{evaluated} guesses were evaluated");
+    assert_eq!(evaluated + throttled, 60);
+    let s = h
+        .login_from("carol", &password, "192.0.2.78:1")
+        .await
+        .expect_err("locked");
+    assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
+}
