@@ -47,6 +47,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     /// How long `key` is still locked at `now`.
+    #[cfg(test)]
     fn locked_for(&self, key: &K, now: SystemTime) -> Option<Duration> {
         let until = self.lock().get(key)?.locked_until?;
         until.duration_since(now).ok().filter(|d| !d.is_zero())
@@ -204,6 +205,7 @@ impl LoginThrottle {
     }
 
     /// `Some(retry_after)` while the account or the peer is locked out.
+    #[cfg(test)]
     pub fn locked_for(
         &self,
         account: &str,
@@ -216,6 +218,7 @@ impl LoginThrottle {
     }
 
     /// Counts a failed attempt against both the account and the peer.
+    #[cfg(test)]
     pub fn failure(&self, account: &str, peer: Option<IpAddr>, now: SystemTime) {
         self.accounts.failure(&account.to_owned(), now, &self.cfg);
         if let Some(ip) = peer {
@@ -224,6 +227,7 @@ impl LoginThrottle {
     }
 
     /// Forgets the account's failures after a successful login.
+    #[cfg(test)]
     pub fn success(&self, account: &str) {
         self.accounts.clear(&account.to_owned());
     }
