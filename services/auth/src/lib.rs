@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     throttle: LoginThrottle,
     /// Stamps of token issue times and user-wide revocations (see `revocations`).
     stamps: revocations::Stamps,
+    /// The aggregated audit of locked-out logins.
+    refusals: audit::RefusalAggregates,
 }
 
 impl Inner {
@@ -101,6 +103,7 @@ impl AuthApi {
         let inner = Arc::new(Inner {
             throttle: LoginThrottle::new(config.throttle.clone()),
             stamps,
+            refusals: audit::RefusalAggregates::default(),
             config,
             store,
             hasher,

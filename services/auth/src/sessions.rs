@@ -54,7 +54,11 @@ impl Inner {
                     &caller.peer,
                 )
                 .failed(reason::LOGIN_THROTTLED);
-                audit::record(&self.store, now, event).await;
+                // Aggregated: an unauthenticated flood must not grow the store per attempt.
+                let peer = caller
+                    .ip
+                    .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+                self.refusals.record(&self.store, now, &peer, event).await;
                 return Err(AuthError::LoginThrottled { retry_after });
             }
         };

@@ -147,3 +147,41 @@ async fn concurrent_guesses_cannot_outrun_the_lockout() {
         .expect_err("locked");
     assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
 }
+
+/// A flood of logins from a locked-out peer is audited as one row per peer and minute
+/// that counts the attempts, not as a row per attempt.
+#[tokio::test]
+async fn a_locked_out_flood_adds_a_bounded_number_of_audit_rows() {
+    let h = harness().await;
+    let attacker = "203.0.113.50:1000";
+    fail(&h, "mallory", 5, attacker).await;
+    let count = async || {
+        h.audit(pb::ListAuditEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .len()
+    };
+    let before = count().await;
+    for _ in 0..500 {
+        let err = h
+            .login_from("mallory", "guess-password", attacker)
+            .await
+            .expect_err("locked out");
+        assert_eq!(reason(&err), "LOGIN_THROTTLED");
+    }
+    // 500 attempts within one minute (the clock is manual): one row, counting them.
+    assert_eq!(count().await - before, 1);
+    let events = h
+        .audit(pb::ListAuditEventsRequest {
+            action: Some("login.locked_out".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].details.get("attempts").map(String::as_str),
+        Some("500")
+    );
+}
