@@ -35,6 +35,9 @@ pub mod reason {
     /// The token was revoked (logout, a password or role change, the user disabled or
     /// deleted, its sessions revoked): log in again.
     pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+    /// Too many unauthenticated long-lived streams (Health/Watch, reflection) are open
+    /// from this address, or over all.
+    pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
     /// This server cannot verify tokens yet (no identity provider configured).
     pub const TOKEN_VERIFICATION_UNAVAILABLE: &str = "TOKEN_VERIFICATION_UNAVAILABLE";
     /// The caller is authenticated but its role is too low for the RPC.

@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod readiness;
 pub(crate) mod revocation;
 pub mod server;
+pub mod slots;
 pub mod tls;
 pub mod token;
 
