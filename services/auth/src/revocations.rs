@@ -47,14 +47,25 @@ pub(crate) struct Stamps {
 }
 
 impl Stamps {
-    /// Starts above every stamp already stored, so a restart (or a clock that went back)
-    /// cannot issue a token that a recorded revocation would miss.
+    /// Starts above every stamp already given out, so that after a restart (or with a
+    /// clock that went back) a new revocation still covers every earlier token: above
+    /// the stored revocations, and above the newest refresh token (written with each
+    /// access token; its time is the clock, which a token's stamp exceeds only by the
+    /// few milliseconds of stamps taken within one, hence the margin).
     pub async fn load(store: &Store) -> Result<Self> {
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(not_before) FROM token_revocations")
+        const MARGIN_MS: i64 = 1000;
+        let revoked: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(not_before) FROM token_revocations")
+                .fetch_one(&store.read)
+                .await?;
+        let issued: Option<i64> = sqlx::query_scalar("SELECT MAX(created_at) FROM refresh_tokens")
             .fetch_one(&store.read)
             .await?;
+        let last = revoked
+            .unwrap_or(0)
+            .max(issued.map_or(0, |t| t.saturating_add(MARGIN_MS)));
         Ok(Self {
-            last: Mutex::new(last.unwrap_or(0)),
+            last: Mutex::new(last),
         })
     }
 
