@@ -10,7 +10,7 @@
 //!   one hash and one map look-up per call.
 //! - **Revocation** (DESIGN §3.1): a background task polls kiln-auth's
 //!   `ListRevocations` (SERVICE) every `revocation_poll` (1 s) into an in-memory view
-//!   ([`crate::revocation`]); every token, cached or not, is checked against it (no call
+//!   (module `revocation`); every token, cached or not, is checked against it (no call
 //!   per request). A token is accepted only while the view is at most
 //!   `revocation_max_staleness` (3 s) old, counted from when its poll was sent. **Bound:**
 //!   a token revoked by Logout, ChangePassword, UpdateUser (role, disable, password
