@@ -117,6 +117,7 @@ fn claims(role: &str) -> AccessClaims {
         sid: "s-bench".into(),
         jti: "j-bench".into(),
         iat: now,
+        iat_ms: now * 1000,
         nbf: now,
         exp: now + 3600,
     }
@@ -229,8 +230,14 @@ async fn main() {
     let eddsa_cold = per_call(20_000, || {
         verifier.verify(&token).expect("valid");
     });
+    // The workload identity lets it poll revocations (SERVICE), as every verifier must.
     let cached = SuiteAuthenticator::new(AuthnConfig::new(
-        ClientConfig::new(format!("https://{chain_addr}")).ca_pem(ca.clone()),
+        ClientConfig::new(format!("https://{chain_addr}"))
+            .ca_pem(ca.clone())
+            .identity(
+                read(pki.workload_cert("auth")),
+                read(pki.workload_key("auth")),
+            ),
     ));
     let bearer =
         BearerToken::from_header(Some(&format!("Bearer {token}").parse().expect("header")))

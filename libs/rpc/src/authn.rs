@@ -1,23 +1,36 @@
 //! Token verification for every kiln service: the [`Authenticator`] the layer calls.
 //!
 //! - **Access JWTs** are verified locally against the JWKS fetched from kiln-auth over
-//!   mTLS. The key set is cached; a token with an unknown `kid` triggers a refetch, at
-//!   most once per `jwks_min_refresh` (1 s), so a flood of forged kids cannot hammer
-//!   kiln-auth, while a token of a freshly rotated key is never refused.
+//!   mTLS. The key set is cached; a token with an unknown `kid` joins one shared fetch
+//!   (single flight) that starts after the token arrived, so a token of a freshly
+//!   rotated key is accepted after at most one refresh. Fetches start at most once per
+//!   `jwks_min_refresh` (1 s) and nobody queues behind anybody: a flood of forged kids
+//!   causes one fetch a second and delays no valid token beyond one refresh.
 //!   Verified tokens are cached by their SHA-256 until they expire, so a hot client pays
 //!   one hash and one map look-up per call.
+//! - **Revocation** (DESIGN §3.1): a background task polls kiln-auth's
+//!   `ListRevocations` (SERVICE) every `revocation_poll` (1 s) into an in-memory view
+//!   (module `revocation`); every token, cached or not, is checked against it (no call
+//!   per request). A token is accepted only while the view is at most
+//!   `revocation_max_staleness` (3 s) old, counted from when its poll was sent. **Bound:**
+//!   a token revoked by Logout, ChangePassword, UpdateUser (role, disable, password
+//!   reset), DeleteUser or RevokeUserSessions is refused (UNAUTHENTICATED,
+//!   `TOKEN_REVOKED`) by every service at most 3 s after the revocation committed. If
+//!   kiln-auth cannot be reached for longer, the service **fails closed** for tokens:
+//!   UNAVAILABLE, `TOKEN_VERIFICATION_UNAVAILABLE`, until a poll succeeds again.
 //! - **API keys** (`kiln_…`) are resolved through `AuthenticateApiKey` (a SERVICE RPC,
 //!   hence the workload certificate). Answers are cached: accepted keys for
 //!   `api_key_ttl` (default 30 s), refused keys for `api_key_negative_ttl` (default 5 s).
-//!   A revoked key therefore stops working within 30 s on every service.
-//! - Logging out revokes a session's refresh tokens; an access token already issued stays
-//!   valid until its `exp` (15 min by default), as with any stateless JWT.
+//!   A revoked key therefore stops working within 30 s on every service; the cached
+//!   keys of a user are dropped at once when a user-wide revocation arrives (delete,
+//!   disable, role change), so those reach API keys within the token bound.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::future::BoxFuture;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use tokio::sync::OnceCell;
@@ -25,6 +38,7 @@ use tokio::sync::OnceCell;
 use crate::client::{ClientConfig, KilnChannel};
 use crate::error::{ApiError, reason};
 use crate::identity::{AuthMethod, Authenticator, BearerToken, PeerInfo, Principal, Role};
+use crate::revocation::RevocationView;
 use crate::token::{Jwks, TokenError, TokenVerifier, unix_now};
 
 /// Settings of [`SuiteAuthenticator`]. Defaults are on the fields.
@@ -36,8 +50,13 @@ pub struct AuthnConfig {
     pub issuer: String,
     /// Expected `aud`. Default: `kiln`.
     pub audience: String,
-    /// Least time between two JWKS fetches. Default: 1 s.
+    /// Least time between the starts of two JWKS fetches. Default: 1 s.
     pub jwks_min_refresh: Duration,
+    /// How often revocations are fetched from kiln-auth. Default: 1 s.
+    pub revocation_poll: Duration,
+    /// Oldest revocation view tokens are accepted with; past it, tokens are refused
+    /// with UNAVAILABLE (fail closed). This is the revocation bound. Default: 3 s.
+    pub revocation_max_staleness: Duration,
     /// How long an accepted API key is trusted without asking kiln-auth. Default: 30 s.
     pub api_key_ttl: Duration,
     /// How long a refused API key is refused without asking. Default: 5 s.
@@ -54,6 +73,8 @@ impl AuthnConfig {
             issuer: "kiln".into(),
             audience: "kiln".into(),
             jwks_min_refresh: Duration::from_secs(1),
+            revocation_poll: Duration::from_secs(1),
+            revocation_max_staleness: Duration::from_secs(3),
             api_key_ttl: Duration::from_secs(30),
             api_key_negative_ttl: Duration::from_secs(5),
             max_cached: 100_000,
@@ -70,15 +91,37 @@ fn digest(token: &str) -> Digest {
     out
 }
 
-/// Verifies JWTs against kiln-auth's JWKS and resolves API keys through kiln-auth.
+/// Verifies JWTs against kiln-auth's JWKS and revocations, and resolves API keys
+/// through kiln-auth.
 pub struct SuiteAuthenticator {
+    shared: Arc<State>,
+    /// Set once the revocation poller runs (started by the first call, which has a
+    /// runtime; it stops when the authenticator is dropped).
+    poller: OnceLock<()>,
+}
+
+/// A JWKS fetch that waiters share; its error is a message (the future must be Clone).
+type SharedFetch = Shared<BoxFuture<'static, Result<(), String>>>;
+
+#[derive(Default)]
+struct JwksFetches {
+    /// When the newest scheduled fetch starts (or started).
+    last_start: Option<Instant>,
+    /// That fetch, for callers that arrive before it starts.
+    pending: Option<(Instant, SharedFetch)>,
+}
+
+struct State {
     config: AuthnConfig,
     channel: OnceCell<KilnChannel>,
     verifier: RwLock<Arc<TokenVerifier>>,
-    /// When the JWKS was last fetched (successfully or not).
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
-    /// Verified access tokens → principal and `exp`.
-    tokens: Mutex<HashMap<Digest, (Principal, u64)>>,
+    jwks_fetches: Mutex<JwksFetches>,
+    revocations: RwLock<RevocationView>,
+    /// When the poll behind the current revocation view was sent; `None` before the
+    /// first successful one.
+    synced: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Verified access tokens → principal, `exp` and `iat_ms`.
+    tokens: Mutex<HashMap<Digest, (Principal, u64, u64)>>,
     /// API keys → principal (or refusal) and until when the answer holds.
     api_keys: Mutex<HashMap<Digest, (Option<Principal>, Instant)>>,
 }
@@ -86,7 +129,7 @@ pub struct SuiteAuthenticator {
 impl std::fmt::Debug for SuiteAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SuiteAuthenticator")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
@@ -98,19 +141,55 @@ fn invalid_token(why: impl std::fmt::Display) -> ApiError {
     )
 }
 
+fn unreachable_auth() -> ApiError {
+    ApiError::unavailable("the identity service is unreachable; try again shortly")
+}
+
 impl SuiteAuthenticator {
     pub fn new(config: AuthnConfig) -> Self {
         let empty = TokenVerifier::new(&Jwks::default(), &config.issuer, &config.audience);
         Self {
-            config,
-            channel: OnceCell::new(),
-            verifier: RwLock::new(Arc::new(empty)),
-            last_fetch: tokio::sync::Mutex::new(None),
-            tokens: Mutex::new(HashMap::new()),
-            api_keys: Mutex::new(HashMap::new()),
+            shared: Arc::new(State {
+                config,
+                channel: OnceCell::new(),
+                verifier: RwLock::new(Arc::new(empty)),
+                jwks_fetches: Mutex::new(JwksFetches::default()),
+                revocations: RwLock::new(RevocationView::default()),
+                synced: tokio::sync::watch::Sender::new(None),
+                tokens: Mutex::new(HashMap::new()),
+                api_keys: Mutex::new(HashMap::new()),
+            }),
+            poller: OnceLock::new(),
         }
     }
 
+    fn start_poller(&self) {
+        self.poller.get_or_init(|| {
+            tokio::spawn(poll_revocations(Arc::downgrade(&self.shared)));
+        });
+    }
+}
+
+/// Polls `ListRevocations` every `revocation_poll` until the authenticator is dropped.
+async fn poll_revocations(state: Weak<State>) {
+    loop {
+        let Some(state) = state.upgrade() else { return };
+        let sent = Instant::now();
+        match state.sync_revocations().await {
+            Ok(()) => {
+                state.synced.send_replace(Some(sent));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "cannot fetch revocations from kiln-auth")
+            }
+        }
+        let period = state.config.revocation_poll;
+        drop(state);
+        tokio::time::sleep(period).await;
+    }
+}
+
+impl State {
     async fn client(&self) -> Result<AuthServiceClient<KilnChannel>, ApiError> {
         let channel = self
             .channel
@@ -127,20 +206,91 @@ impl SuiteAuthenticator {
             .clone()
     }
 
-    /// Fetches the JWKS, at most once per `jwks_min_refresh`: a caller that comes too
-    /// soon waits for the interval instead of failing, so a token of a freshly rotated
-    /// key is accepted, while a flood of forged kids still causes at most one fetch per
-    /// interval (callers queue on the lock).
-    async fn refresh_jwks(&self, wanted_kid: Option<&str>) -> Result<(), ApiError> {
-        let mut last = self.last_fetch.lock().await;
-        if wanted_kid.is_some_and(|kid| self.current_verifier().knows(kid)) {
-            return Ok(()); // fetched by someone else while we waited for the lock
+    /// Fetches revocations until kiln-auth says there are no more.
+    async fn sync_revocations(&self) -> Result<(), ApiError> {
+        let mut client = self.client().await?;
+        loop {
+            let after = self
+                .revocations
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .cursor;
+            let page = client
+                .list_revocations(pb::ListRevocationsRequest {
+                    after,
+                    page_size: 0,
+                })
+                .await
+                .map_err(|status| {
+                    tracing::debug!(%status, "ListRevocations failed");
+                    unreachable_auth()
+                })?
+                .into_inner();
+            let users = self
+                .revocations
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(&page);
+            if !users.is_empty() {
+                // A deleted, disabled or demoted user's keys must be asked about again.
+                self.api_keys
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, (p, _)| p.as_ref().is_none_or(|p| !users.contains(&p.subject)));
+            }
+            if !page.more {
+                return Ok(());
+            }
         }
-        if let Some(at) = *last {
-            let next = at + self.config.jwks_min_refresh;
-            tokio::time::sleep_until(next.into()).await;
+    }
+
+    /// Fails closed while the revocation view is older than the bound; waits (at most
+    /// the bound) for the first poll or a late one instead of refusing at once.
+    async fn fresh_revocations(&self) -> Result<(), ApiError> {
+        let limit = self.config.revocation_max_staleness;
+        let fresh = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() <= limit);
+        let mut synced = self.synced.subscribe();
+        if fresh(&synced.borrow()) {
+            return Ok(());
         }
-        *last = Some(Instant::now());
+        let _ = tokio::time::timeout(limit, synced.wait_for(fresh)).await;
+        if fresh(&synced.borrow()) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            tonic::Code::Unavailable,
+            reason::TOKEN_VERIFICATION_UNAVAILABLE,
+            "cannot learn token revocations from the identity service; try again shortly",
+        ))
+    }
+
+    /// The JWKS fetch that starts no earlier than `arrived`: joins a scheduled one, or
+    /// schedules one at most `jwks_min_refresh` after the previous start. Every caller
+    /// waits for at most one fetch; nobody waits behind another caller.
+    fn jwks_fetch(self: &Arc<Self>, arrived: Instant) -> SharedFetch {
+        let mut fetches = self.jwks_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, fetch)) = &fetches.pending
+            && *start >= arrived
+        {
+            return fetch.clone();
+        }
+        let now = Instant::now();
+        let start = fetches
+            .last_start
+            .map_or(now, |last| (last + self.config.jwks_min_refresh).max(now));
+        fetches.last_start = Some(start);
+        let state = self.clone();
+        let fetch = async move {
+            tokio::time::sleep_until(start.into()).await;
+            state.fetch_jwks().await.map_err(|e| e.message().to_owned())
+        }
+        .boxed()
+        .shared();
+        fetches.pending = Some((start, fetch.clone()));
+        fetch
+    }
+
+    async fn fetch_jwks(&self) -> Result<(), ApiError> {
         let response = self
             .client()
             .await?
@@ -148,7 +298,7 @@ impl SuiteAuthenticator {
             .await
             .map_err(|status| {
                 tracing::warn!(%status, "cannot fetch the JWKS from kiln-auth");
-                ApiError::unavailable("the identity service is unreachable; try again shortly")
+                unreachable_auth()
             })?
             .into_inner();
         let jwks: Jwks = serde_json::from_str(&response.jwks_json)
@@ -159,33 +309,54 @@ impl SuiteAuthenticator {
         Ok(())
     }
 
-    async fn verify_jwt(&self, token: &str) -> Result<Principal, ApiError> {
+    async fn verify_jwt(self: &Arc<Self>, token: &str) -> Result<Principal, ApiError> {
+        let arrived = Instant::now();
         let key = digest(token);
         let now = unix_now();
-        if let Some((principal, exp)) = self
+        let cached = self
             .tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
-            && *exp > now
-        {
-            return Ok(principal.clone());
-        }
-        let claims = match self.current_verifier().verify(token) {
-            Err(TokenError::UnknownKey) => {
-                let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid);
-                self.refresh_jwks(kid.as_deref()).await?;
-                self.current_verifier().verify(token)
+            .filter(|(_, exp, _)| *exp > now)
+            .cloned();
+        let (principal, iat_ms) = match cached {
+            Some((principal, _, iat_ms)) => (principal, iat_ms),
+            None => {
+                let claims = match self.current_verifier().verify(token) {
+                    Err(TokenError::UnknownKey) => {
+                        self.jwks_fetch(arrived)
+                            .await
+                            .map_err(|_| unreachable_auth())?;
+                        self.current_verifier().verify(token)
+                    }
+                    other => other,
+                }
+                .map_err(invalid_token)?;
+                let principal = claims
+                    .principal()
+                    .ok_or_else(|| invalid_token("the token has an unknown role"))?;
+                let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+                make_room(&mut tokens, self.config.max_cached, |(_, exp, _)| {
+                    *exp > now
+                });
+                tokens.insert(key, (principal.clone(), claims.exp, claims.iat_ms));
+                (principal, claims.iat_ms)
             }
-            other => other,
+        };
+        self.fresh_revocations().await?;
+        let revoked = self
+            .revocations
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .revokes(&principal.subject, principal.session_id.as_deref(), iat_ms);
+        if revoked {
+            return Err(ApiError::unauthenticated(
+                reason::TOKEN_REVOKED,
+                "the token was revoked (logout, a password or role change, or the account \
+                 changed); log in again",
+            ));
         }
-        .map_err(invalid_token)?;
-        let principal = claims
-            .principal()
-            .ok_or_else(|| invalid_token("the token has an unknown role"))?;
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        make_room(&mut tokens, self.config.max_cached, |(_, exp)| *exp > now);
-        tokens.insert(key, (principal.clone(), claims.exp));
         Ok(principal)
     }
 
@@ -287,12 +458,13 @@ impl Authenticator for SuiteAuthenticator {
         token: &'a BearerToken,
         _peer: &'a PeerInfo,
     ) -> BoxFuture<'a, Result<Principal, ApiError>> {
+        self.start_poller();
         Box::pin(async move {
             let token = token.as_str();
             let principal = if token.starts_with("kiln_") {
-                self.resolve_api_key(token).await?
+                self.shared.resolve_api_key(token).await?
             } else {
-                self.verify_jwt(token).await?
+                self.shared.verify_jwt(token).await?
             };
             if principal
                 .expires_at

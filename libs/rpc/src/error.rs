@@ -32,6 +32,12 @@ pub mod reason {
     pub const MALFORMED_CREDENTIALS: &str = "MALFORMED_CREDENTIALS";
     /// The token was not accepted (bad signature, expired, revoked, unknown key…).
     pub const INVALID_TOKEN: &str = "INVALID_TOKEN";
+    /// The token was revoked (logout, a password or role change, the user disabled or
+    /// deleted, its sessions revoked): log in again.
+    pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+    /// Too many unauthenticated long-lived streams (Health/Watch, reflection) are open
+    /// from this address, or over all.
+    pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";
     /// This server cannot verify tokens yet (no identity provider configured).
     pub const TOKEN_VERIFICATION_UNAVAILABLE: &str = "TOKEN_VERIFICATION_UNAVAILABLE";
     /// The caller is authenticated but its role is too low for the RPC.
@@ -190,6 +196,11 @@ impl ApiError {
     }
 
     /// Adds `google.rpc.RetryInfo`: when the client may try again.
+    /// The RetryInfo delay, when the error has one.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self

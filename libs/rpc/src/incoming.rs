@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::identity::PeerInfo;
+use crate::slots::{PeerSlots, Slot};
 use crate::tls::{ReloadingServerConfig, workload_identity};
 
 /// How long a client gets to finish the TLS handshake.
@@ -33,6 +34,8 @@ const ACCEPT_BACKLOG: usize = 256;
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// The peer's connection slot, given back when the connection is dropped.
+    _slot: Slot,
 }
 
 impl Connected for TlsConnection {
@@ -84,10 +87,22 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// Accepts TLS connections on `listener` until the returned stream is dropped (tonic
-/// drops it when shutdown begins, which closes the listening socket).
+/// drops it when shutdown begins, which closes the listening socket). No limit on
+/// connections per peer; see [`tls_incoming_limited`].
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<ReloadingServerConfig>,
+) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+    tls_incoming_limited(listener, tls, PeerSlots::new(usize::MAX, usize::MAX))
+}
+
+/// [`tls_incoming`] holding each connection, from accept to close, in a slot of
+/// `connections`: a peer at its limit has new sockets closed at once, before any TLS
+/// work.
+pub fn tls_incoming_limited(
+    listener: TcpListener,
+    tls: Arc<ReloadingServerConfig>,
+    connections: PeerSlots,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
     tokio::spawn(async move {
@@ -105,12 +120,16 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let Some(slot) = connections.try_acquire(Some(remote_addr.ip())) else {
+                tracing::debug!(%remote_addr, "too many connections from this peer; closed");
+                continue;
+            };
             let tx = tx.clone();
             let config = tls.current();
             tokio::spawn(async move {
                 match tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
-                    handshake(socket, remote_addr, config),
+                    handshake(socket, remote_addr, config, slot),
                 )
                 .await
                 {
@@ -130,6 +149,7 @@ async fn handshake(
     socket: TcpStream,
     remote_addr: SocketAddr,
     config: Arc<rustls::ServerConfig>,
+    slot: Slot,
 ) -> io::Result<TlsConnection> {
     socket.set_nodelay(true)?;
     let stream = tokio_rustls::TlsAcceptor::from(config)
@@ -141,5 +161,9 @@ async fn handshake(
         client_certificate: certs.is_some_and(|c| !c.is_empty()),
         workload: certs.and_then(|c| c.first()).and_then(workload_identity),
     };
-    Ok(TlsConnection { stream, peer })
+    Ok(TlsConnection {
+        stream,
+        peer,
+        _slot: slot,
+    })
 }

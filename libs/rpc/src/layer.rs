@@ -1,7 +1,8 @@
 //! The one layer chain every kiln listener runs in front of its handlers:
 //!
-//! request id → tracing span → access policy → rate limit → authenticate → authorize →
-//! message size limit → handler.
+//! request id → tracing span → access policy → (unauthenticated long-lived streams:
+//! a slot per peer) → authenticate → rate limit → authorize → message size limit →
+//! handler.
 //!
 //! It is a tower layer, not a tonic interceptor, because authentication needs I/O (API
 //! key look-ups) and the connection's peer certificate. On success it leaves a typed
@@ -25,6 +26,15 @@ use crate::error::{ApiError, reason};
 use crate::identity::{Authenticator, BearerToken, PeerInfo, Principal};
 use crate::limit::LimitedBody;
 use crate::ratelimit::RateLimiter;
+use crate::slots::{PeerSlots, Slot};
+
+/// Streams anyone may open without credentials and keep open: each holds a slot of
+/// [`Gate::open_streams`] until it ends.
+const LONG_LIVED_UNAUTHENTICATED: &[&str] = &[
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 /// The `x-request-id` header, echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -76,6 +86,8 @@ pub struct Gate {
     pub max_message_bytes: usize,
     /// Per caller and method; `None` disables rate limiting.
     pub rate_limiter: Option<RateLimiter>,
+    /// Slots for unauthenticated long-lived streams, per peer and in total.
+    pub open_streams: PeerSlots,
 }
 
 impl fmt::Debug for Gate {
@@ -89,12 +101,28 @@ impl fmt::Debug for Gate {
 
 impl Gate {
     /// Decides whether the request may reach its handler; on success the principal (if
-    /// any) is in the request extensions.
-    async fn admit<B>(&self, request: &mut Request<B>) -> Result<(), ApiError> {
+    /// any) is in the request extensions, and a long-lived unauthenticated stream gets
+    /// the slot it must hold while it runs.
+    async fn admit<B>(&self, request: &mut Request<B>) -> Result<Option<Slot>, ApiError> {
         let path = request.uri().path();
         let access = match self.policy.verdict(path) {
             Verdict::Rpc(access) => access,
-            Verdict::Infrastructure => return Ok(()),
+            Verdict::Infrastructure if LONG_LIVED_UNAUTHENTICATED.contains(&path) => {
+                let ip = request
+                    .extensions()
+                    .get::<PeerInfo>()
+                    .and_then(|p| p.remote_addr)
+                    .map(|a| a.ip());
+                return match self.open_streams.try_acquire(ip) {
+                    Some(slot) => Ok(Some(slot)),
+                    None => Err(ApiError::new(
+                        tonic::Code::ResourceExhausted,
+                        reason::TOO_MANY_STREAMS,
+                        format!("too many open {path} streams; close some first"),
+                    )),
+                };
+            }
+            Verdict::Infrastructure => return Ok(None),
             Verdict::Undeclared => {
                 return Err(ApiError::permission_denied(
                     reason::ACCESS_NOT_DECLARED,
@@ -115,38 +143,68 @@ impl Gate {
             .cloned()
             .unwrap_or_default();
         let authorization = request.headers().get(http::header::AUTHORIZATION);
-        if let Some(limiter) = &self.rate_limiter {
-            limiter.check(authorization, &peer, path)?;
-        }
+        let limiter = self.rate_limiter.as_ref();
+        // Buckets are keyed by the verified identity; everything unverified by the peer.
         let principal = match access {
-            Access::Public => return Ok(()),
-            Access::Service => self.workload_principal(&peer)?,
-            Access::Viewer | Access::User | Access::Admin => {
-                let token = BearerToken::from_header(authorization)?
-                    .ok_or_else(|| {
-                        ApiError::unauthenticated(
-                            reason::MISSING_CREDENTIALS,
-                            "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
-                        )
-                    })?;
-                let principal = self.authenticator.authenticate(&token, &peer).await?;
-                if !principal.role.is_some_and(|role| role.satisfies(access)) {
-                    return Err(ApiError::permission_denied(
-                        reason::INSUFFICIENT_ROLE,
-                        format!(
-                            "{path} needs role {} or higher; {} has role {}",
-                            access.to_string().to_lowercase(),
-                            principal.username,
-                            principal.role.map_or("none", |r| r.as_str()),
-                        ),
-                    ));
+            Access::Public => {
+                if let Some(limiter) = limiter {
+                    limiter.check_peer(&peer, path)?;
                 }
+                return Ok(None);
+            }
+            Access::Service => self.workload_principal(&peer),
+            Access::Viewer | Access::User | Access::Admin => {
+                if let Some(limiter) = limiter {
+                    limiter.refuse_blocked_peer(&peer, path)?;
+                }
+                self.user_principal(authorization, &peer, path, access)
+                    .await
+            }
+        };
+        let principal = match (principal, limiter) {
+            (Ok(principal), Some(limiter)) => {
+                limiter.check_principal(&principal, path)?;
                 principal
             }
+            (Ok(principal), None) => principal,
+            (Err(err), Some(limiter)) => {
+                limiter.check_peer(&peer, path)?;
+                return Err(err);
+            }
+            (Err(err), None) => return Err(err),
         };
         tracing::Span::current().record("principal", principal.username.as_str());
         request.extensions_mut().insert(principal);
-        Ok(())
+        Ok(None)
+    }
+
+    /// The end user behind the bearer credential, if its role suffices for `access`.
+    async fn user_principal(
+        &self,
+        authorization: Option<&HeaderValue>,
+        peer: &PeerInfo,
+        path: &str,
+        access: Access,
+    ) -> Result<Principal, ApiError> {
+        let token = BearerToken::from_header(authorization)?.ok_or_else(|| {
+            ApiError::unauthenticated(
+                reason::MISSING_CREDENTIALS,
+                "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
+            )
+        })?;
+        let principal = self.authenticator.authenticate(&token, peer).await?;
+        if !principal.role.is_some_and(|role| role.satisfies(access)) {
+            return Err(ApiError::permission_denied(
+                reason::INSUFFICIENT_ROLE,
+                format!(
+                    "{path} needs role {} or higher; {} has role {}",
+                    access.to_string().to_lowercase(),
+                    principal.username,
+                    principal.role.map_or("none", |r| r.as_str()),
+                ),
+            ));
+        }
+        Ok(principal)
     }
 
     fn workload_principal(&self, peer: &PeerInfo) -> Result<Principal, ApiError> {
@@ -248,9 +306,14 @@ where
                 let started = Instant::now();
                 request.extensions_mut().insert(request_id.clone());
                 let mut response = match gate.admit(&mut request).await {
-                    Ok(()) => {
+                    Ok(slot) => {
                         let request = request.map(|body| Body::new(LimitedBody::new(body, gate.max_message_bytes)));
-                        inner.call(request).await?
+                        let response = inner.call(request).await?;
+                        match slot {
+                            // The slot lives as long as the response stream.
+                            Some(slot) => response.map(|body| Body::new(SlotBody { inner: body, _slot: slot })),
+                            None => response,
+                        }
                     }
                     Err(err) => {
                         tracing::info!(code = ?err.code(), reason = err.reason(), "refused: {}", err.message());
@@ -267,5 +330,34 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds a [`Slot`] until the stream ends or is dropped.
+    struct SlotBody<B> {
+        #[pin]
+        inner: B,
+        _slot: Slot,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for SlotBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

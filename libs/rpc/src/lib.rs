@@ -3,6 +3,10 @@
 //! - [`server`]: one listener with TLS, the layer chain, health, reflection (v1 and
 //!   v1alpha), keepalive, message limits and graceful shutdown;
 //! - [`layer`]: request id, access policy, authentication seam, authorization;
+//! - [`authn`], [`token`]: access-token verification against the JWKS and the revocations
+//!   kiln-auth publishes, API-key resolution;
+//! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and
+//!   bounded connections per peer and unauthenticated long-lived streams;
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
 //! - [`identity`]: peers, workload identities, principals, roles;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
@@ -22,7 +26,9 @@ pub mod limit;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub(crate) mod revocation;
 pub mod server;
+pub mod slots;
 pub mod tls;
 pub mod token;
 

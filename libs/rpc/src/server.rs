@@ -21,11 +21,12 @@ use tower::Service;
 use crate::Error;
 use crate::access::AccessPolicy;
 use crate::identity::{Authenticator, NoTokenVerification};
-use crate::incoming::tls_incoming;
+use crate::incoming::tls_incoming_limited;
 use crate::layer::{Gate, KilnLayer};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
 use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::readiness::{Checks, Readiness};
+use crate::slots::PeerSlots;
 use crate::tls::{ReloadingServerConfig, TlsFiles};
 
 /// Settings of one listener. Every default is stated on its field.
@@ -56,6 +57,18 @@ pub struct ServerSettings {
     pub rate_limit: Option<RateLimit>,
     /// How often the services' readiness checks (store, sandbox) run. Default: 5 s.
     pub health_check_interval: Duration,
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_
+    /// STREAMS); clients queue further calls. Default: 100.
+    pub max_concurrent_streams: u32,
+    /// Connections one peer address may hold open; further sockets are closed at
+    /// accept. Default: 256.
+    pub max_connections_per_peer: usize,
+    /// Unauthenticated long-lived streams (Health/Watch, reflection) one peer address
+    /// may hold open; more are refused with RESOURCE_EXHAUSTED, `TOO_MANY_STREAMS`.
+    /// Default: 16.
+    pub max_open_streams_per_peer: usize,
+    /// The same over all peers. Default: 1024.
+    pub max_open_streams: usize,
 }
 
 impl ServerSettings {
@@ -76,6 +89,10 @@ impl ServerSettings {
             tls_reload_interval: Duration::from_secs(10),
             rate_limit: Some(RateLimit::default()),
             health_check_interval: Duration::from_secs(5),
+            max_concurrent_streams: 100,
+            max_connections_per_peer: 256,
+            max_open_streams_per_peer: 16,
+            max_open_streams: 1024,
         }
     }
 
@@ -263,14 +280,23 @@ impl BoundServer {
             trust_domain: settings.trust_domain.clone(),
             max_message_bytes: settings.max_message_bytes,
             rate_limiter,
+            open_streams: PeerSlots::new(
+                settings.max_open_streams_per_peer,
+                settings.max_open_streams,
+            ),
         });
         let _forget = AbortOnDrop(layer.spawn_housekeeping(Duration::from_secs(60)));
         let _tls_watch = AbortOnDrop(self.tls.watch(settings.tls_reload_interval));
-        let incoming = tls_incoming(self.listener, self.tls);
+        let incoming = tls_incoming_limited(
+            self.listener,
+            self.tls,
+            PeerSlots::new(settings.max_connections_per_peer, usize::MAX),
+        );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .layer(layer)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {

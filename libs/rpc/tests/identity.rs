@@ -4,142 +4,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::fake_auth::{FakeAuth, FakeAuthState};
+use common::rig::{assert_refused, reason, rig, rig_with};
 use kiln_proto::auth as pb;
-use kiln_proto::auth::auth_service_client::AuthServiceClient;
-use kiln_proto::auth::auth_service_server::AuthServiceServer;
-use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
-use kiln_rpc::client::ClientConfig;
-use kiln_rpc::pki::{DevPki, ensure_dev_pki};
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::token::{AccessClaims, Jwks, SigningKey, unix_now};
-use kiln_rpc::{KilnServer, ServerSettings};
-use tonic::{Code, Status};
+use tonic::Code;
 use tonic_types::StatusExt;
-
-struct Rig {
-    endpoint: String,
-    pki: DevPki,
-    state: Arc<FakeAuthState>,
-    key: SigningKey,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn rig() -> Rig {
-    rig_with(|_| {}, |_| {}).await
-}
-
-async fn rig_with(
-    settings_fn: impl FnOnce(&mut ServerSettings),
-    authn_fn: impl FnOnce(&mut AuthnConfig),
-) -> Rig {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = ensure_dev_pki(&dir.path().join("pki"), "kiln.local", &["auth"]).expect("pki");
-    let (key, _) = SigningKey::generate("k1").expect("key");
-    let state = Arc::new(FakeAuthState::default());
-    *state.jwks.lock().expect("lock") = Jwks {
-        keys: vec![key.public_jwk()],
-    };
-    state
-        .valid_keys
-        .lock()
-        .expect("lock")
-        .insert("kiln_k1_goodsecret".into(), pb::Role::User);
-
-    let mut settings = ServerSettings::new("127.0.0.1:0".parse().expect("addr"), pki.server_tls());
-    settings_fn(&mut settings);
-    let mut server = KilnServer::new(settings)
-        .add_service(AuthServiceServer::new(FakeAuth {
-            state: state.clone(),
-        }))
-        .bind()
-        .await
-        .expect("binds");
-    let endpoint = format!("https://{}", server.local_addr());
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
-    let mut authn = AuthnConfig::new(
-        ClientConfig::new(&endpoint)
-            .ca_pem(read(pki.ca_cert()))
-            .identity(
-                read(pki.workload_cert("auth")),
-                read(pki.workload_key("auth")),
-            ),
-    );
-    authn_fn(&mut authn);
-    server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.serve_until(async {
-        let _ = stopped.await;
-    }));
-    Rig {
-        endpoint,
-        pki,
-        state,
-        key,
-        _dir: dir,
-        _stop: stop,
-    }
-}
-
-impl Rig {
-    fn claims(&self, role: &str) -> AccessClaims {
-        let now = unix_now();
-        AccessClaims {
-            iss: "kiln".into(),
-            aud: "kiln".into(),
-            sub: "u-1".into(),
-            name: "alice".into(),
-            role: role.into(),
-            sid: "s-1".into(),
-            jti: uuid::Uuid::new_v4().to_string(),
-            iat: now,
-            nbf: now,
-            exp: now + 900,
-        }
-    }
-
-    async fn client(&self, token: &str) -> AuthServiceClient<kiln_rpc::client::KilnChannel> {
-        let ca = std::fs::read_to_string(self.pki.ca_cert()).expect("ca");
-        let channel = ClientConfig::new(&self.endpoint)
-            .ca_pem(ca)
-            .token(token)
-            .connect()
-            .await
-            .expect("connects");
-        AuthServiceClient::new(channel)
-    }
-
-    async fn who_am_i(&self, token: &str) -> Result<pb::Principal, Status> {
-        let response = self
-            .client(token)
-            .await
-            .who_am_i(pb::WhoAmIRequest::default())
-            .await?;
-        Ok(response.into_inner().principal.expect("principal"))
-    }
-}
-
-fn reason(status: &Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
-fn assert_refused(result: Result<pb::Principal, Status>, what: &str) -> Status {
-    let status = result.expect_err(what);
-    assert_eq!(status.code(), Code::Unauthenticated, "{what}: {status:?}");
-    assert_eq!(reason(&status), "INVALID_TOKEN", "{what}: {status:?}");
-    status
-}
 
 /// A JWT from raw parts (to forge what no honest library would produce).
 fn raw_jwt(header: &serde_json::Value, claims: &AccessClaims, signature: &[u8]) -> String {
@@ -440,7 +315,13 @@ async fn a_caller_over_the_rate_limit_gets_retry_info() {
         retry > Duration::ZERO && retry <= Duration::from_secs(1),
         "{retry:?}"
     );
-    // Another caller is not affected.
-    let other = rig.key.sign(&rig.claims("viewer")).expect("signed");
+    // Another user is not affected; another token of the same user is (the bucket is
+    // the verified identity, not the credential).
+    let mut claims = rig.claims("viewer");
+    let same_user = rig.key.sign(&claims).expect("signed");
+    let status = rig.who_am_i(&same_user).await.expect_err("same user");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    claims.sub = "u-2".into();
+    let other = rig.key.sign(&claims).expect("signed");
     rig.who_am_i(&other).await.expect("other caller");
 }

@@ -2,7 +2,7 @@
 //! the store (for `ListAuditEvents`) and emitted as a `tracing` event with target `audit`
 //! (for log shipping). Records never hold a password, token or key secret.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -93,15 +93,14 @@ impl Event {
 /// trail must not turn a store hiccup into a failed login, and the `tracing` record is
 /// emitted either way.
 pub async fn record(store: &Store, now: SystemTime, event: Event) {
-    let outcome = if event.failure.is_some() {
-        "failure"
-    } else {
-        "success"
-    };
+    insert(store, now, &event).await;
+}
+
+fn trace(event: &Event) {
     tracing::info!(
         target: "audit",
         action = event.action,
-        outcome,
+        outcome = outcome(event),
         reason = event.failure.unwrap_or(""),
         actor_user_id = %event.actor.user_id,
         actor_username = %event.actor.username,
@@ -110,13 +109,27 @@ pub async fn record(store: &Store, now: SystemTime, event: Event) {
         details = ?event.details,
         "auth audit event"
     );
+}
+
+fn outcome(event: &Event) -> &'static str {
+    if event.failure.is_some() {
+        "failure"
+    } else {
+        "success"
+    }
+}
+
+/// Stores `event`; returns its id, or `None` when it could not be stored.
+async fn insert(store: &Store, now: SystemTime, event: &Event) -> Option<String> {
+    trace(event);
     let details = serde_json::to_string(&event.details).unwrap_or_else(|_| "{}".into());
+    let id = event_id(now);
     let result = sqlx::query(
         "INSERT INTO audit_events (id, time, actor_user_id, actor_username, actor_method, \
          actor_key_id, action, target, peer, outcome, reason, details) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(event_id(now))
+    .bind(&id)
     .bind(millis(now))
     .bind(&event.actor.user_id)
     .bind(&event.actor.username)
@@ -125,13 +138,81 @@ pub async fn record(store: &Store, now: SystemTime, event: Event) {
     .bind(event.action)
     .bind(&event.target)
     .bind(&event.peer)
-    .bind(outcome)
+    .bind(outcome(event))
     .bind(event.failure.unwrap_or(""))
     .bind(details)
     .execute(&store.write)
     .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, action = event.action, "cannot store an audit event");
+    match result {
+        Ok(_) => Some(id),
+        Err(e) => {
+            tracing::error!(error = %e, action = event.action, "cannot store an audit event");
+            None
+        }
+    }
+}
+
+/// How long one aggregated record of refused logins covers.
+const AGGREGATE_WINDOW_MS: i64 = 60_000;
+
+/// Most peers with an open aggregate; past it, closed windows are forgotten first.
+const MAX_AGGREGATES: usize = 10_000;
+
+/// The audit of logins refused because the account or peer is locked out: these come
+/// unauthenticated and as fast as an attacker can send them, so instead of a row each
+/// they are aggregated into one row per peer address and minute, whose `attempts`
+/// detail counts them (and `last_username` names the latest account tried). The table
+/// then grows with the number of attacking addresses and minutes, not of attempts.
+#[derive(Debug, Default)]
+pub struct RefusalAggregates {
+    /// Peer → (window, row id, attempts). Held across the row's update, so the stored
+    /// count never goes backwards.
+    open: tokio::sync::Mutex<HashMap<String, (i64, String, u64)>>,
+}
+
+impl RefusalAggregates {
+    /// Counts one refused attempt of `event` from `peer_key` (the peer's address).
+    pub async fn record(&self, store: &Store, now: SystemTime, peer_key: &str, event: Event) {
+        let window = millis(now) / AGGREGATE_WINDOW_MS;
+        let mut open = self.open.lock().await;
+        if let Some((w, id, attempts)) = open.get_mut(peer_key)
+            && *w == window
+        {
+            *attempts += 1;
+            let details = event
+                .details
+                .clone()
+                .into_iter()
+                .chain([
+                    ("attempts".to_owned(), attempts.to_string()),
+                    ("last_username".to_owned(), event.actor.username.clone()),
+                ])
+                .collect::<BTreeMap<_, _>>();
+            let details = serde_json::to_string(&details).unwrap_or_else(|_| "{}".into());
+            let result = sqlx::query("UPDATE audit_events SET details = ? WHERE id = ?")
+                .bind(details)
+                .bind(id.as_str())
+                .execute(&store.write)
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "cannot update an aggregated audit event");
+            }
+            return;
+        }
+        if open.len() >= MAX_AGGREGATES {
+            open.retain(|_, (w, _, _)| *w == window);
+            if open.len() >= MAX_AGGREGATES {
+                open.clear();
+            }
+        }
+        let username = event.actor.username.clone();
+        let event = event
+            .detail("attempts", "1")
+            .detail("last_username", username)
+            .detail("aggregated_per_ms", AGGREGATE_WINDOW_MS.to_string());
+        if let Some(id) = insert(store, now, &event).await {
+            open.insert(peer_key.to_owned(), (window, id, 1));
+        }
     }
 }
 

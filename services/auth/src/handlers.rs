@@ -233,4 +233,12 @@ impl AuthService for AuthApi {
         let key = request.into_inner().key;
         reply(self.inner.authenticate_api_key(&key).await)
     }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Reply<pb::ListRevocationsResponse> {
+        // SERVICE access: the layer admitted a kiln workload certificate only.
+        reply(self.inner.list_revocations(request.into_inner()).await)
+    }
 }

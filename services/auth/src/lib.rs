@@ -10,7 +10,7 @@
 //! Modules: [`config`] (settings and defaults), `store` (SQLite, migrations), `password`
 //! (rules, Argon2id pool), `secret` (random tokens, digests), `keys` (signing keys,
 //! JWKS, rotation), `sessions` (login, refresh, logout, password change), `api_keys`,
-//! `users` (admin RPCs), `audit`, `throttle`, `handlers` (the gRPC trait), [`error`].
+//! `users` (admin RPCs), `revocations` (what ends access tokens everywhere), `audit`, `throttle`, `handlers` (the gRPC trait), [`error`].
 
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
@@ -31,6 +31,7 @@ mod handlers;
 mod keys;
 mod paging;
 mod password;
+mod revocations;
 mod secret;
 mod sessions;
 mod store;
@@ -64,6 +65,10 @@ pub(crate) struct Inner {
     hasher: PasswordHasher,
     keys: KeyRing,
     throttle: LoginThrottle,
+    /// Stamps of token issue times and user-wide revocations (see `revocations`).
+    stamps: revocations::Stamps,
+    /// The aggregated audit of locked-out logins.
+    refusals: audit::RefusalAggregates,
 }
 
 impl Inner {
@@ -94,8 +99,11 @@ impl AuthApi {
         let keys = KeyRing::load(&store, now, config.access_ttl).await?;
         keys.rotate_if_due(&store, now, config.key_rotation_interval)
             .await?;
+        let stamps = revocations::Stamps::load(&store).await?;
         let inner = Arc::new(Inner {
             throttle: LoginThrottle::new(config.throttle.clone()),
+            stamps,
+            refusals: audit::RefusalAggregates::default(),
             config,
             store,
             hasher,

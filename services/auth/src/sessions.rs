@@ -45,16 +45,23 @@ impl Inner {
         // Throttle on the folded name so that `Alice` and `alice` share one counter.
         let account = req.username.to_ascii_lowercase();
         let now = self.now();
-        if let Some(retry_after) = self.throttle.locked_for(&account, caller.ip, now) {
-            let event = Event::new(
-                Actor::named("", &req.username),
-                "login.locked_out",
-                &caller.peer,
-            )
-            .failed(reason::LOGIN_THROTTLED);
-            audit::record(&self.store, now, event).await;
-            return Err(AuthError::LoginThrottled { retry_after });
-        }
+        let reservation = match self.throttle.reserve(&account, caller.ip, now) {
+            Ok(reservation) => reservation,
+            Err(retry_after) => {
+                let event = Event::new(
+                    Actor::named("", &req.username),
+                    "login.locked_out",
+                    &caller.peer,
+                )
+                .failed(reason::LOGIN_THROTTLED);
+                // Aggregated: an unauthenticated flood must not grow the store per attempt.
+                let peer = caller
+                    .ip
+                    .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+                self.refusals.record(&self.store, now, &peer, event).await;
+                return Err(AuthError::LoginThrottled { retry_after });
+            }
+        };
         let user = users::by_username(&self.store.read, &req.username).await?;
         // Unknown users are checked against a dummy hash: same work, same answer.
         let verified = self
@@ -68,7 +75,7 @@ impl Inner {
         let user = match user {
             Some(user) if verified && !user.disabled => user,
             user => {
-                self.throttle.failure(&account, caller.ip, now);
+                reservation.failed(now);
                 let mut event = Event::new(
                     Actor::named(user.as_ref().map_or("", |u| u.id.as_str()), &req.username),
                     "login",
@@ -82,7 +89,7 @@ impl Inner {
                 return Err(AuthError::InvalidCredentials);
             }
         };
-        self.throttle.success(&account);
+        reservation.succeeded();
         let issued = self.start_session(&user, &caller.peer, now).await?;
         let event = Event::new(
             Actor::named(&user.id, &user.username),
@@ -118,6 +125,14 @@ impl Inner {
         .bind(peer)
         .execute(&mut *tx)
         .await?;
+        // The user as of now, with the write connection held: the password was checked
+        // against `user` (read before hashing), and a concurrent password change,
+        // disable, delete or demotion must win over this login, not be undone by it.
+        let user = users::by_id(&mut *tx, &user.id)
+            .await?
+            .filter(|u| !u.disabled && u.password_hash == user.password_hash)
+            .ok_or(AuthError::InvalidCredentials)?;
+        let stamp = self.stamps.next(now);
         sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
             .bind(millis(now))
             .bind(&user.id)
@@ -127,7 +142,14 @@ impl Inner {
             .insert_refresh(&mut tx, &session_id, absolute, now)
             .await?;
         tx.commit().await?;
-        self.issue(user, &session_id, refresh_token, refresh_expires_at, now)
+        self.issue(
+            &user,
+            &session_id,
+            refresh_token,
+            refresh_expires_at,
+            now,
+            stamp,
+        )
     }
 
     /// Stores a new refresh token of `session_id`, living the idle lifetime but never
@@ -162,6 +184,7 @@ impl Inner {
         refresh_token: String,
         refresh_expires_at: SystemTime,
         now: SystemTime,
+        stamp: i64,
     ) -> Result<Issued> {
         let iat = crate::unix_secs(now);
         let exp = iat + self.config.access_ttl.as_secs().max(1);
@@ -174,6 +197,7 @@ impl Inner {
             sid: session_id.to_owned(),
             jti: uuid::Uuid::new_v4().to_string(),
             iat,
+            iat_ms: u64::try_from(stamp).unwrap_or(0),
             nbf: iat,
             exp,
         };
@@ -260,6 +284,9 @@ impl Inner {
                 .bind(&session_id)
                 .execute(&mut *tx)
                 .await?;
+                // The thief may hold an access token of this session too.
+                self.revoke_session_tokens(&mut tx, &user_id, &session_id, now)
+                    .await?;
                 tx.commit().await?;
                 let event = Event::new(
                     Actor::named(&user_id, ""),
@@ -277,11 +304,20 @@ impl Inner {
             .await?
             .filter(|u| !u.disabled)
             .ok_or(AuthError::InvalidRefreshToken)?;
+        // Taken with the write connection held (the UPDATE above), after reading the user.
+        let stamp = self.stamps.next(now);
         let (refresh_token, refresh_expires_at) = self
             .insert_refresh(&mut tx, &session_id, from_millis(absolute), now)
             .await?;
         tx.commit().await?;
-        let issued = self.issue(&user, &session_id, refresh_token, refresh_expires_at, now)?;
+        let issued = self.issue(
+            &user,
+            &session_id,
+            refresh_token,
+            refresh_expires_at,
+            now,
+            stamp,
+        )?;
         let mut event = Event::new(
             Actor::named(&user.id, &user.username),
             "refresh",
@@ -304,9 +340,13 @@ impl Inner {
     pub(crate) async fn logout(&self, caller: &Caller, all_sessions: bool) -> Result<u32> {
         let principal = caller.user()?;
         let now = self.now();
+        let mut tx = self.store.write.begin().await?;
         let revoked = if all_sessions {
-            users::revoke_sessions(&self.store.write, &principal.subject, None, "logout", now)
-                .await?
+            let revoked =
+                users::revoke_sessions(&mut *tx, &principal.subject, None, "logout", now).await?;
+            self.revoke_user_tokens(&mut tx, &principal.subject, None, now)
+                .await?;
+            revoked
         } else {
             let session = principal
                 .session_id
@@ -326,10 +366,14 @@ impl Inner {
             .bind("logout")
             .bind(session)
             .bind(&principal.subject)
-            .execute(&self.store.write)
+            .execute(&mut *tx)
             .await?;
+            // Also when the session was already revoked: its access tokens must end.
+            self.revoke_session_tokens(&mut tx, &principal.subject, session, now)
+                .await?;
             u32::try_from(done.rows_affected()).unwrap_or(u32::MAX)
         };
+        tx.commit().await?;
         let event = Event::new(Actor::of(principal), "logout", &caller.peer)
             .detail("all_sessions", all_sessions.to_string())
             .detail("revoked_sessions", revoked.to_string());
@@ -360,9 +404,10 @@ impl Inner {
             ));
         }
         let now = self.now();
-        if let Some(retry_after) = self.throttle.locked_for(&user.username, caller.ip, now) {
-            return Err(AuthError::LoginThrottled { retry_after });
-        }
+        let reservation = self
+            .throttle
+            .reserve(&user.username, caller.ip, now)
+            .map_err(|retry_after| AuthError::LoginThrottled { retry_after })?;
         let event = Event::new(Actor::of(principal), "password.change", &caller.peer)
             .target("user", &user.id);
         if !self
@@ -371,7 +416,7 @@ impl Inner {
             .await?
         {
             let now = self.now();
-            self.throttle.failure(&user.username, caller.ip, now);
+            reservation.failed(now);
             audit::record(&self.store, now, event.failed(reason::INVALID_CREDENTIALS)).await;
             return Err(AuthError::InvalidCredentials);
         }
@@ -388,6 +433,8 @@ impl Inner {
         let keep = principal.session_id.as_deref();
         let revoked =
             users::revoke_sessions(&mut *tx, &user.id, keep, "password.change", now).await?;
+        self.revoke_user_tokens(&mut tx, &user.id, keep, now)
+            .await?;
         tx.commit().await?;
         audit::record(
             &self.store,

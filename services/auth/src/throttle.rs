@@ -1,5 +1,11 @@
 //! Login throttling with a growing lockout, per account and per peer IP.
 //!
+//! An attempt is **reserved** before its password is hashed ([`LoginThrottle::reserve`])
+//! and settled after: attempts in flight count as failures-to-be, so however many
+//! guesses arrive at once, no more than the free failures of the account (and of the
+//! peer) are ever evaluated; the others get the lockout answer at once. A dropped
+//! reservation (the caller went away) counts as nothing.
+//!
 //! The counters live in memory: a restart forgives, which is acceptable for a single
 //! process (the lockout only needs to make online guessing slow, and an attacker cannot
 //! restart the server). The policy and its defaults are documented on
@@ -16,6 +22,8 @@ use crate::config::ThrottleConfig;
 #[derive(Debug, Clone, Copy)]
 struct Counter {
     failures: u32,
+    /// Reserved attempts not settled yet.
+    pending: u32,
     last_failure: SystemTime,
     locked_until: Option<SystemTime>,
 }
@@ -39,6 +47,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     /// How long `key` is still locked at `now`.
+    #[cfg(test)]
     fn locked_for(&self, key: &K, now: SystemTime) -> Option<Duration> {
         let until = self.lock().get(key)?.locked_until?;
         until.duration_since(now).ok().filter(|d| !d.is_zero())
@@ -51,6 +60,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
         }
         let counter = counters.entry(key.clone()).or_insert(Counter {
             failures: 0,
+            pending: 0,
             last_failure: now,
             locked_until: None,
         });
@@ -73,7 +83,69 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     fn clear(&self, key: &K) {
-        self.lock().remove(key);
+        if let Some(c) = self.lock().get_mut(key) {
+            c.failures = 0;
+            c.locked_until = None;
+        }
+    }
+
+    /// Whether one more attempt may be evaluated: not locked, and the failures so far
+    /// plus the attempts in flight leave room below the lockout. `Err` says for how long
+    /// to come back (`base_lockout` when the room is taken by attempts in flight).
+    fn room(
+        counters: &HashMap<K, Counter>,
+        key: &K,
+        free: u32,
+        now: SystemTime,
+        cfg: &ThrottleConfig,
+    ) -> Result<(), Duration> {
+        let Some(c) = counters.get(key) else {
+            return Ok(());
+        };
+        if let Some(left) = c
+            .locked_until
+            .and_then(|until| until.duration_since(now).ok())
+            .filter(|d| !d.is_zero())
+        {
+            return Err(left);
+        }
+        let stale = now
+            .duration_since(c.last_failure)
+            .is_ok_and(|idle| idle > cfg.failure_window);
+        let failures = if stale { 0 } else { c.failures };
+        // Below the threshold: as many in flight as failures are left. Past it (a
+        // lockout just expired): one at a time, whose failure locks again at once.
+        let room = free.checked_sub(failures).filter(|r| *r > 0).unwrap_or(1);
+        if c.pending >= room {
+            return Err(cfg.base_lockout);
+        }
+        Ok(())
+    }
+
+    fn add_pending(
+        counters: &mut HashMap<K, Counter>,
+        key: &K,
+        now: SystemTime,
+        cfg: &ThrottleConfig,
+    ) {
+        if !counters.contains_key(key) && counters.len() >= cfg.max_entries {
+            evict(counters, now, cfg);
+        }
+        counters
+            .entry(key.clone())
+            .or_insert(Counter {
+                failures: 0,
+                pending: 0,
+                last_failure: now,
+                locked_until: None,
+            })
+            .pending += 1;
+    }
+
+    fn release(&self, key: &K) {
+        if let Some(c) = self.lock().get_mut(key) {
+            c.pending = c.pending.saturating_sub(1);
+        }
     }
 }
 
@@ -84,7 +156,7 @@ fn evict<K: Hash + Eq + Clone>(
     cfg: &ThrottleConfig,
 ) {
     counters.retain(|_, c| {
-        let locked = c.locked_until.is_some_and(|until| until > now);
+        let locked = c.locked_until.is_some_and(|until| until > now) || c.pending > 0;
         let recent = now
             .duration_since(c.last_failure)
             .map_or(true, |idle| idle <= cfg.failure_window);
@@ -133,6 +205,7 @@ impl LoginThrottle {
     }
 
     /// `Some(retry_after)` while the account or the peer is locked out.
+    #[cfg(test)]
     pub fn locked_for(
         &self,
         account: &str,
@@ -145,6 +218,7 @@ impl LoginThrottle {
     }
 
     /// Counts a failed attempt against both the account and the peer.
+    #[cfg(test)]
     pub fn failure(&self, account: &str, peer: Option<IpAddr>, now: SystemTime) {
         self.accounts.failure(&account.to_owned(), now, &self.cfg);
         if let Some(ip) = peer {
@@ -153,8 +227,93 @@ impl LoginThrottle {
     }
 
     /// Forgets the account's failures after a successful login.
+    #[cfg(test)]
     pub fn success(&self, account: &str) {
         self.accounts.clear(&account.to_owned());
+    }
+
+    /// Reserves one attempt for `account` from `peer` before its password is checked;
+    /// `Err(retry_after)` when the account or peer is locked, or when the attempts
+    /// already in flight could lock it. Settle the reservation with
+    /// [`Reservation::failed`] or [`Reservation::succeeded`]; dropping it releases it.
+    pub fn reserve(
+        &self,
+        account: &str,
+        peer: Option<IpAddr>,
+        now: SystemTime,
+    ) -> Result<Reservation<'_>, Duration> {
+        let account = account.to_owned();
+        let peer = peer.map(peer_key);
+        // One order of locks everywhere: accounts, then peers.
+        let mut accounts = self.accounts.lock();
+        let mut peers = self.peers.lock();
+        let by_account = Table::room(
+            &accounts,
+            &account,
+            self.accounts.free_failures,
+            now,
+            &self.cfg,
+        );
+        let by_peer = peer.map_or(Ok(()), |ip| {
+            Table::room(&peers, &ip, self.peers.free_failures, now, &self.cfg)
+        });
+        if let Err(wait) = by_account.and(by_peer) {
+            let other = by_account.err().max(by_peer.err()).unwrap_or(wait);
+            return Err(other);
+        }
+        Table::add_pending(&mut accounts, &account, now, &self.cfg);
+        if let Some(ip) = peer {
+            Table::add_pending(&mut peers, &ip, now, &self.cfg);
+        }
+        Ok(Reservation {
+            throttle: self,
+            account,
+            peer,
+            settled: false,
+        })
+    }
+}
+
+/// One attempt reserved by [`LoginThrottle::reserve`].
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    throttle: &'a LoginThrottle,
+    account: String,
+    peer: Option<IpAddr>,
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    fn release(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.throttle.accounts.release(&self.account);
+            if let Some(ip) = self.peer {
+                self.throttle.peers.release(&ip);
+            }
+        }
+    }
+
+    /// The password was wrong: counts a failure against the account and the peer.
+    pub fn failed(mut self, now: SystemTime) {
+        self.release();
+        let t = self.throttle;
+        t.accounts.failure(&self.account, now, &t.cfg);
+        if let Some(ip) = self.peer {
+            t.peers.failure(&ip, now, &t.cfg);
+        }
+    }
+
+    /// The password was right: forgets the account's failures.
+    pub fn succeeded(mut self) {
+        self.release();
+        self.throttle.accounts.clear(&self.account);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -346,6 +346,8 @@ impl Inner {
         .execute(&mut *tx)
         .await?;
         let revoked = revoke_sessions(&mut *tx, &user.id, None, "user.update", now).await?;
+        self.revoke_user_tokens(&mut tx, &user.id, None, now)
+            .await?;
         let updated = by_id(&mut *tx, &user.id)
             .await?
             .ok_or_else(|| AuthError::not_found("user", &user.id))?;
@@ -388,6 +390,7 @@ impl Inner {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
+        self.revoke_user_tokens(&mut tx, user_id, None, now).await?;
         tx.commit().await?;
         let event = Event::new(Actor::of(actor), "user.delete", &caller.peer)
             .target("user", user_id)
@@ -409,6 +412,8 @@ impl Inner {
             .await?
             .ok_or_else(|| AuthError::not_found("user", &req.user_id))?;
         let sessions = revoke_sessions(&mut *tx, &req.user_id, None, "admin", now).await?;
+        self.revoke_user_tokens(&mut tx, &req.user_id, None, now)
+            .await?;
         let keys = if req.revoke_api_keys {
             crate::api_keys::revoke_all(&mut *tx, &req.user_id, now).await?
         } else {

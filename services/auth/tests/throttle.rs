@@ -116,3 +116,72 @@ async fn username_case_does_not_bypass_the_account_counter() {
         .expect_err("locked");
     assert_eq!(reason(&err), "LOGIN_THROTTLED");
 }
+
+/// 60 guesses at once for one account from one peer: the attempts are reserved before
+/// hashing, so at most the account's free failures (5) are evaluated; the rest get the
+/// lockout answer at once, and the account ends locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_cannot_outrun_the_lockout() {
+    let h = harness().await;
+    let (_, password) = h.user("carol", pb::Role::User).await;
+    let answers = futures::future::join_all(
+        (0..60).map(|_| h.login_from("carol", "not-carols-password", "192.0.2.77:1")),
+    )
+    .await;
+    let evaluated = answers
+        .iter()
+        .filter(|a| {
+            a.as_ref()
+                .is_err_and(|s| reason(s) == "INVALID_CREDENTIALS")
+        })
+        .count();
+    let throttled = answers
+        .iter()
+        .filter(|a| a.as_ref().is_err_and(|s| reason(s) == "LOGIN_THROTTLED"))
+        .count();
+    assert!(evaluated <= 5, "{evaluated} guesses were evaluated");
+    assert_eq!(evaluated + throttled, 60);
+    let s = h
+        .login_from("carol", &password, "192.0.2.78:1")
+        .await
+        .expect_err("locked");
+    assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
+}
+
+/// A flood of logins from a locked-out peer is audited as one row per peer and minute
+/// that counts the attempts, not as a row per attempt.
+#[tokio::test]
+async fn a_locked_out_flood_adds_a_bounded_number_of_audit_rows() {
+    let h = harness().await;
+    let attacker = "203.0.113.50:1000";
+    fail(&h, "mallory", 5, attacker).await;
+    let count = async || {
+        h.audit(pb::ListAuditEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .len()
+    };
+    let before = count().await;
+    for _ in 0..500 {
+        let err = h
+            .login_from("mallory", "guess-password", attacker)
+            .await
+            .expect_err("locked out");
+        assert_eq!(reason(&err), "LOGIN_THROTTLED");
+    }
+    // 500 attempts within one minute (the clock is manual): one row, counting them.
+    assert_eq!(count().await - before, 1);
+    let events = h
+        .audit(pb::ListAuditEventsRequest {
+            action: Some("login.locked_out".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].details.get("attempts").map(String::as_str),
+        Some("500")
+    );
+}

@@ -585,6 +585,62 @@ pub struct AuthenticateApiKeyResponse {
     #[prost(message, optional, tag = "2")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
 }
+/// ListRevocationsRequest asks for the revocations after a cursor.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRevocationsRequest {
+    /// The `cursor` of the previous answer; 0 for everything still relevant.
+    #[prost(int64, tag = "1")]
+    pub after: i64,
+    /// Most revocations returned at once; 0 means the default (1000), at most 1000.
+    #[prost(int32, tag = "2")]
+    pub page_size: i32,
+}
+/// ListRevocationsResponse is a page of revocations, oldest first.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRevocationsResponse {
+    /// The revocations after the request's cursor, oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub revocations: ::prost::alloc::vec::Vec<TokenRevocation>,
+    /// Pass this as `after` next time.
+    #[prost(int64, tag = "2")]
+    pub cursor: i64,
+    /// More revocations follow: ask again at once with `cursor`.
+    #[prost(bool, tag = "3")]
+    pub more: bool,
+    /// The cursor was unknown to the service (its store was replaced): the answer starts
+    /// from scratch and the caller must forget what it knew.
+    #[prost(bool, tag = "4")]
+    pub reset: bool,
+    /// The service's clock when it answered; a verifier forgets revocations older than
+    /// this minus `retention`, because no token they could affect is still valid.
+    #[prost(message, optional, tag = "5")]
+    pub server_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// How long a revocation stays relevant (the access-token lifetime plus a margin).
+    #[prost(message, optional, tag = "6")]
+    pub retention: ::core::option::Option<::prost_types::Duration>,
+}
+/// TokenRevocation makes access tokens fail at every verifier.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TokenRevocation {
+    /// The user whose tokens are revoked.
+    #[prost(string, tag = "1")]
+    pub user_id: ::prost::alloc::string::String,
+    /// Set: every token of this session is revoked (Logout). Unset: every token of the
+    /// user issued before `not_before` (all its sessions: delete, disable, role or password
+    /// change, RevokeUserSessions).
+    #[prost(string, tag = "2")]
+    pub session_id: ::prost::alloc::string::String,
+    /// Tokens whose `iat_ms` claim is before this are revoked (for a user-wide revocation).
+    #[prost(message, optional, tag = "3")]
+    pub not_before: ::core::option::Option<::prost_types::Timestamp>,
+    /// For a user-wide revocation: a session that stays valid (the caller's own session in
+    /// ChangePassword). Unset: none.
+    #[prost(string, tag = "4")]
+    pub keep_session_id: ::prost::alloc::string::String,
+}
 /// Role is what a principal may do. Roles are ordered VIEWER \< USER \< ADMIN.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1300,6 +1356,35 @@ pub mod auth_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// ListRevocations returns the access-token revocations recorded after `after`, for the
+        /// auth layer of every kiln service: each verifier polls it about once a second and
+        /// refuses the tokens it names, so deleting, disabling or changing a user, a password
+        /// change, RevokeUserSessions and Logout reach every service within seconds without a
+        /// database call per request. Access: SERVICE.
+        pub async fn list_revocations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/kiln.auth.v1.AuthService/ListRevocations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("kiln.auth.v1.AuthService", "ListRevocations"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1499,6 +1584,18 @@ pub mod auth_service_server {
             request: tonic::Request<super::AuthenticateApiKeyRequest>,
         ) -> std::result::Result<
             tonic::Response<super::AuthenticateApiKeyResponse>,
+            tonic::Status,
+        >;
+        /// ListRevocations returns the access-token revocations recorded after `after`, for the
+        /// auth layer of every kiln service: each verifier polls it about once a second and
+        /// refuses the tokens it names, so deleting, disabling or changing a user, a password
+        /// change, RevokeUserSessions and Logout reach every service within seconds without a
+        /// database call per request. Access: SERVICE.
+        async fn list_revocations(
+            &self,
+            request: tonic::Request<super::ListRevocationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRevocationsResponse>,
             tonic::Status,
         >;
     }
@@ -2385,6 +2482,51 @@ pub mod auth_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AuthenticateApiKeySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/kiln.auth.v1.AuthService/ListRevocations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRevocationsSvc<T: AuthService>(pub Arc<T>);
+                    impl<
+                        T: AuthService,
+                    > tonic::server::UnaryService<super::ListRevocationsRequest>
+                    for ListRevocationsSvc<T> {
+                        type Response = super::ListRevocationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRevocationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthService>::list_revocations(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRevocationsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

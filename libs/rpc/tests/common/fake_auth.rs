@@ -18,6 +18,11 @@ pub struct FakeAuthState {
     pub jwks_fetches: AtomicUsize,
     pub valid_keys: Mutex<HashMap<String, pb::Role>>,
     pub key_lookups: AtomicUsize,
+    /// What ListRevocations answers (the cursor is the index past the last one).
+    pub revocations: Mutex<Vec<pb::TokenRevocation>>,
+    pub revocation_polls: AtomicUsize,
+    /// While set, ListRevocations fails (kiln-auth unreachable).
+    pub revocations_down: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -183,5 +188,21 @@ impl AuthService for FakeAuth {
             })),
             None => Err(Status::unauthenticated("unknown API key")),
         }
+    }
+    async fn list_revocations(
+        &self,
+        request: tonic::Request<pb::ListRevocationsRequest>,
+    ) -> Result<tonic::Response<pb::ListRevocationsResponse>, Status> {
+        self.state.revocation_polls.fetch_add(1, Ordering::SeqCst);
+        if self.state.revocations_down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("fake auth: down"));
+        }
+        let after = usize::try_from(request.into_inner().after).unwrap_or(0);
+        let all = self.state.revocations.lock().expect("lock").clone();
+        Ok(tonic::Response::new(pb::ListRevocationsResponse {
+            revocations: all.get(after..).unwrap_or_default().to_vec(),
+            cursor: i64::try_from(all.len()).expect("small"),
+            ..Default::default()
+        }))
     }
 }
