@@ -141,6 +141,14 @@ impl Transport {
                 "retry.max_attempts must be at least 1".into(),
             ));
         }
+        if let Some(key) = &api_key
+            && reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
+        {
+            // Found now rather than as a confusing send error on every call.
+            return Err(LlmError::Config(
+                "the API key has characters an HTTP header cannot carry".into(),
+            ));
+        }
         let tls = tls_config()?;
         let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)

@@ -263,6 +263,23 @@ async fn a_base_url_that_is_not_http_is_a_config_error() {
 }
 
 #[tokio::test]
+async fn a_key_no_header_can_carry_is_a_config_error() {
+    let config = fast_config(ProviderKind::Openai, "http://127.0.0.1:9");
+    let err = OpenAiCompatible::new(
+        "http://127.0.0.1:9",
+        Some("sk-\nInjected: yes".into()),
+        config.timeouts,
+        config.retry,
+    )
+    .unwrap_err();
+    assert!(matches!(err, LlmError::Config(_)), "{err:?}");
+    assert!(
+        !err.to_string().contains("sk-"),
+        "the key leaks into the message: {err}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_error_is_not_retried() {
     let fake = FakeProvider::start().await;
     fake.push(
