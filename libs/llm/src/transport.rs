@@ -153,6 +153,9 @@ impl Transport {
         let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(timeouts.connect)
+            // A model API never redirects; following one could carry the key elsewhere
+            // or downgrade https to http. A 3xx is reported as an HTTP error instead.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kiln-llm/", env!("CARGO_PKG_VERSION")));
         if is_loopback(&url) {
             // A local model server is never reached through a proxy from the environment.

@@ -304,3 +304,40 @@ async fn a_client_error_is_not_retried() {
     }
     assert_eq!(fake.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    let fake = FakeProvider::start().await;
+    fake.push(
+        "/v1/chat/completions",
+        Reply::status(307).header("location", "/elsewhere/v1/chat/completions"),
+    );
+    fake.push(
+        "/elsewhere/v1/chat/completions",
+        Reply::openai_stream(&["no"], "stop", None),
+    );
+    let config = fast_config(ProviderKind::Openai, &fake.url());
+    let provider = OpenAiCompatible::new(
+        &fake.url(),
+        Some("sk-test".into()),
+        config.timeouts,
+        config.retry,
+    )
+    .unwrap();
+
+    let first = kiln_llm::Provider::chat(&provider, request())
+        .next()
+        .await
+        .unwrap();
+
+    assert!(
+        matches!(first, Err(LlmError::Http { status: 307, .. })),
+        "{first:?}"
+    );
+    let paths: Vec<_> = fake.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        ["/v1/chat/completions"],
+        "the key went to a redirect target"
+    );
+}
