@@ -197,13 +197,16 @@ def stop_files() -> None:
 
 
 def kill(pid: int) -> None:
-    os.kill(pid, signal.SIGTERM)
-    # SIGTERM is handled once the model is loaded; a server still loading gets SIGKILL.
-    for _ in range(150):
-        if not our_server(pid):
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        # SIGTERM is handled once the model is loaded; a server still loading gets SIGKILL.
+        for _ in range(150):
+            if not our_server(pid):
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it exited on its own in the meantime
 
 
 def stop() -> None:
