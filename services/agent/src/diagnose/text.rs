@@ -1,6 +1,9 @@
 //! Text helpers shared by the parsers: decoding output, paths, bounds, fingerprints.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
 
 /// stdout then stderr, decoded lossily (a build may print anything) and stripped of ANSI colour
 /// codes (cargo, gcc and tsc colour their output when they think a terminal is attached).
@@ -111,23 +114,13 @@ fn normalize(path: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("/"))
 }
 
-/// `text` with every run of ASCII digits replaced by `#`, so numbers that vary between runs
-/// (addresses, durations, counts, temporary names) do not change a fingerprint.
+/// `text` with every hexadecimal literal (`0x7ffd…`) and every run of ASCII digits replaced by
+/// `#`, so numbers that vary between runs (addresses, durations, counts, temporary names) do not
+/// change a fingerprint.
 pub fn normalize_numbers(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_digits = false;
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            if !in_digits {
-                out.push('#');
-            }
-            in_digits = true;
-        } else {
-            in_digits = false;
-            out.push(c);
-        }
-    }
-    out
+    static NUMBER: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"0[xX][0-9a-fA-F]+|[0-9]+").expect("static regex"));
+    NUMBER.replace_all(text, "#").into_owned()
 }
 
 /// 64-bit FNV-1a: a fixed, documented hash, so fingerprints stay equal across processes and
@@ -177,9 +170,6 @@ mod tests {
 
     #[test]
     fn numbers_are_normalized() {
-        assert_eq!(
-            normalize_numbers("at 0x7ffd12 in 0.02s"),
-            "at #x#ffd# in #.#s"
-        );
+        assert_eq!(normalize_numbers("at 0x7ffd12 in 0.02s"), "at # in #.#s");
     }
 }
