@@ -96,6 +96,15 @@ fn gcc_errors_are_located_with_their_source_lines() {
     );
     assert_eq!(first.severity, Severity::Error);
     assert!(first.message.contains("undeclared"), "{}", first.message);
+    // gcc's note about the error is folded into it, not a diagnostic of its own.
+    assert!(
+        first
+            .message
+            .contains("\nnote: src/main.c:5: each undeclared identifier"),
+        "{}",
+        first.message
+    );
+    assert_eq!(d.diagnostics.len(), 2, "{d:?}");
     assert!(first.in_workspace);
     assert_eq!(context_numbers(&d, 0), vec![3, 4, 5, 6]);
     assert_eq!(first.context[2].text, "    return y;");

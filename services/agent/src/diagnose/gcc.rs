@@ -28,16 +28,16 @@ pub(crate) fn parse(lines: &[&str]) -> Vec<Raw> {
             continue;
         };
         let kind = &c[4];
-        if kind == "note" {
-            if let Some(previous) = out.last_mut() {
-                if notes_folded < MAX_NOTES {
-                    previous
-                        .message
-                        .push_str(&format!("\nnote: {}:{}: {}", &c[1], &c[2], &c[5]));
-                    notes_folded += 1;
-                }
-                continue;
+        if kind == "note"
+            && let Some(previous) = out.last_mut()
+        {
+            if notes_folded < MAX_NOTES {
+                previous
+                    .message
+                    .push_str(&format!("\nnote: {}:{}: {}", &c[1], &c[2], &c[5]));
+                notes_folded += 1;
             }
+            continue;
         }
         let mut raw = Raw::new(&c[1], number, column, c[5].to_string());
         raw.severity = match kind {

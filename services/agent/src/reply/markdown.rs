@@ -78,8 +78,7 @@ fn path_above(before: &[&str]) -> Option<String> {
     cleaned
         .split_whitespace()
         .map(|t| t.trim_matches(|c| matches!(c, '*' | '`' | '"' | '\'' | ':' | '(' | ')' | ',')))
-        .filter(|t| looks_like_path(t))
-        .last()
+        .rfind(|t| looks_like_path(t))
         .map(str::to_string)
 }
 
