@@ -9,9 +9,9 @@
 //! model sees, never longer than [`Limits::max_bytes`]. When nothing parses, the diagnosis is the
 //! trimmed tail of the output.
 //!
-//! Parsers (one module each): [`cargo`] (`--message-format=json` records, rustc's human output,
-//! test panics), [`gcc`] (gcc and clang), [`python`] (tracebacks, unittest, pytest), [`node`]
-//! (node stacks, tsc in both its formats), [`go`] (go build, go vet, go test, panics).
+//! Parsers (one module each): `cargo` (`--message-format=json` records, rustc's human output,
+//! test panics), `gcc` (gcc and clang), `python` (tracebacks, unittest, pytest), `node`
+//! (node stacks, tsc in both its formats), `go` (go build, go vet, go test, panics).
 
 mod cargo;
 mod gcc;
