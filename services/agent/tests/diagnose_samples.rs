@@ -390,3 +390,38 @@ fn signature_ignores_varying_numbers_but_not_the_location() {
     assert_eq!(t1.signature(), t2.signature());
     assert_ne!(t1.signature(), t3.signature());
 }
+
+#[test]
+fn an_enormous_log_is_read_by_its_head_and_tail() {
+    let limits = Limits {
+        max_input_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let filler = "compiling something unremarkable\n".repeat(20_000);
+    let out = format!(
+        "src/a.c:1:1: error: first\n{filler}src/a.c:2:1: error: hidden in the middle\n{filler}src/a.c:3:1: error: last\n"
+    );
+    let d = run_with("cc", "", &out, &[], limits);
+    let lines: Vec<u32> = d.diagnostics.iter().map(|x| x.line).collect();
+    assert_eq!(lines, vec![1, 3]);
+}
+
+#[test]
+fn context_comes_only_from_the_files_passed_in() {
+    // The printed paths name files that exist on this machine; none is read, because context
+    // lines come from the map the caller passes, never from the file system.
+    let out = "/etc/passwd:1:1: error: a\n/sandbox/workspace/../../etc/hostname:1:1: error: b\n/sandbox/workspace/on_disk_only.c:1:1: error: c\n";
+    let d = run("cc", out, &[]);
+    assert_eq!(d.diagnostics.len(), 3);
+    assert!(d.diagnostics.iter().all(|x| x.context.is_empty()), "{d:?}");
+    let outside: Vec<&str> = d
+        .diagnostics
+        .iter()
+        .filter(|x| !x.in_workspace)
+        .map(|x| x.file.as_str())
+        .collect();
+    assert_eq!(
+        outside,
+        vec!["/etc/passwd", "/sandbox/workspace/../../etc/hostname"]
+    );
+}

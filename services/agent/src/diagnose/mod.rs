@@ -90,6 +90,10 @@ pub struct Limits {
     pub tail_lines: usize,
     /// A single message is cut to this many bytes. Default 600.
     pub max_message_bytes: usize,
+    /// Output read per stream: a longer stream is read as its first and last halves of this
+    /// (the first error and the final summary live there), so a build that prints gigabytes
+    /// cannot make the diagnosis slow. Default 4 MiB.
+    pub max_input_bytes: usize,
 }
 
 impl Default for Limits {
@@ -100,6 +104,7 @@ impl Default for Limits {
             context_lines: 2,
             tail_lines: 40,
             max_message_bytes: 600,
+            max_input_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -216,7 +221,10 @@ fn parse_family(family: Family, lines: &[&str], scope: Scope<'_>) -> Vec<Raw> {
 
 /// Turns a failed step's output into a bounded, located diagnosis.
 pub fn diagnose(output: &StepOutput<'_>, limits: Limits) -> Diagnosis {
-    let combined = text::combine(output.stdout, output.stderr);
+    let combined = text::combine(
+        &text::head_and_tail(output.stdout, limits.max_input_bytes),
+        &text::head_and_tail(output.stderr, limits.max_input_bytes),
+    );
     let lines: Vec<&str> = combined.lines().collect();
     let preferred = family_of(output.argv);
     let order = preferred

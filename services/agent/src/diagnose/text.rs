@@ -1,5 +1,6 @@
 //! Text helpers shared by the parsers: decoding output, paths, bounds, fingerprints.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -14,6 +15,30 @@ pub(crate) fn combine(stdout: &[u8], stderr: &[u8]) -> String {
     }
     text.push_str(&String::from_utf8_lossy(stderr));
     strip_ansi(&text)
+}
+
+/// `bytes` when at most `max` long, else its first and last `max / 2` bytes joined by a line
+/// saying how much was skipped (cut at line boundaries where one is near, so no line is
+/// half-parsed).
+pub(crate) fn head_and_tail(bytes: &[u8], max: usize) -> Cow<'_, [u8]> {
+    if bytes.len() <= max {
+        return Cow::Borrowed(bytes);
+    }
+    let half = max / 2;
+    let head_end = bytes[..half]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(half, |i| i + 1);
+    let tail_from = bytes.len() - half;
+    let tail_start = bytes[tail_from..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(tail_from, |i| tail_from + i + 1);
+    let mut out = bytes[..head_end].to_vec();
+    let skipped = tail_start - head_end;
+    out.extend_from_slice(format!("[… {skipped} bytes of output skipped …]\n").as_bytes());
+    out.extend_from_slice(&bytes[tail_start..]);
+    Cow::Owned(out)
 }
 
 fn strip_ansi(text: &str) -> String {
