@@ -3,6 +3,14 @@
 //! The RPCs of `kiln.agent.v1.AgentService` are served here. This release carries the contract and
 //! the shared server layer only; every RPC answers UNIMPLEMENTED (reason
 //! NOT_IMPLEMENTED) with a message naming it, until the agent service lands (LLM tasks).
+//!
+//! The pure parts of the agent are here already: [`diagnose`] turns a failed build's output into
+//! a located diagnosis for the FIX prompt, [`reply`] defines and parses the format in which the
+//! model returns files, and [`guard`] checks such a reply (VALIDATE) before anything is written.
+
+pub mod diagnose;
+pub mod guard;
+pub mod reply;
 
 use futures::stream::BoxStream;
 use kiln_proto::agent as pb;
