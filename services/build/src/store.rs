@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kiln_eventlog::EventStore;
 use kiln_proto::build as pb;
 use kiln_rpc::ApiError;
 use prost::Message;
@@ -445,13 +446,46 @@ impl Store {
         rows.iter().map(Self::build_from_row).collect()
     }
 
-    /// Whether a build of the workspace is queued or running.
+    /// Deletes builds (with their logs and labels) that finished before `before`.
+    pub async fn delete_finished_builds(&self, before: i64, limit: i64) -> Result<u64> {
+        let ids: Vec<String> = sqlx::query(
+            "SELECT id FROM builds WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+        for id in &ids {
+            let mut tx = self.write.begin().await?;
+            for sql in [
+                "DELETE FROM build_events WHERE build_id = ?",
+                "DELETE FROM build_labels WHERE build_id = ?",
+                "DELETE FROM builds WHERE id = ?",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            self.outputs.remove(id).await;
+        }
+        Ok(ids.len() as u64)
+    }
+}
+
+/// Build logs in `build_events` (output bytes in the build's file, see `OutputFiles`),
+/// each append together with the build row's changes.
+impl EventStore for Store {
+    type Update = BuildUpdate;
+    type Error = BuildError;
+
     /// Persists events (already numbered) and the row changes in one transaction.
-    pub async fn append(
+    async fn append(
         &self,
         build_id: &str,
         events: &[pb::BuildEvent],
-        update: &BuildUpdate,
+        update: BuildUpdate,
     ) -> Result<()> {
         let Some(last) = events.last() else {
             return Ok(());
@@ -494,11 +528,11 @@ impl Store {
     }
 
     /// Events with sequence > `after`, at most `limit`, in order.
-    pub async fn events_after(
+    async fn events_after(
         &self,
         build_id: &str,
         after: u64,
-        limit: i64,
+        limit: usize,
     ) -> Result<Vec<pb::BuildEvent>> {
         let rows = sqlx::query(
             "SELECT event, data_offset, data_len FROM build_events \
@@ -506,7 +540,7 @@ impl Store {
         )
         .bind(build_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(limit)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.read)
         .await?;
         let mut events = Vec::with_capacity(rows.len());
@@ -526,31 +560,10 @@ impl Store {
         self.outputs.fill(build_id, events).await
     }
 
-    /// Deletes builds (with their logs and labels) that finished before `before`.
-    pub async fn delete_finished_builds(&self, before: i64, limit: i64) -> Result<u64> {
-        let ids: Vec<String> = sqlx::query(
-            "SELECT id FROM builds WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.write)
-        .await?
-        .iter()
-        .map(|r| r.try_get("id"))
-        .collect::<Result<_, _>>()?;
-        for id in &ids {
-            let mut tx = self.write.begin().await?;
-            for sql in [
-                "DELETE FROM build_events WHERE build_id = ?",
-                "DELETE FROM build_labels WHERE build_id = ?",
-                "DELETE FROM builds WHERE id = ?",
-            ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            self.outputs.remove(id).await;
-        }
-        Ok(ids.len() as u64)
+    /// A build that is gone (retention) or final gets no more events.
+    async fn is_closed(&self, build_id: &str) -> Result<bool> {
+        let build = self.get_build(build_id).await?;
+        Ok(build.is_none_or(|b| crate::log::is_final(b.build.state)))
     }
 }
 
