@@ -133,6 +133,20 @@ async fn a_finished_log_replays_and_closes() {
 }
 
 #[tokio::test]
+async fn sources_that_overlap_give_neither_a_gap_nor_a_duplicate() {
+    // The store hands back everything from the start on every read, so the window and
+    // the store overlap; the watcher still yields each event after its start once.
+    let store = MemStore::default();
+    store.sloppy_reads(true);
+    let (logs, log) = live("a", 512);
+    let last = write(&store, &log, 300, 20).await;
+    for after in [0, 7, 150, 299] {
+        let got = sequences(watch(store.clone(), logs.clone(), "a".into(), after, HOUR)).await;
+        assert_eq!(got, range(after + 1, last), "after {after}");
+    }
+}
+
+#[tokio::test]
 async fn a_store_error_ends_the_watch_after_it_is_yielded() {
     let store = MemStore::default();
     store.put(

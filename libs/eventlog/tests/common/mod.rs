@@ -45,6 +45,7 @@ struct Inner {
     updates: Vec<(String, Vec<u64>)>,
     fail_appends: usize,
     fail_reads: bool,
+    sloppy_reads: bool,
     reads: usize,
 }
 
@@ -82,6 +83,12 @@ impl MemStore {
 
     pub fn fail_reads(&self, on: bool) {
         self.inner().fail_reads = on;
+    }
+
+    /// Reads ignore `after` and return the log from its start (a store that overlaps
+    /// what the watcher already has).
+    pub fn sloppy_reads(&self, on: bool) {
+        self.inner().sloppy_reads = on;
     }
 
     /// How many times events were read from the store.
@@ -168,6 +175,7 @@ impl EventStore for MemStore {
             return Err(StoreError("read failed"));
         }
         inner.reads += 1;
+        let after = if inner.sloppy_reads { 0 } else { after };
         Ok(inner
             .events
             .get(log_id)
