@@ -8,7 +8,7 @@ use pb::build_event::Event;
 
 use crate::Shared;
 use crate::error::Result;
-use crate::log::LiveLog;
+use crate::log::{AppendEvents, LiveLog};
 use crate::queue::Entry;
 use crate::store::{BuildUpdate, duration_micros, now_micros};
 
@@ -35,7 +35,7 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
             state: pb::BuildState::Interrupted as i32,
             message: INTERRUPTED_MESSAGE.into(),
         });
-        log.append(
+        log.append_events(
             &shared.store,
             vec![finished],
             BuildUpdate {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::Shared;
 use crate::config::BuildLimits;
 use crate::error::Result;
-use crate::log::LiveLog;
+use crate::log::{AppendEvents, LiveLog};
 use crate::queue::Entry;
 use crate::store::{BuildUpdate, now_micros};
 use crate::validate::{self, limits_from_proto};
@@ -59,7 +59,7 @@ pub async fn run(
                 message: "internal error while running the build".into(),
             });
             let _ = log
-                .append(
+                .append_events(
                     &shared.store,
                     vec![finished],
                     final_update(
@@ -111,7 +111,7 @@ async fn run_build(
     // The scheduler handed this build out holding its workspace's lock (see `run`):
     // API changes in flight have finished, later ones see the workspace busy.
     let tier = crate::service::tier_to_proto(shared.sandbox.tier());
-    log.append(
+    log.append_events(
         &shared.store,
         vec![Event::Started(pb::Started {
             sandbox_tier: tier as i32,
@@ -172,7 +172,7 @@ async fn run_build(
         state: state as i32,
         message: message.clone(),
     });
-    log.append(&shared.store, vec![finished], final_update(state, &message))
+    log.append_events(&shared.store, vec![finished], final_update(state, &message))
         .await?;
     Ok(())
 }
@@ -333,7 +333,7 @@ async fn run_step(
                 succeeded: false,
                 ..Default::default()
             };
-            log.append(
+            log.append_events(
                 &shared.store,
                 vec![Event::StepFinished(finished.clone())],
                 BuildUpdate::default(),
@@ -347,7 +347,7 @@ async fn run_step(
             });
         }
     };
-    log.append(
+    log.append_events(
         &shared.store,
         vec![Event::StepStarted(pb::StepStarted {
             step_index: index32,
@@ -385,7 +385,7 @@ async fn run_step(
                     }
                     delivered += bytes as u64;
                     let events = coalesce(index32, batch);
-                    log.append(&shared.store, events, BuildUpdate::default()).await?;
+                    log.append_events(&shared.store, events, BuildUpdate::default()).await?;
                 }
                 None => output_open = false,
             },
@@ -471,7 +471,7 @@ async fn run_step(
         message,
         succeeded,
     };
-    log.append(
+    log.append_events(
         &shared.store,
         vec![Event::StepFinished(finished.clone())],
         BuildUpdate {

@@ -14,7 +14,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::error::{BuildError, Result, invalid, reason, violation};
-use crate::log::{self, LiveLog, is_final};
+use crate::log::{self, AppendEvents, LiveLog, is_final};
 use crate::queue::Entry;
 use crate::store::{
     BuildRow, BuildUpdate, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token,
@@ -286,7 +286,7 @@ impl BuildApi {
                 )
             });
             let message = "cancelled while queued".to_owned();
-            log.append(
+            log.append_events(
                 &shared.store,
                 vec![Event::Finished(pb::Finished {
                     state: pb::BuildState::Cancelled as i32,

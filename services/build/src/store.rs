@@ -15,7 +15,10 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::error::{BuildError, Result};
-use crate::outputs::{OutputFiles, StoredEvent};
+use crate::outputs::OutputFiles;
+
+mod build_events;
+use build_events::insert_events;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -445,87 +448,6 @@ impl Store {
         rows.iter().map(Self::build_from_row).collect()
     }
 
-    /// Whether a build of the workspace is queued or running.
-    /// Persists events (already numbered) and the row changes in one transaction.
-    pub async fn append(
-        &self,
-        build_id: &str,
-        events: &[pb::BuildEvent],
-        update: &BuildUpdate,
-    ) -> Result<()> {
-        let Some(last) = events.last() else {
-            return Ok(());
-        };
-        // Output bytes first, to the build's file (no transaction needed: until the rows
-        // below commit, nothing refers to them, and a failed batch only leaves unused
-        // bytes at the end of the file). SQLite then stores a small row per event.
-        let events = self.outputs.spill(build_id, events).await?;
-        let mut tx = self.write.begin().await?;
-        // One multi-row INSERT per batch: every statement is a round trip to sqlx's
-        // SQLite worker thread (a cross-thread wake-up each).
-        for chunk in events.chunks(EVENTS_PER_INSERT) {
-            insert_events(&mut tx, build_id, chunk).await?;
-        }
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE builds SET last_sequence = ");
-        q.push_bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
-        if let Some(state) = update.state {
-            q.push(", state = ").push_bind(state as i32);
-        }
-        if let Some(t) = update.started_at {
-            q.push(", started_at = ").push_bind(t);
-        }
-        if let Some(t) = update.finished_at {
-            q.push(", finished_at = ").push_bind(t);
-        }
-        if let Some(m) = &update.failure_message {
-            q.push(", failure_message = ").push_bind(m.clone());
-        }
-        if let Some(step) = update.current_step {
-            q.push(", current_step = ").push_bind(step.map(i64::from));
-        }
-        if let Some(results) = &update.step_results {
-            q.push(", step_results = ")
-                .push_bind(encode_results(results));
-        }
-        q.push(" WHERE id = ").push_bind(build_id.to_owned());
-        q.build().execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Events with sequence > `after`, at most `limit`, in order.
-    pub async fn events_after(
-        &self,
-        build_id: &str,
-        after: u64,
-        limit: i64,
-    ) -> Result<Vec<pb::BuildEvent>> {
-        let rows = sqlx::query(
-            "SELECT event, data_offset, data_len FROM build_events \
-             WHERE build_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-        )
-        .bind(build_id)
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.read)
-        .await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let bytes: Vec<u8> = r.try_get("event")?;
-            let event = pb::BuildEvent::decode(bytes.as_slice())
-                .map_err(|e| BuildError::Corrupt(format!("build event: {e}")))?;
-            let range = match (
-                r.try_get::<Option<i64>, _>("data_offset")?,
-                r.try_get::<Option<i64>, _>("data_len")?,
-            ) {
-                (Some(offset), Some(len)) => Some((offset, len)),
-                _ => None,
-            };
-            events.push((event, range));
-        }
-        self.outputs.fill(build_id, events).await
-    }
-
     /// Deletes builds (with their logs and labels) that finished before `before`.
     pub async fn delete_finished_builds(&self, before: i64, limit: i64) -> Result<u64> {
         let ids: Vec<String> = sqlx::query(
@@ -552,32 +474,6 @@ impl Store {
         }
         Ok(ids.len() as u64)
     }
-}
-
-/// Rows per INSERT statement (6 bound values each; SQLite allows 32 766).
-const EVENTS_PER_INSERT: usize = 256;
-
-async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    build_id: &str,
-    events: &[StoredEvent],
-) -> Result<()> {
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-        "INSERT INTO build_events (build_id, sequence, time, event, data_offset, data_len) ",
-    );
-    q.push_values(events, |mut row, (event, range)| {
-        let time = event
-            .time
-            .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
-        row.push_bind(build_id.to_owned())
-            .push_bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            .push_bind(time)
-            .push_bind(event.encode_to_vec())
-            .push_bind(range.map(|r| r.0))
-            .push_bind(range.map(|r| r.1));
-    });
-    q.build().execute(&mut **tx).await?;
-    Ok(())
 }
 
 fn push_labels(
