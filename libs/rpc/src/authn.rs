@@ -449,6 +449,9 @@ pub fn principal_from_proto(p: pb::Principal) -> Option<Principal> {
         expires_at,
         session_id: (!p.session_id.is_empty()).then_some(p.session_id),
         api_key_id: (!p.api_key_id.is_empty()).then_some(p.api_key_id),
+        // kiln-auth resolves API keys only; a key is never a delegation.
+        actor: None,
+        scope: None,
     })
 }
 
