@@ -18,6 +18,10 @@
 //!   `TOKEN_REVOKED`) by every service at most 3 s after the revocation committed. If
 //!   kiln-auth cannot be reached for longer, the service **fails closed** for tokens:
 //!   UNAVAILABLE, `TOKEN_VERIFICATION_UNAVAILABLE`, until a poll succeeds again.
+//! - **Delegated tokens** (kiln-auth's `ExchangeToken`: `act`, `task`, a service `aud`)
+//!   verify like access tokens, with the same revocation check (`sub` is the user, `sid`
+//!   the delegation); their `Principal` carries `actor` and `scope`, and the layer refuses
+//!   them outside the service of their audience (`TOKEN_AUDIENCE_MISMATCH`).
 //! - **API keys** (`kiln_…`) are resolved through `AuthenticateApiKey` (a SERVICE RPC,
 //!   hence the workload certificate). Answers are cached: accepted keys for
 //!   `api_key_ttl` (default 30 s), refused keys for `api_key_negative_ttl` (default 5 s).
