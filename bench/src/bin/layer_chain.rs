@@ -120,6 +120,7 @@ fn claims(role: &str) -> AccessClaims {
         iat_ms: now * 1000,
         nbf: now,
         exp: now + 3600,
+        ..AccessClaims::default()
     }
 }
 

@@ -18,6 +18,10 @@
 //!   `TOKEN_REVOKED`) by every service at most 3 s after the revocation committed. If
 //!   kiln-auth cannot be reached for longer, the service **fails closed** for tokens:
 //!   UNAVAILABLE, `TOKEN_VERIFICATION_UNAVAILABLE`, until a poll succeeds again.
+//! - **Delegated tokens** (kiln-auth's `ExchangeToken`: `act`, `task`, a service `aud`)
+//!   verify like access tokens, with the same revocation check (`sub` is the user, `sid`
+//!   the delegation); their `Principal` carries `actor` and `scope`, and the layer refuses
+//!   them outside the service of their audience (`TOKEN_AUDIENCE_MISMATCH`).
 //! - **API keys** (`kiln_…`) are resolved through `AuthenticateApiKey` (a SERVICE RPC,
 //!   hence the workload certificate). Answers are cached: accepted keys for
 //!   `api_key_ttl` (default 30 s), refused keys for `api_key_negative_ttl` (default 5 s).
@@ -449,6 +453,9 @@ pub fn principal_from_proto(p: pb::Principal) -> Option<Principal> {
         expires_at,
         session_id: (!p.session_id.is_empty()).then_some(p.session_id),
         api_key_id: (!p.api_key_id.is_empty()).then_some(p.api_key_id),
+        // kiln-auth resolves API keys only; a key is never a delegation.
+        actor: None,
+        scope: None,
     })
 }
 

@@ -35,6 +35,12 @@ pub mod reason {
     /// The token was revoked (logout, a password or role change, the user disabled or
     /// deleted, its sessions revoked): log in again.
     pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+    /// A delegated token was presented at a service it was not minted for (its `aud`
+    /// names another service).
+    pub const TOKEN_AUDIENCE_MISMATCH: &str = "TOKEN_AUDIENCE_MISMATCH";
+    /// A delegated token asked for something outside its scope (e.g. a token limited to
+    /// one workspace creating another).
+    pub const DELEGATION_SCOPE_EXCEEDED: &str = "DELEGATION_SCOPE_EXCEEDED";
     /// Too many unauthenticated long-lived streams (Health/Watch, reflection) are open
     /// from this address, or over all.
     pub const TOO_MANY_STREAMS: &str = "TOO_MANY_STREAMS";

@@ -125,6 +125,22 @@ pub struct Principal {
     pub session_id: Option<String>,
     /// The key id for an API key.
     pub api_key_id: Option<String>,
+    /// For a delegated token: the workload acting on behalf of the user (its SPIFFE id,
+    /// e.g. `spiffe://kiln.local/service/agent`). Audit lines name both.
+    pub actor: Option<String>,
+    /// For a delegated token: what it was minted for. `None` for every other credential.
+    pub scope: Option<DelegationScope>,
+}
+
+/// What a delegated token is limited to (its `aud`, `task` and `workspace` claims).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationScope {
+    /// The one service audience it is valid at, e.g. `kiln-build`.
+    pub audience: String,
+    /// The task it was minted for.
+    pub task_id: String,
+    /// The one workspace it may touch; `None`: any of the user's.
+    pub workspace_id: Option<String>,
 }
 
 impl Principal {
@@ -137,6 +153,25 @@ impl Principal {
             expires_at: None,
             session_id: None,
             api_key_id: None,
+            actor: None,
+            scope: None,
+        }
+    }
+
+    /// Whether this credential may touch workspace `id` (and its builds): always, unless
+    /// it is a delegated token scoped to another workspace.
+    pub fn may_use_workspace(&self, id: &str) -> bool {
+        self.scope
+            .as_ref()
+            .and_then(|s| s.workspace_id.as_deref())
+            .is_none_or(|w| w == id)
+    }
+
+    /// `alice`, or `spiffe://…/service/agent on behalf of alice` for a delegation.
+    pub fn describe(&self) -> String {
+        match &self.actor {
+            Some(actor) => format!("{actor} on behalf of {}", self.username),
+            None => self.username.clone(),
         }
     }
 }

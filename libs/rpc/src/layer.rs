@@ -27,6 +27,7 @@ use crate::identity::{Authenticator, BearerToken, PeerInfo, Principal};
 use crate::limit::LimitedBody;
 use crate::ratelimit::RateLimiter;
 use crate::slots::{PeerSlots, Slot};
+use crate::token::audience_admits;
 
 /// Streams anyone may open without credentials and keep open: each holds a slot of
 /// [`Gate::open_streams`] until it ends.
@@ -173,7 +174,8 @@ impl Gate {
             }
             (Err(err), None) => return Err(err),
         };
-        tracing::Span::current().record("principal", principal.username.as_str());
+        // "spiffe://…/service/agent on behalf of alice" for a delegation.
+        tracing::Span::current().record("principal", principal.describe().as_str());
         request.extensions_mut().insert(principal);
         Ok(None)
     }
@@ -193,6 +195,20 @@ impl Gate {
             )
         })?;
         let principal = self.authenticator.authenticate(&token, peer).await?;
+        // A delegated token is valid at the one service it was minted for: never at
+        // kiln-auth (no API keys, sessions or further delegations from it), never at the
+        // agent. Checked here, for every authenticator, before any handler runs.
+        if let Some(scope) = &principal.scope
+            && !audience_admits(&scope.audience, path)
+        {
+            return Err(ApiError::unauthenticated(
+                reason::TOKEN_AUDIENCE_MISMATCH,
+                format!(
+                    "this delegated token is for {}, not for {path}",
+                    scope.audience
+                ),
+            ));
+        }
         if !principal.role.is_some_and(|role| role.satisfies(access)) {
             return Err(ApiError::permission_denied(
                 reason::INSUFFICIENT_ROLE,

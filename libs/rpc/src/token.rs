@@ -23,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{AuthMethod, Principal, Role};
+use crate::identity::{AuthMethod, DelegationScope, Principal, Role, WorkloadId};
 
 /// The only algorithm kiln signs and accepts.
 pub const ALGORITHM: Algorithm = Algorithm::EdDSA;
@@ -31,8 +31,37 @@ pub const ALGORITHM: Algorithm = Algorithm::EdDSA;
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 5;
 
-/// The claims of a kiln access token.
+/// The audience of a delegated token for kiln-build: the only audience kiln-auth mints
+/// delegated tokens for, and the only service that accepts them.
+pub const BUILD_AUDIENCE: &str = "kiln-build";
+
+/// The gRPC service (path prefix) each delegated audience is valid at. A delegated token
+/// is refused everywhere else, kiln-auth included, so it can never mint API keys,
+/// sessions or further delegations.
+const DELEGATED_AUDIENCES: &[(&str, &str)] = &[(BUILD_AUDIENCE, "/kiln.build.v1.BuildService/")];
+
+/// Whether a delegated token of `audience` may call the RPC at `path`.
+pub fn audience_admits(audience: &str, path: &str) -> bool {
+    DELEGATED_AUDIENCES
+        .iter()
+        .any(|(aud, prefix)| *aud == audience && path.starts_with(prefix))
+}
+
+/// The `act` claim of a delegated token (RFC 8693 §4.1): who acts for the subject.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorClaim {
+    /// The acting workload's SPIFFE id, e.g. `spiffe://kiln.local/service/agent`.
+    pub sub: String,
+}
+
+/// The claims of a kiln access token.
+///
+/// A **delegated token** (minted by `ExchangeToken`) has the same claims plus `act`,
+/// `task` and optionally `workspace`; its `aud` is a service audience such as
+/// [`BUILD_AUDIENCE`] instead of the suite audience, and its `sid` is its own delegation
+/// id. A token with `act` but the suite audience, or without `act` but a service
+/// audience, is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClaims {
     /// Issuer, e.g. `kiln`.
     pub iss: String,
@@ -59,6 +88,15 @@ pub struct AccessClaims {
     pub nbf: u64,
     /// Expires at, Unix seconds.
     pub exp: u64,
+    /// Delegated tokens only: the workload acting for `sub`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<ActorClaim>,
+    /// Delegated tokens only: the task the delegation was minted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Delegated tokens only, optional: the one workspace the token may touch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 impl AccessClaims {
@@ -72,7 +110,36 @@ impl AccessClaims {
             expires_at: Some(UNIX_EPOCH + Duration::from_secs(self.exp)),
             session_id: Some(self.sid.clone()),
             api_key_id: None,
+            actor: self.act.as_ref().map(|a| a.sub.clone()),
+            scope: self.act.as_ref().map(|_| DelegationScope {
+                audience: self.aud.clone(),
+                task_id: self.task.clone().unwrap_or_default(),
+                workspace_id: self.workspace.clone(),
+            }),
         })
+    }
+
+    /// Whether the claims have the shape of a token for `audience` (the suite's): an
+    /// ordinary token for exactly that audience, or a delegated token for a known
+    /// service audience with an actor that is a kiln workload and a task.
+    fn well_formed(&self, audience: &str) -> Result<(), TokenError> {
+        match &self.act {
+            None if self.aud == audience && self.task.is_none() && self.workspace.is_none() => {
+                Ok(())
+            }
+            None => Err(TokenError::WrongIssuerOrAudience),
+            Some(act) => {
+                if !DELEGATED_AUDIENCES.iter().any(|(aud, _)| *aud == self.aud) {
+                    return Err(TokenError::WrongIssuerOrAudience);
+                }
+                let task_ok = self.task.as_deref().is_some_and(|t| !t.is_empty());
+                let workspace_ok = self.workspace.as_deref().is_none_or(|w| !w.is_empty());
+                if WorkloadId::parse(&act.sub).is_none() || !task_ok || !workspace_ok {
+                    return Err(TokenError::Claims);
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -197,6 +264,7 @@ pub enum TokenError {
 pub struct TokenVerifier {
     keys: HashMap<String, DecodingKey>,
     validation: Validation,
+    audience: String,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -208,8 +276,10 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// A verifier for tokens of `issuer` and `audience` signed by a key of `jwks`. Keys
-    /// that are not Ed25519 OKP keys are ignored.
+    /// A verifier for tokens of `issuer` and `audience` signed by a key of `jwks`, and
+    /// for delegated tokens of `issuer` (see [`AccessClaims`]; where they may be used is
+    /// the caller's check, with [`audience_admits`]). Keys that are not Ed25519 OKP keys
+    /// are ignored.
     pub fn new(jwks: &Jwks, issuer: &str, audience: &str) -> Self {
         let keys = jwks
             .keys
@@ -222,9 +292,15 @@ impl TokenVerifier {
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
+        // `aud` is required but compared in `AccessClaims::well_formed`: which audience is
+        // right depends on whether the token is delegated.
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        Self { keys, validation }
+        Self {
+            keys,
+            validation,
+            audience: audience.to_owned(),
+        }
     }
 
     pub fn knows(&self, kid: &str) -> bool {
@@ -259,6 +335,7 @@ impl TokenVerifier {
                     _ => TokenError::Claims,
                 }
             })?;
+        data.claims.well_formed(&self.audience)?;
         Ok(data.claims)
     }
 }
@@ -287,6 +364,20 @@ mod tests {
             iat_ms: now * 1000,
             nbf: now,
             exp: now + 900,
+            ..AccessClaims::default()
+        }
+    }
+
+    fn delegated(now: u64) -> AccessClaims {
+        AccessClaims {
+            aud: BUILD_AUDIENCE.into(),
+            sid: "d-1".into(),
+            act: Some(ActorClaim {
+                sub: "spiffe://kiln.local/service/agent".into(),
+            }),
+            task: Some("t-1".into()),
+            workspace: Some("w-1".into()),
+            ..claims(now)
         }
     }
 
@@ -323,6 +414,117 @@ mod tests {
                 "{crit:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_delegated_token_verifies_with_its_actor_and_scope() {
+        let (key, verifier) = setup();
+        let token = key.sign(&delegated(unix_now())).expect("signed");
+        let principal = verifier
+            .verify(&token)
+            .expect("valid")
+            .principal()
+            .expect("known role");
+        assert_eq!(principal.subject, "u-1");
+        assert_eq!(
+            principal.actor.as_deref(),
+            Some("spiffe://kiln.local/service/agent")
+        );
+        let scope = principal.scope.expect("scope");
+        assert_eq!(scope.audience, BUILD_AUDIENCE);
+        assert_eq!(scope.task_id, "t-1");
+        assert_eq!(scope.workspace_id.as_deref(), Some("w-1"));
+        let ordinary = verifier
+            .verify(&key.sign(&claims(unix_now())).expect("signed"))
+            .expect("valid")
+            .principal()
+            .expect("role");
+        assert_eq!((ordinary.actor, ordinary.scope), (None, None));
+    }
+
+    #[test]
+    fn audiences_and_delegation_shapes_must_match() {
+        let (key, verifier) = setup();
+        let now = unix_now();
+        let refused = [
+            // An ordinary token for a service audience, or any unknown audience.
+            AccessClaims {
+                aud: BUILD_AUDIENCE.into(),
+                ..claims(now)
+            },
+            AccessClaims {
+                aud: "other".into(),
+                ..claims(now)
+            },
+            // A delegated token for the suite audience (valid everywhere) or another.
+            AccessClaims {
+                aud: "kiln".into(),
+                ..delegated(now)
+            },
+            AccessClaims {
+                aud: "kiln-agent".into(),
+                ..delegated(now)
+            },
+        ];
+        for c in refused {
+            let token = key.sign(&c).expect("signed");
+            assert_eq!(
+                verifier.verify(&token),
+                Err(TokenError::WrongIssuerOrAudience),
+                "{c:?}"
+            );
+        }
+        let malformed = [
+            AccessClaims {
+                task: None,
+                ..delegated(now)
+            },
+            AccessClaims {
+                act: Some(ActorClaim {
+                    sub: "alice".into(),
+                }),
+                ..delegated(now)
+            },
+            AccessClaims {
+                workspace: Some(String::new()),
+                ..delegated(now)
+            },
+        ];
+        for c in malformed {
+            let token = key.sign(&c).expect("signed");
+            assert_eq!(verifier.verify(&token), Err(TokenError::Claims), "{c:?}");
+        }
+        // Scope claims on an ordinary token are not a silent no-op either.
+        let token = key
+            .sign(&AccessClaims {
+                task: Some("t".into()),
+                ..claims(now)
+            })
+            .expect("signed");
+        assert_eq!(
+            verifier.verify(&token),
+            Err(TokenError::WrongIssuerOrAudience)
+        );
+    }
+
+    #[test]
+    fn a_delegated_audience_admits_only_its_service() {
+        assert!(audience_admits(
+            BUILD_AUDIENCE,
+            "/kiln.build.v1.BuildService/StartBuild"
+        ));
+        for path in [
+            "/kiln.auth.v1.AuthService/CreateApiKey",
+            "/kiln.auth.v1.AuthService/ExchangeToken",
+            "/kiln.agent.v1.AgentService/StartTask",
+            "/kiln.build.v1.BuildServiceX/StartBuild",
+        ] {
+            assert!(!audience_admits(BUILD_AUDIENCE, path), "{path}");
+        }
+        assert!(!audience_admits(
+            "kiln",
+            "/kiln.build.v1.BuildService/StartBuild"
+        ));
     }
 
     #[test]

@@ -317,11 +317,16 @@ impl Inner {
             return Ok(key.to_pb());
         }
         let now = self.now();
+        let mut tx = self.store.write.begin().await?;
         sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
             .bind(millis(now))
             .bind(id)
-            .execute(&self.store.write)
+            .execute(&mut *tx)
             .await?;
+        // A delegated token minted from the key must not outlive it.
+        self.revoke_key_delegations(&mut tx, &key.user_id, id, now)
+            .await?;
+        tx.commit().await?;
         let event = Event::new(Actor::of(principal), "api_key.revoke", &caller.peer)
             .target("api_key", id)
             .detail("owner", &key.user_id);
@@ -374,6 +379,7 @@ impl Inner {
                 expires_at,
                 session_id: String::new(),
                 api_key_id: row.id,
+                actor: String::new(),
             }),
             expires_at,
         })

@@ -33,6 +33,16 @@ pub struct AuthConfig {
     /// How often the background task checks whether the signing key is due. Default 1
     /// minute.
     pub key_rotation_check: Duration,
+    /// The longest lifetime of a delegated token (`ExchangeToken`); longer requests are
+    /// capped, and a request without a lifetime gets this. Default 2 hours: long enough
+    /// for an agent task's budget, short enough that a leaked delegation dies soon.
+    /// Revocations and retired signing keys are kept for the longest token lifetime
+    /// (this or `access_ttl`), so delegated tokens stay revocable and verifiable to
+    /// their end.
+    pub delegation_max_lifetime: Duration,
+    /// The workloads (the `<name>` of `spiffe://<trust-domain>/service/<name>`) that may
+    /// call `ExchangeToken`. Default `["agent"]`: only kiln-agent acts for users.
+    pub token_exchange_actors: Vec<String>,
     /// Login throttling; see [`ThrottleConfig`].
     pub throttle: ThrottleConfig,
     /// Argon2id cost; see [`PasswordCost`]. Default: the OWASP parameters.
@@ -52,6 +62,12 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
+    /// The longest any token kiln-auth signs can live: what revocations and retired
+    /// signing keys must outlive.
+    pub fn max_token_lifetime(&self) -> Duration {
+        self.access_ttl.max(self.delegation_max_lifetime)
+    }
+
     /// The defaults, with the store in `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
@@ -64,6 +80,8 @@ impl AuthConfig {
             refresh_reuse_grace: Duration::from_secs(5),
             key_rotation_interval: Duration::from_secs(24 * 3600),
             key_rotation_check: Duration::from_secs(60),
+            delegation_max_lifetime: Duration::from_secs(2 * 3600),
+            token_exchange_actors: vec!["agent".into()],
             throttle: ThrottleConfig::default(),
             password_cost: PasswordCost::OWASP,
             admin_password: None,

@@ -82,6 +82,7 @@ pub fn principal_to_pb(p: &kiln_rpc::Principal) -> pb::Principal {
         expires_at: opt_timestamp(p.expires_at),
         session_id: p.session_id.clone().unwrap_or_default(),
         api_key_id: p.api_key_id.clone().unwrap_or_default(),
+        actor: p.actor.clone().unwrap_or_default(),
     }
 }
 

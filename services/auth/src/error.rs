@@ -39,6 +39,13 @@ pub mod reason {
     pub const LAST_ADMIN: &str = "LAST_ADMIN";
     /// An admin tried to delete their own account.
     pub const CANNOT_DELETE_SELF: &str = "CANNOT_DELETE_SELF";
+    /// ExchangeToken called by a workload that may not act for users (only the agent).
+    pub const ACTOR_NOT_ALLOWED: &str = "ACTOR_NOT_ALLOWED";
+    /// ExchangeToken's subject token is missing, invalid, expired, revoked, of a
+    /// disabled or deleted user, or itself a delegated token.
+    pub const INVALID_SUBJECT_TOKEN: &str = "INVALID_SUBJECT_TOKEN";
+    /// ExchangeToken for a viewer: a delegated task builds, which a viewer may not.
+    pub const DELEGATION_ROLE_TOO_LOW: &str = "DELEGATION_ROLE_TOO_LOW";
 }
 
 /// What can go wrong in kiln-auth.
@@ -63,6 +70,11 @@ pub enum AuthError {
     InvalidApiKey,
     #[error("{kind} {id:?} not found")]
     NotFound { kind: &'static str, id: String },
+    #[error("{message}")]
+    Unauthenticated {
+        reason: &'static str,
+        message: String,
+    },
     #[error("{message}")]
     PermissionDenied {
         reason: &'static str,
@@ -142,6 +154,7 @@ impl AuthError {
             Self::InvalidApiKey => reason::INVALID_API_KEY,
             Self::NotFound { .. } => common::NOT_FOUND,
             Self::PermissionDenied { reason, .. }
+            | Self::Unauthenticated { reason, .. }
             | Self::FailedPrecondition { reason, .. }
             | Self::AlreadyExists { reason, .. } => reason,
             Self::MissingPrincipal => common::MISSING_CREDENTIALS,
@@ -190,6 +203,9 @@ impl From<AuthError> for ApiError {
                     .with_retry_after(retry_after)
             }
             AuthError::NotFound { kind, id } => ApiError::not_found(kind, &id),
+            AuthError::Unauthenticated { message, .. } => {
+                ApiError::unauthenticated(reason, message)
+            }
             AuthError::PermissionDenied { message, .. } => {
                 ApiError::permission_denied(reason, message)
             }

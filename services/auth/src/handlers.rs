@@ -241,4 +241,17 @@ impl AuthService for AuthApi {
         // SERVICE access: the layer admitted a kiln workload certificate only.
         reply(self.inner.list_revocations(request.into_inner()).await)
     }
+
+    async fn exchange_token(
+        &self,
+        request: Request<pb::ExchangeTokenRequest>,
+    ) -> Reply<pb::ExchangeTokenResponse> {
+        // SERVICE access: a workload of the trust domain; the handler checks which one.
+        let caller = Caller::of(&request);
+        reply(
+            self.inner
+                .exchange_token(&caller, request.into_inner())
+                .await,
+        )
+    }
 }

@@ -6,8 +6,10 @@
 //! deleted once it cannot verify any unexpired token.
 //!
 //! Rotation: a new key is generated and becomes current at once; the old key is marked
-//! retired and stays in the JWKS until `retired_at + access_ttl + leeway`, when the last
-//! token it signed has expired everywhere. Verifiers refetch the JWKS when they meet an
+//! retired and stays in the JWKS until `retired_at + lifetime + leeway`, when the last
+//! token it signed has expired everywhere; `lifetime` is the longest a signed token
+//! lives (the access TTL, or the delegation maximum when that is longer: a delegated
+//! token must verify until its own `exp`, not only for 15 minutes after a rotation). Verifiers refetch the JWKS when they meet an
 //! unknown `kid`, so tokens of the new key verify immediately. Rotation happens on a
 //! schedule ([`AuthConfig::key_rotation_interval`](crate::AuthConfig)) and on demand with
 //! [`AuthApi::rotate_signing_key`](crate::AuthApi::rotate_signing_key).
@@ -49,8 +51,9 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// Loads the keys of the store, creating the first one on an empty store.
-    pub async fn load(store: &Store, now: SystemTime, access_ttl: Duration) -> Result<Self> {
-        let keep_retired = access_ttl + Duration::from_secs(LEEWAY_SECS);
+    /// `max_lifetime` is the longest any signed token lives.
+    pub async fn load(store: &Store, now: SystemTime, max_lifetime: Duration) -> Result<Self> {
+        let keep_retired = max_lifetime + Duration::from_secs(LEEWAY_SECS);
         let rows = sqlx::query(
             "SELECT kid, pkcs8, created_at, retired_at FROM signing_keys \
              ORDER BY created_at DESC, kid DESC",

@@ -10,7 +10,9 @@
 //! Modules: [`config`] (settings and defaults), `store` (SQLite, migrations), `password`
 //! (rules, Argon2id pool), `secret` (random tokens, digests), `keys` (signing keys,
 //! JWKS, rotation), `sessions` (login, refresh, logout, password change), `api_keys`,
-//! `users` (admin RPCs), `revocations` (what ends access tokens everywhere), `audit`, `throttle`, `handlers` (the gRPC trait), [`error`].
+//! `users` (admin RPCs), `revocations` (what ends access tokens everywhere), `delegation`
+//! (ExchangeToken: delegated tokens for the agent), `audit`, `throttle`, `handlers` (the
+//! gRPC trait), [`error`].
 
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
@@ -26,6 +28,7 @@ mod audit;
 mod bootstrap;
 pub mod config;
 mod convert;
+mod delegation;
 pub mod error;
 mod handlers;
 mod keys;
@@ -96,7 +99,7 @@ impl AuthApi {
             now,
         )
         .await?;
-        let keys = KeyRing::load(&store, now, config.access_ttl).await?;
+        let keys = KeyRing::load(&store, now, config.max_token_lifetime()).await?;
         keys.rotate_if_due(&store, now, config.key_rotation_interval)
             .await?;
         let stamps = revocations::Stamps::load(&store).await?;
@@ -160,6 +163,9 @@ fn validate(config: &AuthConfig) -> Result<()> {
     if config.key_rotation_check.is_zero() {
         return bad("key_rotation_check must be positive");
     }
+    if config.delegation_max_lifetime < Duration::from_secs(1) {
+        return bad("delegation_max_lifetime must be at least 1 second");
+    }
     Ok(())
 }
 
@@ -211,7 +217,9 @@ impl Caller {
         }
     }
 
-    /// The authenticated end user (a token or API key; not a workload).
+    /// The authenticated end user (a token or API key; not a workload, and not a
+    /// delegated token, which the layer already refuses here: one made for kiln-build
+    /// must never create keys, sessions or users).
     fn user(&self) -> Result<&Principal> {
         let principal = self.principal.as_ref().ok_or(AuthError::MissingPrincipal)?;
         if principal.role.is_none() {
@@ -220,7 +228,25 @@ impl Caller {
                 message: "this RPC is for end users, not services".into(),
             });
         }
+        if principal.scope.is_some() {
+            return Err(AuthError::Unauthenticated {
+                reason: kiln_rpc::error::reason::TOKEN_AUDIENCE_MISMATCH,
+                message: "a delegated token is not valid at kiln-auth".into(),
+            });
+        }
         Ok(principal)
+    }
+
+    /// The calling kiln workload (SERVICE RPCs), e.g. `spiffe://kiln.local/service/agent`.
+    fn workload(&self) -> Result<&Principal> {
+        match &self.principal {
+            Some(p) if p.auth_method == kiln_rpc::identity::AuthMethod::Workload => Ok(p),
+            Some(_) => Err(AuthError::PermissionDenied {
+                reason: kiln_rpc::error::reason::WORKLOAD_IDENTITY_REQUIRED,
+                message: "this RPC is for kiln services and needs a workload certificate".into(),
+            }),
+            None => Err(AuthError::MissingPrincipal),
+        }
     }
 
     /// The caller, if it is an admin. The layer already enforces ADMIN RPCs; this

@@ -36,7 +36,7 @@ use crate::store::{Store, duration_millis, from_millis, millis};
 /// Most revocations one `ListRevocations` answer carries.
 const MAX_PAGE: i64 = 1000;
 
-/// How long past the access-token lifetime a revocation is kept: covers the verifiers'
+/// How long past the longest token lifetime a revocation is kept: covers the verifiers'
 /// `exp` leeway and clock skew between kiln-auth and the services.
 const RETENTION_MARGIN: Duration = Duration::from_secs(60);
 
@@ -49,18 +49,22 @@ pub(crate) struct Stamps {
 impl Stamps {
     /// Starts above every stamp already given out, so that after a restart (or with a
     /// clock that went back) a new revocation still covers every earlier token: above
-    /// the stored revocations, and above the newest refresh token (written with each
-    /// access token; its time is the clock, which a token's stamp exceeds only by the
-    /// few milliseconds of stamps taken within one, hence the margin).
+    /// the stored revocations, and above the newest refresh token and delegation
+    /// (written with each access and delegated token; their time is the clock, which a
+    /// token's stamp exceeds only by the few milliseconds of stamps taken within one,
+    /// hence the margin).
     pub async fn load(store: &Store) -> Result<Self> {
         const MARGIN_MS: i64 = 1000;
         let revoked: Option<i64> =
             sqlx::query_scalar("SELECT MAX(not_before) FROM token_revocations")
                 .fetch_one(&store.read)
                 .await?;
-        let issued: Option<i64> = sqlx::query_scalar("SELECT MAX(created_at) FROM refresh_tokens")
-            .fetch_one(&store.read)
-            .await?;
+        let issued: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(t) FROM (SELECT MAX(created_at) AS t FROM refresh_tokens \
+             UNION ALL SELECT MAX(created_at) AS t FROM delegations)",
+        )
+        .fetch_one(&store.read)
+        .await?;
         let last = revoked
             .unwrap_or(0)
             .max(issued.map_or(0, |t| t.saturating_add(MARGIN_MS)));
@@ -77,9 +81,12 @@ impl Stamps {
 }
 
 impl Inner {
-    /// How long a revocation stays relevant.
+    /// How long a revocation stays relevant: as long as the longest token it may end
+    /// can live. Delegated tokens live longer than access tokens; if revocations were
+    /// forgotten after the access TTL, a demoted user's delegation would come back to
+    /// life at every verifier.
     fn revocation_retention(&self) -> Duration {
-        self.config.access_ttl + RETENTION_MARGIN
+        self.config.max_token_lifetime() + RETENTION_MARGIN
     }
 
     /// Revokes every token of `user_id` issued before now, except those of `keep`.

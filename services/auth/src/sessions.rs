@@ -200,6 +200,7 @@ impl Inner {
             iat_ms: u64::try_from(stamp).unwrap_or(0),
             nbf: iat,
             exp,
+            ..AccessClaims::default()
         };
         let access_token = self.keys.sign(&claims)?;
         let access_expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
@@ -216,6 +217,7 @@ impl Inner {
                 expires_at: Some(timestamp(access_expires_at)),
                 session_id: session_id.to_owned(),
                 api_key_id: String::new(),
+                actor: String::new(),
             },
         })
     }

@@ -51,7 +51,11 @@ async fn rotation_keeps_the_old_key_until_its_tokens_expire() {
         .verify(&after.access_token)
         .expect("new key's token verifies");
     // Just before the old key's last token expires (+ leeway) it is still published.
-    h.clock.advance(Duration::from_secs(15 * 60 + 4));
+    // The longest token it may have signed is a delegated one (2 h by default), not
+    // an access token (15 min).
+    let longest = h.config.max_token_lifetime();
+    assert_eq!(longest, Duration::from_secs(2 * 3600));
+    h.clock.advance(longest + Duration::from_secs(4));
     assert!(h.verifier().await.knows(&old_kid));
     h.clock.advance(Duration::from_secs(2));
     let verifier = h.verifier().await;

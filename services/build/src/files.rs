@@ -77,6 +77,14 @@ impl BuildApi {
         p: &Principal,
         req: pb::CreateWorkspaceRequest,
     ) -> Result<pb::Workspace> {
+        if p.scope.as_ref().is_some_and(|s| s.workspace_id.is_some()) {
+            // A token limited to one workspace must not open others for itself.
+            return Err(ApiError::permission_denied(
+                kiln_rpc::error::reason::DELEGATION_SCOPE_EXCEEDED,
+                "this delegated token is limited to one workspace and cannot create others",
+            )
+            .into());
+        }
         let mut v = Violations::default();
         let files = self.check_files(&req.files, &mut v);
         validate::check_labels("labels", &req.labels, &mut v);

@@ -55,6 +55,18 @@ pub fn owner_filter(p: &Principal, requested: Option<String>) -> Option<String> 
     }
 }
 
+/// The workspace filter of ListBuilds: a delegated token scoped to one workspace sees
+/// that workspace's builds only (asking for another: a workspace no row has).
+pub fn workspace_filter(p: &Principal, requested: Option<String>) -> Option<String> {
+    match p.scope.as_ref().and_then(|s| s.workspace_id.clone()) {
+        None => requested,
+        Some(scoped) => match requested {
+            Some(r) if r != scoped => Some(String::new()),
+            _ => Some(scoped),
+        },
+    }
+}
+
 pub fn principal<T>(req: &Request<T>) -> Result<Principal, Status> {
     Ok(kiln_rpc::principal(req)?.clone())
 }
@@ -123,12 +135,14 @@ impl BuildApi {
     ) -> Result<WorkspaceRow> {
         require_id("workspace_id", id)?;
         match self.shared.store.get_workspace(id).await? {
+            // A delegated token scoped to another workspace sees none of this one.
             Some(w)
-                if (if write {
-                    can_write(p, &w.owner)
-                } else {
-                    can_read(p, &w.owner)
-                }) =>
+                if p.may_use_workspace(&w.id)
+                    && (if write {
+                        can_write(p, &w.owner)
+                    } else {
+                        can_read(p, &w.owner)
+                    }) =>
             {
                 Ok(w)
             }
@@ -140,11 +154,12 @@ impl BuildApi {
         require_id("build_id", id)?;
         match self.shared.store.get_build(id).await? {
             Some(b)
-                if (if write {
-                    can_write(p, &b.build.owner)
-                } else {
-                    can_read(p, &b.build.owner)
-                }) =>
+                if p.may_use_workspace(&b.build.workspace_id)
+                    && (if write {
+                        can_write(p, &b.build.owner)
+                    } else {
+                        can_read(p, &b.build.owner)
+                    }) =>
             {
                 Ok(b)
             }
@@ -225,6 +240,18 @@ impl BuildApi {
             }
             return Err(e);
         }
+        // Who started it: for an agent task, "the agent on behalf of the owner".
+        tracing::info!(
+            target: "audit",
+            build_id = %build.id,
+            workspace_id = %build.workspace_id,
+            owner = %build.owner,
+            username = %p.username,
+            actor = p.actor.as_deref().unwrap_or(""),
+            task_id = p.scope.as_ref().map_or("", |s| s.task_id.as_str()),
+            "build started by {}",
+            p.describe()
+        );
         shared.logs.insert(LiveLog::new(
             &build.id,
             1,
@@ -333,7 +360,7 @@ impl BuildApi {
         let limit = page_size("page_size", req.page_size, 100, 1000)?;
         let filter = ListFilter {
             owner: owner_filter(p, req.owner),
-            workspace_id: req.workspace_id,
+            workspace_id: workspace_filter(p, req.workspace_id),
             states: req.states,
             labels: req.labels.into_iter().collect(),
             before: cursor(&req.page_token)?,

@@ -27,6 +27,10 @@ pub struct Principal {
     /// The API key's id when authenticated with an API key; empty otherwise.
     #[prost(string, tag = "7")]
     pub api_key_id: ::prost::alloc::string::String,
+    /// For a delegated token: the SPIFFE id of the workload acting on behalf of the user
+    /// (e.g. `spiffe://kiln.local/service/agent`); empty otherwise.
+    #[prost(string, tag = "8")]
+    pub actor: ::prost::alloc::string::String,
 }
 /// LoginRequest carries a user's credentials.
 #[allow(clippy::all)]
@@ -640,6 +644,45 @@ pub struct TokenRevocation {
     /// ChangePassword). Unset: none.
     #[prost(string, tag = "4")]
     pub keep_session_id: ::prost::alloc::string::String,
+}
+/// ExchangeTokenRequest asks for a delegated token for one task.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExchangeTokenRequest {
+    /// The user's credential to delegate: an access JWT or an API key (`kiln_…`), at most
+    /// 8 KiB. It is only verified, never stored.
+    #[prost(string, tag = "1")]
+    pub subject_token: ::prost::alloc::string::String,
+    /// The service the delegated token is for. Only `kiln-build` is accepted.
+    #[prost(string, tag = "2")]
+    pub audience: ::prost::alloc::string::String,
+    /// The task the delegation serves, 1 to 128 bytes; becomes the `task` claim.
+    #[prost(string, tag = "3")]
+    pub task_id: ::prost::alloc::string::String,
+    /// The one workspace the token may touch (its `workspace` claim), 1 to 128 bytes.
+    /// Unset: any workspace the user may touch.
+    #[prost(string, optional, tag = "4")]
+    pub workspace_id: ::core::option::Option<::prost::alloc::string::String>,
+    /// How long the delegated token lives; must be positive. Capped at the configured
+    /// maximum (default 2 hours). Unset: the maximum.
+    #[prost(message, optional, tag = "5")]
+    pub lifetime: ::core::option::Option<::prost_types::Duration>,
+}
+/// ExchangeTokenResponse carries the delegated token.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExchangeTokenResponse {
+    /// The delegated JWT; send it as `authorization: Bearer <access_token>` to the
+    /// audience's service only.
+    #[prost(string, tag = "1")]
+    pub access_token: ::prost::alloc::string::String,
+    /// When it expires (after the cap).
+    #[prost(message, optional, tag = "2")]
+    pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Whom it stands for: the user, the delegated role, `actor` set, `session_id` the
+    /// delegation id (the token's `sid`).
+    #[prost(message, optional, tag = "3")]
+    pub principal: ::core::option::Option<Principal>,
 }
 /// Role is what a principal may do. Roles are ordered VIEWER \< USER \< ADMIN.
 #[allow(clippy::all)]
@@ -1385,6 +1428,47 @@ pub mod auth_service_client {
                 .insert(GrpcMethod::new("kiln.auth.v1.AuthService", "ListRevocations"));
             self.inner.unary(req, path, codec).await
         }
+        /// ExchangeToken mints a delegated token (RFC 8693 token-exchange semantics) so that a
+        /// kiln workload can act for a user longer than the user's access token lives, without
+        /// storing that token. Access: SERVICE, and only the agent's workload identity
+        /// (`spiffe://<trust-domain>/service/agent`) may call it; any other workload answers
+        /// PERMISSION_DENIED (reason ACTOR_NOT_ALLOWED).
+        ///
+        /// The subject token (the user's access token or API key) is verified as any call
+        /// would verify it: signature, expiry, revocation, the user enabled. A missing,
+        /// invalid, expired or revoked subject token, or one that is itself delegated, answers
+        /// UNAUTHENTICATED (reason INVALID_SUBJECT_TOKEN). A viewer's credential answers
+        /// PERMISSION_DENIED (reason DELEGATION_ROLE_TOO_LOW): a task builds, which a viewer
+        /// may not. The delegated token has `sub` the user, `role` the user's role capped at
+        /// user, `act.sub` the caller's workload, `aud` the requested audience, `task`, the
+        /// optional `workspace`, a `sid` of its own, and ends at the requested lifetime capped
+        /// by the configured maximum (and by an API key's own expiry). Revoking, disabling,
+        /// demoting or deleting the user ends it at every service within the revocation bound.
+        /// Every exchange, granted or refused, is in the audit trail (action token.exchange).
+        pub async fn exchange_token(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExchangeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExchangeTokenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/kiln.auth.v1.AuthService/ExchangeToken",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("kiln.auth.v1.AuthService", "ExchangeToken"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1596,6 +1680,30 @@ pub mod auth_service_server {
             request: tonic::Request<super::ListRevocationsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListRevocationsResponse>,
+            tonic::Status,
+        >;
+        /// ExchangeToken mints a delegated token (RFC 8693 token-exchange semantics) so that a
+        /// kiln workload can act for a user longer than the user's access token lives, without
+        /// storing that token. Access: SERVICE, and only the agent's workload identity
+        /// (`spiffe://<trust-domain>/service/agent`) may call it; any other workload answers
+        /// PERMISSION_DENIED (reason ACTOR_NOT_ALLOWED).
+        ///
+        /// The subject token (the user's access token or API key) is verified as any call
+        /// would verify it: signature, expiry, revocation, the user enabled. A missing,
+        /// invalid, expired or revoked subject token, or one that is itself delegated, answers
+        /// UNAUTHENTICATED (reason INVALID_SUBJECT_TOKEN). A viewer's credential answers
+        /// PERMISSION_DENIED (reason DELEGATION_ROLE_TOO_LOW): a task builds, which a viewer
+        /// may not. The delegated token has `sub` the user, `role` the user's role capped at
+        /// user, `act.sub` the caller's workload, `aud` the requested audience, `task`, the
+        /// optional `workspace`, a `sid` of its own, and ends at the requested lifetime capped
+        /// by the configured maximum (and by an API key's own expiry). Revoking, disabling,
+        /// demoting or deleting the user ends it at every service within the revocation bound.
+        /// Every exchange, granted or refused, is in the audit trail (action token.exchange).
+        async fn exchange_token(
+            &self,
+            request: tonic::Request<super::ExchangeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExchangeTokenResponse>,
             tonic::Status,
         >;
     }
@@ -2527,6 +2635,51 @@ pub mod auth_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListRevocationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/kiln.auth.v1.AuthService/ExchangeToken" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExchangeTokenSvc<T: AuthService>(pub Arc<T>);
+                    impl<
+                        T: AuthService,
+                    > tonic::server::UnaryService<super::ExchangeTokenRequest>
+                    for ExchangeTokenSvc<T> {
+                        type Response = super::ExchangeTokenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExchangeTokenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthService>::exchange_token(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExchangeTokenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -189,6 +189,12 @@ impl AuthService for FakeAuth {
             None => Err(Status::unauthenticated("unknown API key")),
         }
     }
+    async fn exchange_token(
+        &self,
+        _: tonic::Request<pb::ExchangeTokenRequest>,
+    ) -> Result<tonic::Response<pb::ExchangeTokenResponse>, Status> {
+        Err(not_implemented("ExchangeToken"))
+    }
     async fn list_revocations(
         &self,
         request: tonic::Request<pb::ListRevocationsRequest>,

@@ -96,6 +96,7 @@ impl Rig {
             iat_ms: now * 1000,
             nbf: now,
             exp: now + 900,
+            ..AccessClaims::default()
         }
     }
 

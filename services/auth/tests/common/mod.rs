@@ -243,6 +243,8 @@ impl Harness {
             expires_at: p.expires_at.as_ref().map(unix),
             session_id: None,
             api_key_id: Some(p.api_key_id),
+            actor: None,
+            scope: None,
         }
     }
 
@@ -266,6 +268,8 @@ impl Harness {
             expires_at: None,
             session_id: Some("none".into()),
             api_key_id: None,
+            actor: None,
+            scope: None,
         }
     }
 }

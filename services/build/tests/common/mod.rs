@@ -44,6 +44,8 @@ impl Authenticator for TestAuth {
                 expires_at: None,
                 session_id: None,
                 api_key_id: None,
+                actor: None,
+                scope: None,
             })
         })
     }
