@@ -75,6 +75,28 @@ impl UnaryService<pb::GetJwksRequest> for GetJwks {
     }
 }
 
+/// No revocations: the chain's verifier polls this (as it polls kiln-auth) and refuses
+/// tokens while it cannot, so the bench serves an empty, current answer.
+struct ListRevocations;
+impl UnaryService<pb::ListRevocationsRequest> for ListRevocations {
+    type Response = pb::ListRevocationsResponse;
+    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, tonic::Status>>;
+    fn call(&mut self, request: tonic::Request<pb::ListRevocationsRequest>) -> Self::Future {
+        let cursor = request.get_ref().after;
+        Box::pin(async move {
+            Ok(tonic::Response::new(pb::ListRevocationsResponse {
+                cursor,
+                server_time: Some(std::time::SystemTime::now().into()),
+                retention: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }))
+        })
+    }
+}
+
 impl tower::Service<http::Request<Body>> for BenchAuth {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -98,6 +120,11 @@ impl tower::Service<http::Request<Body>> for BenchAuth {
                 "/kiln.auth.v1.AuthService/GetJwks" => {
                     Grpc::new(ProstCodec::default())
                         .unary(GetJwks(jwks), request)
+                        .await
+                }
+                "/kiln.auth.v1.AuthService/ListRevocations" => {
+                    Grpc::new(ProstCodec::default())
+                        .unary(ListRevocations, request)
                         .await
                 }
                 _ => tonic::Status::unimplemented("bench").into_http(),
