@@ -77,6 +77,14 @@ pub struct Task {
     /// The token budget (effective value); 0: unlimited.
     #[prost(uint64, tag = "19")]
     pub max_tokens: u64,
+    /// The steps the task's builds run (effective value: the request's, the toolchain's
+    /// defaults, or the plan's).
+    #[prost(message, repeated, tag = "20")]
+    pub steps: ::prost::alloc::vec::Vec<super::super::build::v1::Step>,
+    /// The actor the task's builds are attributed to in kiln-build and the audit trail
+    /// (the agent's workload identity), on behalf of `owner`.
+    #[prost(string, tag = "21")]
+    pub actor: ::prost::alloc::string::String,
 }
 /// StartTaskRequest describes a task to start.
 #[allow(clippy::all)]
@@ -110,7 +118,8 @@ pub struct StartTaskRequest {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
-    /// Time budget of the whole task. Unset: 30 minutes. At most 4 hours.
+    /// Time budget of the whole task. Unset: 30 minutes. At most 2 hours (the longest a
+    /// delegated token lives: the task acts for the user no longer than that).
     #[prost(message, optional, tag = "8")]
     pub timeout: ::core::option::Option<::prost_types::Duration>,
     /// Token budget (prompt + completion tokens) of the whole task. Unset: the server's
@@ -120,6 +129,13 @@ pub struct StartTaskRequest {
     /// Limits for the task's builds. Unset fields take the build policy's defaults.
     #[prost(message, optional, tag = "10")]
     pub build_limits: ::core::option::Option<super::super::build::v1::Limits>,
+    /// The build and test steps every build of the task runs, at most 16, each checked
+    /// against the build policy at start (INVALID_ARGUMENT `steps\[i\].argv` otherwise).
+    /// Given: the steps are fixed and the model cannot change them (what a benchmark or a
+    /// CI check wants). Empty: the toolchain's default steps, which the model's plan may
+    /// replace with commands of its own, each of which must pass the build policy.
+    #[prost(message, repeated, tag = "11")]
+    pub steps: ::prost::alloc::vec::Vec<super::super::build::v1::Step>,
 }
 /// WatchTaskRequest names a task and where to resume its log.
 #[allow(clippy::all)]
@@ -246,7 +262,7 @@ pub struct TaskEvent {
     #[prost(message, optional, tag = "2")]
     pub time: ::core::option::Option<::prost_types::Timestamp>,
     /// What happened.
-    #[prost(oneof = "task_event::Event", tags = "3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "task_event::Event", tags = "3, 4, 5, 6, 7, 8, 9, 10")]
     pub event: ::core::option::Option<task_event::Event>,
 }
 /// Nested message and enum types in `TaskEvent`.
@@ -276,7 +292,30 @@ pub mod task_event {
         /// The task ended (always the last event).
         #[prost(message, tag = "9")]
         Result(super::TaskResult),
+        /// A model call finished: its own token counts and the task's running total.
+        #[prost(message, tag = "10")]
+        Usage(super::ModelUsage),
     }
+}
+/// ModelUsage reports one finished model call.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ModelUsage {
+    /// The phase of the call.
+    #[prost(enumeration = "Phase", tag = "1")]
+    pub phase: i32,
+    /// The call's index within the task (as in ModelOutput).
+    #[prost(uint32, tag = "2")]
+    pub call_index: u32,
+    /// This call's tokens, as the provider reported them (zero when it did not).
+    #[prost(message, optional, tag = "3")]
+    pub call: ::core::option::Option<Usage>,
+    /// The task's total so far.
+    #[prost(message, optional, tag = "4")]
+    pub total: ::core::option::Option<Usage>,
+    /// How long the call took, first byte sent to last byte received.
+    #[prost(message, optional, tag = "5")]
+    pub duration: ::core::option::Option<::prost_types::Duration>,
 }
 /// PhaseChanged says the task entered a phase.
 #[allow(clippy::all)]
@@ -325,6 +364,16 @@ pub struct WrittenFile {
     /// The file was deleted rather than written.
     #[prost(bool, tag = "3")]
     pub deleted: bool,
+    /// Lines added compared with the file's previous content (all of its lines for a new
+    /// file).
+    #[prost(uint32, tag = "4")]
+    pub lines_added: u32,
+    /// Lines removed compared with the file's previous content.
+    #[prost(uint32, tag = "5")]
+    pub lines_removed: u32,
+    /// The file did not exist before.
+    #[prost(bool, tag = "6")]
+    pub created: bool,
 }
 /// FilesWritten says files were written to the workspace (after VALIDATE passed).
 #[allow(clippy::all)]
