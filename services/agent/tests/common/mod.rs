@@ -177,7 +177,6 @@ impl FakeBuild {
                 let out = tokio::process::Command::new(&step.argv[0])
                     .args(&step.argv[1..])
                     .current_dir(dir.join(&step.working_dir))
-                    .env("PYTHONDONTWRITEBYTECODE", "1")
                     .output()
                     .await;
                 let (code, stdout, stderr) = match out {
@@ -342,6 +341,18 @@ impl BuildClient for FakeBuild {
         let dir = self.dir(&request.workspace_id);
         Box::pin(async move {
             let dir = dir?;
+            // As kiln-build: deletes first, and a path that is not there is NOT_FOUND.
+            for path in &request.delete_paths {
+                let target = dir.join(path);
+                if !target.exists() {
+                    return Err(Status::not_found(format!("path {path:?} not found")));
+                }
+                if target.is_dir() {
+                    std::fs::remove_dir_all(target).unwrap();
+                } else {
+                    std::fs::remove_file(target).unwrap();
+                }
+            }
             for f in request.files {
                 let path = dir.join(&f.path);
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
