@@ -193,8 +193,10 @@ impl Runner {
             }
         };
         lock(&self.shared.cancels).remove(&id);
-        if finished || !self.log.is_finished() {
-            self.shared.logs.remove(&id);
+        // Watchers holding the live log finish from it; new ones read the store.
+        self.shared.logs.remove(&id);
+        if !finished {
+            tracing::info!(task = %id, "task left as persisted; it continues at the next start");
         }
     }
 
