@@ -8,6 +8,7 @@
 //! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and
 //!   bounded connections per peer and unauthenticated long-lived streams;
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
+//! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`identity`]: peers, workload identities, principals, roles;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
 //! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.
@@ -26,6 +27,7 @@ pub mod limit;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub mod remote;
 pub(crate) mod revocation;
 pub mod server;
 pub mod slots;
@@ -36,6 +38,7 @@ pub use access::Access;
 pub use error::{ApiError, FieldViolation};
 pub use identity::{Principal, Role, principal};
 pub use layer::RequestId;
+pub use remote::RemoteError;
 pub use server::{KilnServer, ServerSettings, shutdown_signal};
 
 /// Failures of setting up servers and clients (configuration, files, sockets).
