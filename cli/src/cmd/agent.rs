@@ -284,8 +284,11 @@ enum OnInterrupt {
 
 /// Why a stream stopped before the result.
 enum Stop {
-    /// The connection broke (or the stream closed early): resume.
+    /// The connection broke: resume.
     Lost,
+    /// The server closed the stream before the result: resume, unless the task has
+    /// ended (a log without its result must not keep us waiting).
+    Closed,
     /// The server refused: report it.
     Refused(tonic::Status),
 }
@@ -353,9 +356,17 @@ impl<'a> Follower<'a> {
                     Err(stop) => stop,
                 },
             };
-            if let Stop::Refused(status) = stop {
-                self.save();
-                return Err(rpc_error(self.ctx, status));
+            match stop {
+                Stop::Refused(status) => {
+                    self.save();
+                    return Err(rpc_error(self.ctx, status));
+                }
+                Stop::Closed => {
+                    if let Some(code) = self.ended(client).await {
+                        return Ok(code);
+                    }
+                }
+                Stop::Lost => {}
             }
             let since = *lost_since.get_or_insert_with(|| {
                 eprintln!(
@@ -422,7 +433,7 @@ impl<'a> Follower<'a> {
             let event = match message {
                 Ok(Some(event)) => event,
                 // The server closes the stream after the result; anything else is a cut.
-                Ok(None) => return Ok(Drained::Stopped(Stop::Lost, progressed)),
+                Ok(None) => return Ok(Drained::Stopped(Stop::Closed, progressed)),
                 Err(status) => return Ok(Drained::Stopped(classify(status), progressed)),
             };
             progressed = true;
@@ -438,6 +449,36 @@ impl<'a> Follower<'a> {
                 return Ok(Drained::Ended(exit_code(result.phase)));
             }
         }
+    }
+
+    /// The exit code of the task if it has ended (said on stderr), from GetTask.
+    async fn ended(&mut self, client: &mut AgentServiceClient<KilnChannel>) -> Option<i32> {
+        let task = client
+            .get_task(pb::GetTaskRequest {
+                task_id: self.task_id.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let phase = pb::Phase::try_from(task.phase).unwrap_or_default();
+        if !matches!(
+            phase,
+            pb::Phase::Done | pb::Phase::Failed | pb::Phase::Cancelled
+        ) {
+            return None;
+        }
+        Progress::TASKS.clear(self.ctx, self.task_id);
+        let message = if task.failure_message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", task.failure_message)
+        };
+        eprintln!(
+            "task {} {}{message} (its log ended without a result)",
+            task.id,
+            phase_name(task.phase)
+        );
+        Some(exit_code(task.phase))
     }
 
     fn print(&mut self, event: &pb::TaskEvent) -> anyhow::Result<()> {
