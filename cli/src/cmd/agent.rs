@@ -164,7 +164,7 @@ pub async fn run(ctx: &Context, command: AgentCommand) -> anyhow::Result<i32> {
             } else {
                 Progress::TASKS.load(ctx, &task_id)
             };
-            let mut follower = Follower::new(ctx, &task_id, after, OnInterrupt::Detach);
+            let mut follower = Follower::new(ctx, &task_id, after, OnInterrupt::Detach)?;
             follower.follow(&mut client, None).await
         }
         AgentCommand::List {
@@ -268,8 +268,10 @@ async fn run_task(
                 .id
         }
     };
+    // Listening for Ctrl-C before the id is out: whoever reacts to the id (a person, a
+    // script) may interrupt at once.
+    let mut follower = Follower::new(ctx, &task_id, 0, OnInterrupt::CancelThenDetach)?;
     eprintln!("task {task_id}");
-    let mut follower = Follower::new(ctx, &task_id, 0, OnInterrupt::CancelThenDetach);
     follower.follow(client, Some(response.into_inner())).await
 }
 
@@ -302,10 +304,17 @@ struct Follower<'a> {
     on_interrupt: OnInterrupt,
     cancel_requested: bool,
     renderer: Option<Renderer<std::io::Stdout, std::io::Stderr>>,
+    /// Taken by `follow` while it runs.
+    interrupts: Option<Signal>,
 }
 
 impl<'a> Follower<'a> {
-    fn new(ctx: &'a Context, task_id: &'a str, after: u64, on_interrupt: OnInterrupt) -> Self {
+    fn new(
+        ctx: &'a Context,
+        task_id: &'a str,
+        after: u64,
+        on_interrupt: OnInterrupt,
+    ) -> anyhow::Result<Self> {
         let renderer = (ctx.output == OutputFormat::Text).then(|| {
             let style = Style::detect(
                 std::io::stdout().is_terminal(),
@@ -313,14 +322,17 @@ impl<'a> Follower<'a> {
             );
             Renderer::new(std::io::stdout(), std::io::stderr(), style)
         });
-        Self {
+        Ok(Self {
             ctx,
             task_id,
             after,
             on_interrupt,
             cancel_requested: false,
             renderer,
-        }
+            // One listener for the whole run: a Ctrl-C while an event is being printed is
+            // kept for the next poll, not lost.
+            interrupts: Some(signal(SignalKind::interrupt())?),
+        })
     }
 
     /// Prints events until the result (returns the exit code for it) or until the user
@@ -330,9 +342,10 @@ impl<'a> Follower<'a> {
         client: &mut AgentServiceClient<KilnChannel>,
         first: Option<Streaming<pb::TaskEvent>>,
     ) -> anyhow::Result<i32> {
-        // One listener for the whole run: a Ctrl-C while an event is being printed is
-        // kept for the next poll, not lost.
-        let mut interrupts = signal(SignalKind::interrupt())?;
+        let mut interrupts = match self.interrupts.take() {
+            Some(interrupts) => interrupts,
+            None => signal(SignalKind::interrupt())?,
+        };
         let mut stream = first;
         let mut lost_since: Option<Instant> = None;
         let mut attempt = 0u32;
