@@ -381,6 +381,41 @@ fn ctrl_c_cancels_the_task_and_follows_it_to_its_result() {
 }
 
 #[test]
+fn a_second_ctrl_c_detaches_and_says_the_cancel_is_still_pending() {
+    let fake = FakeAgent::start(Script {
+        events: green_log(pb::Phase::Done, ""),
+        hold_after: Some(4),
+        cancel_ignored: true,
+        ..Default::default()
+    });
+    let config = tempfile::tempdir().expect("tempdir");
+    let mut child = kiln(&fake, config.path(), &["agent", "run", "p"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln starts");
+    let _stdout = lines_of(child.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.stderr.take().expect("stderr"));
+    wait_for_line(&stderr, &format!("task {TASK_ID}"));
+    interrupt(&child);
+    wait_for_line(&stderr, "cancelling task");
+    interrupt(&child);
+    let (code, err) = finish(child, &stderr);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains(&format!(
+            "detached; task {TASK_ID} was asked to cancel and ends on its own. Follow it with: kiln agent watch {TASK_ID}"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        fake.calls.lock().unwrap().cancels,
+        1,
+        "cancelled once, not twice"
+    );
+}
+
+#[test]
 fn watch_detaches_on_ctrl_c_and_resumes_where_it_left_off() {
     let fake = FakeAgent::start(Script {
         events: green_log(pb::Phase::Done, ""),

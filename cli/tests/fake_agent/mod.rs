@@ -29,6 +29,8 @@ pub struct Script {
     /// Streams stop after this sequence until CancelTask; then the task ends CANCELLED
     /// with two more events (the phase change and the result).
     pub hold_after: Option<u64>,
+    /// CancelTask is recorded but the task does not end (a server slow to stop it).
+    pub cancel_ignored: bool,
     /// StartTask and RunTask answer this instead.
     pub start_error: Option<Status>,
     /// ListModels answers this instead.
@@ -266,7 +268,9 @@ impl AgentService for Service {
         _request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         self.calls.lock().unwrap().cancels += 1;
-        self.cancelled.send_replace(true);
+        if !self.script.cancel_ignored {
+            self.cancelled.send_replace(true);
+        }
         Ok(Response::new(pb::CancelTaskResponse {
             task: Some(task(pb::Phase::Cancelled)),
         }))
