@@ -20,6 +20,7 @@ pub mod access;
 pub mod authn;
 pub mod client;
 pub mod error;
+pub mod idempotency;
 pub mod identity;
 pub mod incoming;
 pub mod layer;
