@@ -404,3 +404,46 @@ fn without_a_provider_the_error_says_how_to_get_one() {
         );
     }
 }
+
+#[test]
+fn ctrl_c_cancels_a_running_task_and_exits_130() {
+    use std::io::{BufRead, BufReader};
+    let model = Model::start();
+    // The model never answers: the task sits in its first model call until cancelled.
+    model.llm.push("/v1/chat/completions", Reply::silent());
+    let suite = suite_with(&model.llm.url());
+    let cli = Cli::new(&suite);
+    cli.login_admin();
+    let mut child = cli
+        .command(&["agent", "run", PROMPT, "--toolchain", "python"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln starts");
+    let mut stderr_lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let first = stderr_lines.next().expect("a first line").expect("utf-8");
+    let task_id = first
+        .strip_prefix("task ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+    // SIGINT to the kiln process this test started, as Ctrl-C on its terminal would.
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let rest: Vec<String> = stderr_lines.map_while(Result::ok).collect();
+    let output = child.wait_with_output().expect("kiln exits");
+    assert_eq!(output.status.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with(&format!("cancelling task {task_id}"))),
+        "{rest:?}"
+    );
+    let out = text(&output.stdout);
+    assert!(out.contains("task CANCELLED (CANCELLED)"), "{out}");
+    let task: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["agent", "get", &task_id, "-o", "json"])).expect("json");
+    assert_eq!(task["phase"], "CANCELLED");
+}
