@@ -141,8 +141,15 @@ impl<O: Write, E: Write> Renderer<O, E> {
         if p.iteration > 0 {
             text.push_str(&format!(" (iteration {})", p.iteration));
         }
-        if !p.message.is_empty() {
-            text.push_str(&format!(" — {}", p.message));
+        if let Some(first) = p.message.lines().find(|l| !l.trim().is_empty()) {
+            // One line per phase, whatever the server's note holds (a model's summary
+            // can run over several).
+            let more = p.message.trim().lines().nth(1).is_some();
+            text.push_str(&format!(
+                " — {}{}",
+                first.trim(),
+                if more { " …" } else { "" }
+            ));
         }
         self.line(&text)
     }
@@ -426,6 +433,17 @@ mod tests {
             out,
             "\x1b[1m▸ FIX\x1b[0m (iteration 1) — fixing 2 errors in src/main.rs\n"
         );
+    }
+
+    #[test]
+    fn a_phase_note_over_several_lines_stays_one_line() {
+        let phase = Event::PhaseChanged(pb::PhaseChanged {
+            phase: pb::Phase::Generate as i32,
+            message: "\n=== FILE: calc.py ===\ndef add(a, b):\n".into(),
+            ..Default::default()
+        });
+        let (out, _) = render(PLAIN, &[phase]);
+        assert_eq!(out, "▸ GENERATE — === FILE: calc.py === …\n");
     }
 
     #[test]
