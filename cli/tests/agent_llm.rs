@@ -21,7 +21,10 @@ pub const PROMPT: &str = "Write a Python module calc.py with functions add(a, b)
 
 #[tokio::test]
 async fn the_local_model_takes_the_demo_prompt_to_a_green_build() {
-    let Some(url) = std::env::var("KILN_TEST_LLM_URL").ok().filter(|u| !u.is_empty()) else {
+    let Some(url) = std::env::var("KILN_TEST_LLM_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
         eprintln!("skipped: KILN_TEST_LLM_URL is not set (`make test` sets it after `make llm`)");
         return;
     };
