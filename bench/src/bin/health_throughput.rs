@@ -94,7 +94,7 @@ async fn main() {
 /// Any kiln service will do: health is answered by the listener itself. The agent opens
 /// with nothing but a data directory (its clients are never connected here).
 async fn any_kiln_service(
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> kiln_proto::agent::agent_service_server::AgentServiceServer<kiln_agent::AgentApi> {
     let unconnected = kiln_agent::ChannelSlot::default;
     let agent = kiln_agent::AgentApi::open(
