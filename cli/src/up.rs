@@ -109,7 +109,7 @@ pub struct UpArgs {
     llm_url: Option<String>,
 
     /// The model a task uses when it names none. Default: the provider's first model.
-    #[arg(long, env = "KILN_LLM_MODEL")]
+    #[arg(long, env = "KILN_LLM_DEFAULT_MODEL")]
     llm_model: Option<String>,
 }
 

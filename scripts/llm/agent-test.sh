@@ -11,4 +11,5 @@ if ! scripts/llm/serve.sh status >/dev/null 2>&1; then
 fi
 trap '[ "$started" = 1 ] && scripts/llm/serve.sh stop >/dev/null 2>&1 || true' EXIT
 url="$(scripts/llm/serve.sh url)"
-KILN_TEST_LLM_URL="$url" "${CARGO:-cargo}" test -p kiln-cli --test agent_llm -- --nocapture
+# KILN_LLM_MODEL names the model file for serve.sh; it is not for kiln.
+env -u KILN_LLM_MODEL KILN_TEST_LLM_URL="$url" "${CARGO:-cargo}" test -p kiln-cli --test agent_llm -- --nocapture
