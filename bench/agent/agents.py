@@ -123,7 +123,8 @@ def seconds(value, key_hint: str = "") -> float:
 
 
 def event_kind(event: dict) -> str:
-    kind = event.get("kind") or event.get("event") or event.get("type")
+    # The CLI puts the kind in `type` (cli/src/output.rs, task_event_json).
+    kind = event.get("type") or event.get("kind")
     if isinstance(kind, str):
         return _norm(kind)
     for k, v in event.items():
@@ -147,8 +148,9 @@ def duration_of(payload) -> float:
 
 
 def parse_kiln_events(stdout: str) -> dict:
-    """Sums what the NDJSON of `kiln agent run -o json` says: model calls and their time,
-    tokens, the build steps' time, and the result."""
+    """Sums what the NDJSON of `kiln agent run -o json` says: model calls and their time
+    (`usage` events, `duration_ms`), tokens, the build steps' time (relayed `step_finished`)
+    and the `result` (phase DONE/FAILED/CANCELLED, reason, iterations, usage)."""
     calls = 0
     model_s = 0.0
     call_tokens = 0
@@ -171,9 +173,14 @@ def parse_kiln_events(stdout: str) -> dict:
                 call_tokens += int(find_key(call, "prompt_tokens") or 0)
                 call_tokens += int(find_key(call, "completion_tokens") or 0)
         elif kind in ("buildevent", "relayedbuildevent"):
-            finished = find_key(event, "step_finished", "stepFinished")
-            if isinstance(finished, dict):
-                steps_s += duration_of(finished)
+            # {"type": "build_event", "event": {"type": "step_finished", "duration_ms": …}}
+            inner = event.get("event")
+            if isinstance(inner, dict) and _norm(str(inner.get("type", ""))) == "stepfinished":
+                steps_s += duration_of(inner)
+            else:
+                finished = find_key(event, "step_finished")
+                if isinstance(finished, dict):
+                    steps_s += duration_of(finished)
         elif kind in ("result", "taskresult"):
             result = event
     out = {"calls": calls, "model_s": model_s, "steps_s": steps_s, "tokens": call_tokens}

@@ -103,17 +103,27 @@ class MeterTest(unittest.TestCase):
 
 class KilnEventsTest(unittest.TestCase):
     def test_sums_usage_and_steps_and_reads_the_result(self):
+        # The shapes of cli/src/output.rs (task_event_json, build_event_json).
         lines = [
-            {"kind": "phase_changed", "phase_changed": {"phase": "PHASE_PLAN"}},
-            {"kind": "usage", "usage": {"phase": "PHASE_PLAN", "call": {"prompt_tokens": 100,
-             "completion_tokens": 20}, "duration": "2.500s"}},
-            {"kind": "build_event", "build_event": {"event": {"step_finished": {
-                "exit_code": 1, "duration": "0.250s"}}}},
-            {"kind": "usage", "usage": {"call": {"promptTokens": 300, "completionTokens": 40},
-             "duration_ms": 1500}},
+            {"type": "phase_changed", "previous_phase": "ANALYZE", "phase": "PLAN",
+             "iteration": 0, "message": "", "sequence": 2},
+            {"type": "usage", "phase": "PLAN", "call_index": 0,
+             "call": {"prompt_tokens": 100, "completion_tokens": 20, "model_calls": 1},
+             "total": {"prompt_tokens": 100, "completion_tokens": 20, "model_calls": 1},
+             "duration_ms": 2500.0, "sequence": 3},
+            {"type": "build_event", "build_id": "b1", "iteration": 0,
+             "event": {"type": "step_finished", "step_index": 0, "exit_code": 1,
+                       "duration_ms": 250.0, "cpu_time_ms": 200.0, "succeeded": False}},
+            {"type": "build_event", "build_id": "b1", "iteration": 0,
+             "event": {"type": "output", "step_index": 0, "data": "duration_ms"}},
+            {"type": "usage", "phase": "FIX", "call_index": 1,
+             "call": {"prompt_tokens": 300, "completion_tokens": 40, "model_calls": 1},
+             "total": {"prompt_tokens": 400, "completion_tokens": 60, "model_calls": 2},
+             "duration_ms": 1500.0},
             "not json",
-            {"kind": "result", "result": {"phase": "PHASE_DONE", "iterations": 1, "reason": "",
-             "usage": {"prompt_tokens": 400, "completion_tokens": 60, "model_calls": 2}}},
+            {"type": "result", "phase": "DONE", "message": "green", "reason": "",
+             "workspace_id": "w1", "build_id": "b2", "iterations": 1,
+             "usage": {"prompt_tokens": 400, "completion_tokens": 60, "model_calls": 2}},
         ]
         text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines)
         got = agents.parse_kiln_events(text)
@@ -121,11 +131,11 @@ class KilnEventsTest(unittest.TestCase):
         self.assertAlmostEqual(got["model_s"], 4.0)
         self.assertAlmostEqual(got["steps_s"], 0.25)
         self.assertEqual(got["tokens"], 460)
-        self.assertEqual(got["phase"], "PHASE_DONE")
+        self.assertEqual(got["phase"], "DONE")
         self.assertEqual(got["iterations"], 1)
 
     def test_no_result_means_no_phase(self):
-        got = agents.parse_kiln_events('{"kind": "heartbeat", "heartbeat": {}}\n')
+        got = agents.parse_kiln_events('{"type": "heartbeat", "sequence": 4}\n')
         self.assertNotIn("phase", got)
         self.assertEqual(got["tokens"], 0)
 
