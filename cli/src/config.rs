@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use kiln_agent::AgentConfig;
+use kiln_agent::prompt::ReplyForm;
 use kiln_auth::AuthConfig;
 use kiln_build::{BuildConfig, BuildLimits};
 use serde::Deserialize;
@@ -86,6 +88,7 @@ pub struct ConfigFile {
     pub server: ServerSection,
     pub auth: AuthSection,
     pub build: BuildSection,
+    pub agent: AgentSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +184,26 @@ pub struct SandboxSection {
     pub kill_grace: Option<Dur>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSection {
+    /// The LLM provider (kiln_llm::ProviderConfig: kind, base_url, api_key_env, timeouts,
+    /// retry).
+    pub provider: Option<kiln_llm::ProviderConfig>,
+    /// Empty or unset: the provider's first model.
+    pub default_model: Option<String>,
+    pub max_running_tasks: Option<usize>,
+    pub max_tasks_per_user: Option<usize>,
+    pub default_timeout: Option<Dur>,
+    pub max_timeout: Option<Dur>,
+    /// 0 means unlimited.
+    pub default_max_tokens: Option<u64>,
+    pub max_tokens_per_call: Option<u32>,
+    pub temperature: Option<f32>,
+    /// `auto`, `grammar` (text blocks under a GBNF grammar), `json` or `text`.
+    pub reply_format: Option<String>,
+}
+
 fn set<T>(target: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *target = v;
@@ -208,6 +231,39 @@ impl ConfigFile {
         set_dur(&mut config.refresh_absolute_ttl, a.refresh_absolute_ttl);
         set_dur(&mut config.key_rotation_interval, a.key_rotation_interval);
         config
+    }
+
+    /// The agent's settings: defaults, then this file.
+    pub fn agent(&self, data_dir: PathBuf) -> anyhow::Result<AgentConfig> {
+        let mut config = AgentConfig::new(data_dir);
+        let a = &self.agent;
+        if let Some(provider) = &a.provider {
+            config.provider = provider.clone();
+        }
+        config.default_model = a.default_model.clone().filter(|m| !m.is_empty());
+        set(&mut config.max_running_tasks, a.max_running_tasks);
+        set(&mut config.max_tasks_per_user, a.max_tasks_per_user);
+        set_dur(&mut config.default_timeout, a.default_timeout);
+        set_dur(&mut config.max_timeout, a.max_timeout);
+        set(&mut config.default_max_tokens, a.default_max_tokens);
+        set(&mut config.max_tokens_per_call, a.max_tokens_per_call);
+        set(&mut config.temperature, a.temperature);
+        config.reply_form = match a.reply_format.as_deref() {
+            None | Some("auto") => None,
+            Some("grammar") => Some(ReplyForm::GrammarText),
+            Some("json") => Some(ReplyForm::Json),
+            Some("text") => Some(ReplyForm::PlainText),
+            Some(other) => {
+                bail!("[agent] reply_format = {other:?}: use auto, grammar, json or text")
+            }
+        };
+        if config.default_timeout > config.max_timeout {
+            bail!("[agent] default_timeout is longer than max_timeout");
+        }
+        if !(0.0..=2.0).contains(&config.temperature) {
+            bail!("[agent] temperature must be between 0 and 2");
+        }
+        Ok(config)
     }
 
     /// The build service's settings: defaults, then this file.
@@ -351,8 +407,49 @@ fn limits_json(l: &BuildLimits) -> Value {
 }
 
 /// The effective auth and build settings, as `kiln config check` prints them.
-pub fn describe(auth: &AuthConfig, build: &BuildConfig, api_key_cache: Duration) -> Value {
+pub fn describe(
+    auth: &AuthConfig,
+    build: &BuildConfig,
+    agent: &AgentConfig,
+    api_key_cache: Duration,
+) -> Value {
+    let provider = &agent.provider;
     json!({
+        "agent": {
+            "default_model": agent.default_model.clone().unwrap_or_default(),
+            "max_running_tasks": agent.max_running_tasks,
+            "max_tasks_per_user": agent.max_tasks_per_user,
+            "default_timeout": format_duration(agent.default_timeout),
+            "max_timeout": format_duration(agent.max_timeout),
+            "default_max_tokens": agent.default_max_tokens,
+            "max_tokens_per_call": agent.max_tokens_per_call,
+            "temperature": agent.temperature,
+            "reply_format": match agent.reply_form {
+                None => "auto",
+                Some(ReplyForm::GrammarText) => "grammar",
+                Some(ReplyForm::Json) => "json",
+                Some(ReplyForm::PlainText) => "text",
+            },
+            "provider": {
+                "kind": match provider.kind {
+                    kiln_llm::ProviderKind::Openai => "openai",
+                    kiln_llm::ProviderKind::Ollama => "ollama",
+                },
+                "base_url": provider.effective_base_url(),
+                "api_key_env": provider.api_key_env.clone().unwrap_or_default(),
+                "timeouts": {
+                    "connect": format_duration(provider.timeouts.connect),
+                    "request": format_duration(provider.timeouts.request),
+                    "idle": format_duration(provider.timeouts.idle),
+                },
+                "retry": {
+                    "max_attempts": provider.retry.max_attempts,
+                    "initial_backoff": format_duration(provider.retry.initial_backoff),
+                    "max_backoff": format_duration(provider.retry.max_backoff),
+                    "max_retry_after": format_duration(provider.retry.max_retry_after),
+                },
+            },
+        },
         "auth": {
             "access_token_ttl": format_duration(auth.access_ttl),
             "refresh_reuse_grace": format_duration(auth.refresh_reuse_grace),
@@ -408,6 +505,7 @@ mod tests {
         describe(
             &file.auth("/tmp/a".into()),
             &file.build("/tmp/b".into()).expect("valid"),
+            &file.agent("/tmp/c".into()).expect("valid"),
             api_key_cache,
         )
     }

@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
+use kiln_agent::AgentApi;
 use kiln_auth::AuthApi;
 use kiln_build::BuildApi;
 
@@ -20,8 +21,12 @@ use kiln_rpc::pki::ensure_dev_pki;
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::{KilnServer, ServerSettings, shutdown_signal};
 
+use kiln_proto::agent::agent_service_server::SERVICE_NAME as AGENT_SERVICE;
 use kiln_proto::auth::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
 use kiln_proto::build::build_service_server::SERVICE_NAME as BUILD_SERVICE;
+
+/// Where the agent's provider API key may come from (named by `api_key_env` otherwise).
+const LLM_API_KEY_ENV: &str = "KILN_LLM_API_KEY";
 
 /// Where `kiln up` listens unless told otherwise.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -94,6 +99,18 @@ pub struct UpArgs {
     /// Requests a caller may make at once before the rate applies. Default: 400.
     #[arg(long, env = "KILN_RATE_LIMIT_BURST")]
     rate_limit_burst: Option<u32>,
+
+    /// The agent's LLM provider: the base URL of an OpenAI-compatible server (llama.cpp's
+    /// server, vLLM, LM Studio, OpenAI; `/v1` at the end is accepted), or of Ollama with
+    /// `[agent.provider] kind = "ollama"`. Default: http://127.0.0.1:8080, where
+    /// `make llm` serves. An API key, if the provider needs one, comes from the
+    /// environment variable KILN_LLM_API_KEY (never a flag).
+    #[arg(long, env = "KILN_LLM_URL", value_name = "URL")]
+    llm_url: Option<String>,
+
+    /// The model a task uses when it names none. Default: the provider's first model.
+    #[arg(long, env = "KILN_LLM_MODEL")]
+    llm_model: Option<String>,
 }
 
 /// `kiln config …`.
@@ -124,11 +141,19 @@ pub fn config(command: ConfigCommand) -> anyhow::Result<i32> {
             let build = config
                 .build(data_dir.join("build"))
                 .with_context(|| format!("in {}", file.display()))?;
+            let agent = config
+                .agent(data_dir.join("agent"))
+                .with_context(|| format!("in {}", file.display()))?;
             let api_key_cache = config
                 .auth
                 .api_key_cache
                 .map_or(DEFAULT_API_KEY_CACHE, |d| d.0);
-            crate::output::print_json(&crate::config::describe(&auth, &build, api_key_cache));
+            crate::output::print_json(&crate::config::describe(
+                &auth,
+                &build,
+                &agent,
+                api_key_cache,
+            ));
             eprintln!("{}: OK", file.display());
         }
     }
@@ -242,6 +267,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let build = BuildApi::open(build_config)
         .await
         .context("opening the build service")?;
+    let mut agent_config = file.agent(data_dir.join("agent"))?;
+    if let Some(url) = args.llm_url {
+        agent_config.provider.base_url = Some(url);
+    }
+    if let Some(model) = args.llm_model.filter(|m| !m.is_empty()) {
+        agent_config.default_model = Some(model);
+    }
+    if agent_config.provider.api_key_env.is_none()
+        && std::env::var_os(LLM_API_KEY_ENV).is_some_and(|k| !k.is_empty())
+    {
+        agent_config.provider.api_key_env = Some(LLM_API_KEY_ENV.to_owned());
+    }
+    let llm_url = agent_config.provider.effective_base_url().to_owned();
+    // The agent calls kiln-build and kiln-auth on this very listener, as a workload of
+    // its own (spiffe://…/service/agent); the channels are set once it is bound.
+    let build_channel = kiln_agent::ChannelSlot::default();
+    let auth_channel = kiln_agent::ChannelSlot::default();
+    let agent = AgentApi::open(
+        agent_config,
+        Arc::new(kiln_agent::GrpcBuildClient::new(build_channel.clone())),
+        Arc::new(kiln_agent::GrpcDelegator::new(auth_channel.clone())),
+    )
+    .await
+    .context("opening the agent service")?;
 
     let mut server = KilnServer::new(settings);
     for check in auth.readiness() {
@@ -250,10 +299,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     for check in build.readiness() {
         server = server.with_readiness(BUILD_SERVICE, check);
     }
+    for check in agent.readiness() {
+        server = server.with_readiness(AGENT_SERVICE, check);
+    }
     let mut server = server
         .add_service(kiln_auth::service(auth))
         .add_service(kiln_build::service(build.clone()))
-        .add_service(kiln_agent::service())
+        .add_service(kiln_agent::service(agent.clone()))
         .bind()
         .await?;
     let addr = server.local_addr();
@@ -278,6 +330,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
                 read(pki.workload_key("auth"))?,
             ),
     );
+    let agent_client = ClientConfig::new(format!("https://{loopback}"))
+        .ca_pem(read(pki.ca_cert())?)
+        .identity(
+            read(pki.workload_cert("agent"))?,
+            read(pki.workload_key("agent"))?,
+        );
+    build_channel.set(agent_client.connect_lazy()?);
+    auth_channel.set(agent_client.connect_lazy()?);
     authn.api_key_ttl = api_key_cache;
     authn.api_key_negative_ttl = authn.api_key_negative_ttl.min(authn.api_key_ttl);
     server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
@@ -287,12 +347,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     println!("  CA certificate: {}", pki.ca_cert().display());
     println!("  data directory: {}", data_dir.display());
     println!("  sandbox:        tier {}", build.sandbox_tier());
+    println!("  LLM provider:   {llm_url}");
     println!(
         "  try:            grpcurl -cacert {} {addr} list",
         pki.ca_cert().display()
     );
     server.serve_until(shutdown).await?;
     tracing::info!("listener closed");
+    // Tasks stay as persisted and continue at the next start.
+    agent.shutdown(Duration::from_secs(5)).await;
+    tracing::info!("agent service stopped");
     // Builds still running after the grace period end INTERRUPTED (their logs kept);
     // queued builds stay queued and run at the next start.
     build.shutdown().await;

@@ -19,6 +19,7 @@ pub mod access;
 pub mod authn;
 pub mod client;
 pub mod error;
+pub mod idempotency;
 pub mod identity;
 pub mod incoming;
 pub mod layer;
@@ -26,6 +27,7 @@ pub mod limit;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub mod remote;
 pub(crate) mod revocation;
 pub mod server;
 pub mod slots;
@@ -36,6 +38,7 @@ pub use access::Access;
 pub use error::{ApiError, FieldViolation};
 pub use identity::{Principal, Role, principal};
 pub use layer::RequestId;
+pub use remote::RemoteError;
 pub use server::{KilnServer, ServerSettings, shutdown_signal};
 
 /// Failures of setting up servers and clients (configuration, files, sockets).

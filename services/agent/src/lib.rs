@@ -1,88 +1,130 @@
 //! kiln-agent: LLM tasks: prompt, plan, generate, validate, build and fix until green.
 //!
-//! The RPCs of `kiln.agent.v1.AgentService` are served here. This release carries the contract and
-//! the shared server layer only; every RPC answers UNIMPLEMENTED (reason
-//! NOT_IMPLEMENTED) with a message naming it, until the agent service lands (LLM tasks).
+//! [`AgentApi`] serves `kiln.agent.v1.AgentService`. A task is a persisted state machine
+//! ([`workflow`]) that calls an LLM provider (`kiln-llm`), checks the model's files
+//! ([`guard`]), writes and builds them in kiln-build ([`clients`]) with a token kiln-auth
+//! delegated to the task, and feeds the located errors ([`diagnose`]) back to the model.
+//! Its events go to a `kiln-eventlog` log, so WatchTask has WatchBuild's guarantees.
 //!
-//! The pure parts of the agent are here already: [`diagnose`] turns a failed build's output into
-//! a located diagnosis for the FIX prompt, [`reply`] defines and parses the format in which the
-//! model returns files, and [`guard`] checks such a reply (VALIDATE) before anything is written.
+//! The pure parts: [`diagnose`] turns a failed build's output into a located diagnosis,
+//! [`reply`] defines and parses the format in which the model returns files, and
+//! [`guard`] checks such a reply (VALIDATE) before anything is written.
 
+pub mod clients;
+pub mod config;
 pub mod diagnose;
+pub mod error;
 pub mod guard;
+pub mod prompt;
 pub mod reply;
+mod service;
+pub mod store;
+pub mod task;
+pub mod toolchain;
+pub mod workflow;
 
-use futures::stream::BoxStream;
-use kiln_proto::agent as pb;
-use kiln_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
-use kiln_rpc::ApiError;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto::agent::agent_service_server::AgentServiceServer;
 use kiln_rpc::limit::MAX_MESSAGE_BYTES_CEILING;
-use tonic::Status;
+use tokio::sync::{Semaphore, watch};
 
-/// The agent service's handlers.
-#[derive(Debug, Default)]
-pub struct AgentApi {}
+pub use clients::{
+    BuildClient, ChannelSlot, Credential, Delegation, Delegator, GrpcBuildClient, GrpcDelegator,
+};
+pub use config::AgentConfig;
+pub use error::AgentError;
+use store::Store;
+use workflow::{Logs, Shared};
+
+/// The agent service's handlers and its runners.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    shared: Arc<Shared>,
+    /// Held while the service runs (released by [`shutdown`](Self::shutdown)): another
+    /// process on the same data directory would run the same tasks twice.
+    dir_lock: Arc<Mutex<Option<kiln_store::DirLock>>>,
+}
+
+impl AgentApi {
+    /// Opens the store, and continues every task a previous run left unfinished.
+    pub async fn open(
+        config: AgentConfig,
+        build: Arc<dyn BuildClient>,
+        delegator: Arc<dyn Delegator>,
+    ) -> Result<Self, AgentError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            AgentError::Open(format!("creating {}: {e}", config.data_dir.display()))
+        })?;
+        let dir_lock = kiln_store::DirLock::acquire(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("agent.db")).await?;
+        let provider =
+            kiln_llm::from_config(&config.provider).map_err(|e| AgentError::Open(e.to_string()))?;
+        let reply_form = config
+            .reply_form
+            .unwrap_or_else(|| prompt::ReplyForm::choose(provider.as_ref()));
+        let shared = Arc::new(Shared {
+            slots: Arc::new(Semaphore::new(config.max_running_tasks.max(1))),
+            config,
+            store,
+            logs: Arc::new(Logs::default()),
+            provider,
+            reply_form,
+            build,
+            delegator,
+            cancels: Mutex::new(Default::default()),
+            stopping: watch::channel(false).0,
+            runners: Mutex::new(Vec::new()),
+        });
+        let unfinished = shared.store.unfinished().await?;
+        if !unfinished.is_empty() {
+            tracing::info!(tasks = unfinished.len(), "continuing unfinished tasks");
+        }
+        for task in unfinished {
+            workflow::spawn(&shared, task);
+        }
+        Ok(Self {
+            shared,
+            dir_lock: Arc::new(Mutex::new(Some(dir_lock))),
+        })
+    }
+
+    /// Health checks for the server's readiness: the store answers.
+    pub fn readiness(&self) -> Vec<Arc<dyn kiln_rpc::readiness::Readiness>> {
+        let shared = self.shared.clone();
+        vec![kiln_rpc::readiness::check_fn("agent store", move || {
+            let shared = shared.clone();
+            Box::pin(async move { shared.store.ping().await.map_err(|e| e.to_string()) })
+        })]
+    }
+
+    /// Stops the runners, leaving every unfinished task as last persisted: the next
+    /// start continues it. Waits up to `grace` for them to let go.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.stopping.send_replace(true);
+        let handles: Vec<_> = std::mem::take(
+            &mut *self
+                .shared
+                .runners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let all = futures::future::join_all(handles);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("agent runners did not stop within {grace:?}");
+        }
+        self.shared.store.close().await;
+        self.dir_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
 
 /// The tonic service, ready for `KilnServer::add_service`. Its own decode limit is set to
 /// the ceiling because the kiln layer enforces the configured limit (answering
 /// RESOURCE_EXHAUSTED, as gRPC clients expect) before a message reaches tonic.
-pub fn service() -> AgentServiceServer<AgentApi> {
-    AgentServiceServer::new(AgentApi::default())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
-}
-
-fn not_implemented(rpc: &str) -> Status {
-    ApiError::not_implemented(
-        &format!("kiln.agent.v1.AgentService/{rpc}"),
-        "kiln-agent is not built yet in this release",
-    )
-    .into()
-}
-
-#[tonic::async_trait]
-impl AgentService for AgentApi {
-    type RunTaskStream = BoxStream<'static, Result<pb::TaskEvent, Status>>;
-    type WatchTaskStream = BoxStream<'static, Result<pb::TaskEvent, Status>>;
-    async fn start_task(
-        &self,
-        _request: tonic::Request<pb::StartTaskRequest>,
-    ) -> Result<tonic::Response<pb::Task>, Status> {
-        Err(not_implemented("StartTask"))
-    }
-    async fn run_task(
-        &self,
-        _request: tonic::Request<pb::StartTaskRequest>,
-    ) -> Result<tonic::Response<Self::RunTaskStream>, Status> {
-        Err(not_implemented("RunTask"))
-    }
-    async fn watch_task(
-        &self,
-        _request: tonic::Request<pb::WatchTaskRequest>,
-    ) -> Result<tonic::Response<Self::WatchTaskStream>, Status> {
-        Err(not_implemented("WatchTask"))
-    }
-    async fn get_task(
-        &self,
-        _request: tonic::Request<pb::GetTaskRequest>,
-    ) -> Result<tonic::Response<pb::Task>, Status> {
-        Err(not_implemented("GetTask"))
-    }
-    async fn list_tasks(
-        &self,
-        _request: tonic::Request<pb::ListTasksRequest>,
-    ) -> Result<tonic::Response<pb::ListTasksResponse>, Status> {
-        Err(not_implemented("ListTasks"))
-    }
-    async fn cancel_task(
-        &self,
-        _request: tonic::Request<pb::CancelTaskRequest>,
-    ) -> Result<tonic::Response<pb::CancelTaskResponse>, Status> {
-        Err(not_implemented("CancelTask"))
-    }
-    async fn list_models(
-        &self,
-        _request: tonic::Request<pb::ListModelsRequest>,
-    ) -> Result<tonic::Response<pb::ListModelsResponse>, Status> {
-        Err(not_implemented("ListModels"))
-    }
+pub fn service(api: AgentApi) -> AgentServiceServer<AgentApi> {
+    AgentServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
 }

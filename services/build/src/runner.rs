@@ -111,10 +111,22 @@ async fn run_build(
     // The scheduler handed this build out holding its workspace's lock (see `run`):
     // API changes in flight have finished, later ones see the workspace busy.
     let tier = crate::service::tier_to_proto(shared.sandbox.tier());
+    // Where the steps see the workspace, so that clients (the agent's diagnosis) can make
+    // the paths tools print workspace-relative. Tier A mounts it at a fixed place; the
+    // other tiers run in the host directory, which the build can read anyway (`pwd`).
+    let workspace_path = match shared.sandbox.tier() {
+        kiln_sandbox::Tier::A => kiln_sandbox::WORKSPACE_MOUNT.to_owned(),
+        _ => shared
+            .disk
+            .dir(&entry.workspace_id)
+            .to_string_lossy()
+            .into_owned(),
+    };
     log.append_events(
         &shared.store,
         vec![Event::Started(pb::Started {
             sandbox_tier: tier as i32,
+            workspace_path,
         })],
         BuildUpdate {
             state: Some(pb::BuildState::Running),

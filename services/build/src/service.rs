@@ -8,7 +8,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_proto::build as pb;
 use kiln_proto::build::build_service_server::BuildService;
-use kiln_rpc::{ApiError, Principal, Role};
+use kiln_rpc::{ApiError, Principal};
 use pb::build_event::Event;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -25,35 +25,7 @@ use crate::{BuildApi, Shared};
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
 
-/// Whether `p` may read a resource of `owner`: viewers and admins read everything.
-pub fn can_read(p: &Principal, owner: &str) -> bool {
-    match p.role {
-        Some(Role::Viewer | Role::Admin) => true,
-        Some(Role::User) => p.subject == owner,
-        None => false,
-    }
-}
-
-/// Whether `p` may change a resource of `owner`: admins change everything.
-pub fn can_write(p: &Principal, owner: &str) -> bool {
-    match p.role {
-        Some(Role::Admin) => true,
-        Some(Role::User) => p.subject == owner,
-        _ => false,
-    }
-}
-
-/// The owner filter of a List call: users see only their own.
-pub fn owner_filter(p: &Principal, requested: Option<String>) -> Option<String> {
-    match p.role {
-        Some(Role::Viewer | Role::Admin) => requested,
-        // Asking for someone else's: an owner no row has (subjects are never empty).
-        _ => match requested {
-            Some(r) if r != p.subject => Some(String::new()),
-            _ => Some(p.subject.clone()),
-        },
-    }
-}
+pub use kiln_rpc::identity::{can_read, can_write, owner_filter};
 
 /// The workspace filter of ListBuilds: a delegated token scoped to one workspace sees
 /// that workspace's builds only (asking for another: a workspace no row has).

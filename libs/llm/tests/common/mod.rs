@@ -192,6 +192,8 @@ impl Recorded {
 #[derive(Default)]
 struct Shared {
     scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
+    /// Served when a path's queue is empty (e.g. a model list asked for again and again).
+    defaults: Mutex<HashMap<String, Reply>>,
     requests: Mutex<Vec<Recorded>>,
 }
 
@@ -250,6 +252,15 @@ impl FakeProvider {
             .push_back(reply);
     }
 
+    /// Serves `reply` for every request to `path` that finds its queue empty.
+    pub fn always(&self, path: &str, reply: Reply) {
+        self.shared
+            .defaults
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), reply);
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.requests.lock().unwrap().clone()
     }
@@ -298,6 +309,7 @@ async fn serve(mut socket: TcpStream, shared: Arc<Shared>, closed: Arc<watch::Se
             .unwrap()
             .get_mut(&request.path)
             .and_then(VecDeque::pop_front)
+            .or_else(|| shared.defaults.lock().unwrap().get(&request.path).cloned())
             .unwrap_or_else(|| {
                 Reply::json(
                     404,

@@ -641,11 +641,16 @@ pub struct Queued {
 }
 /// Started says the build left the queue and began running.
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Started {
     /// The sandbox tier the build runs in.
     #[prost(enumeration = "SandboxTier", tag = "1")]
     pub sandbox_tier: i32,
+    /// The absolute path of the workspace as the steps see it: `/workspace` in tier A, the
+    /// workspace's directory on the host otherwise. Tools print file paths under it; strip
+    /// it to get workspace-relative paths.
+    #[prost(string, tag = "2")]
+    pub workspace_path: ::prost::alloc::string::String,
 }
 /// StepStarted says a step's process was spawned.
 #[allow(clippy::all)]

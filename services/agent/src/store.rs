@@ -1,0 +1,342 @@
+//! The SQLite store: tasks (a record per task, rewritten at each phase change) and their
+//! event logs, through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees.
+//! Queries use portable SQL built at run time, as kiln-build's do.
+
+use std::path::Path;
+
+use kiln_eventlog::{EventKind, EventStore};
+use kiln_proto::agent as pb;
+use pb::task_event::Event;
+use prost::Message as _;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use crate::error::{AgentError, Result};
+use crate::task::{TaskRecord, now_micros, timestamp};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The connections to `agent.db`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+/// A task as loaded: its record, the log's last sequence, and (for the runner only) the
+/// delegated token.
+#[derive(Debug, Clone)]
+pub struct StoredTask {
+    pub record: TaskRecord,
+    pub last_sequence: u64,
+    pub relayed_build_sequence: u64,
+    pub delegated_token: String,
+    pub request_hash: Option<String>,
+}
+
+/// What an append changes on the task row besides `last_sequence`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskUpdate {
+    /// The whole record, replacing the stored one (at phase changes).
+    pub record: Option<Box<TaskRecord>>,
+    /// The last relayed event of the current build.
+    pub relayed_build_sequence: Option<u64>,
+}
+
+/// Filters of ListTasks.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub owner: Option<String>,
+    pub workspace_id: Option<String>,
+    pub phases: Vec<i32>,
+    pub labels: Vec<(String, String)>,
+    /// Newest-first cursor: strictly older than this (created_at, id).
+    pub before: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+/// The columns of [`StoredTask`], as a literal so queries stay static strings.
+macro_rules! columns {
+    () => {
+        "record, last_sequence, relayed_build_sequence, delegated_token, request_hash"
+    };
+}
+
+fn encode_record(record: &TaskRecord) -> String {
+    // A record of plain data always serializes.
+    serde_json::to_string(record).unwrap_or_default()
+}
+
+fn decode_record(text: &str) -> Result<TaskRecord> {
+    serde_json::from_str(text).map_err(|e| AgentError::Corrupt(format!("task record: {e}")))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    pub async fn open(path: &Path) -> Result<Self> {
+        let kiln_store::SqlitePools { write, read } =
+            kiln_store::open_sqlite(path, &MIGRATOR).await?;
+        Ok(Self { write, read })
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        kiln_store::ping(&self.read, &self.write).await?;
+        Ok(())
+    }
+
+    /// Inserts a new task. `Ok(false)` when the owner already has a task with this
+    /// request id (the caller then loads that one).
+    pub async fn insert(
+        &self,
+        record: &TaskRecord,
+        delegated_token: &str,
+        request_id: Option<&str>,
+        request_hash: Option<&str>,
+    ) -> Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tasks (id, owner, workspace_id, phase, created_at, updated_at, \
+             record, delegated_token, request_id, request_hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&record.id)
+        .bind(&record.owner)
+        .bind(&record.workspace_id)
+        .bind(record.phase)
+        .bind(record.created_at)
+        .bind(record.updated_at)
+        .bind(encode_record(record))
+        .bind(delegated_token)
+        .bind(request_id)
+        .bind(request_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            for (k, v) in &record.labels {
+                sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES (?, ?, ?)")
+                    .bind(&record.id)
+                    .bind(k)
+                    .bind(v)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    fn row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredTask> {
+        Ok(StoredTask {
+            record: decode_record(row.try_get("record")?)?,
+            last_sequence: u64::try_from(row.try_get::<i64, _>("last_sequence")?).unwrap_or(0),
+            relayed_build_sequence: u64::try_from(row.try_get::<i64, _>("relayed_build_sequence")?)
+                .unwrap_or(0),
+            delegated_token: row.try_get("delegated_token")?,
+            request_hash: row.try_get("request_hash")?,
+        })
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<StoredTask>> {
+        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM tasks WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(Self::row).transpose()
+    }
+
+    pub async fn by_request(&self, owner: &str, request_id: &str) -> Result<Option<StoredTask>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM tasks WHERE owner = ? AND request_id = ?"
+        ))
+        .bind(owner)
+        .bind(request_id)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(Self::row).transpose()
+    }
+
+    /// Tasks not in a final phase, oldest first: what a restart continues.
+    pub async fn unfinished(&self) -> Result<Vec<StoredTask>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM tasks WHERE phase NOT IN (?, ?, ?) ORDER BY created_at, id"
+        ))
+        .bind(pb::Phase::Done as i32)
+        .bind(pb::Phase::Failed as i32)
+        .bind(pb::Phase::Cancelled as i32)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(Self::row).collect()
+    }
+
+    /// Unfinished tasks of `owner`.
+    pub async fn count_unfinished(&self, owner: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE owner = ? AND phase NOT IN (?, ?, ?)",
+        )
+        .bind(owner)
+        .bind(pb::Phase::Done as i32)
+        .bind(pb::Phase::Failed as i32)
+        .bind(pb::Phase::Cancelled as i32)
+        .fetch_one(&self.read)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredTask>> {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE 1 = 1"));
+        if let Some(owner) = &filter.owner {
+            q.push(" AND t.owner = ").push_bind(owner.clone());
+        }
+        if let Some(ws) = &filter.workspace_id {
+            q.push(" AND t.workspace_id = ").push_bind(ws.clone());
+        }
+        if !filter.phases.is_empty() {
+            q.push(" AND t.phase IN (");
+            let mut sep = q.separated(", ");
+            for p in &filter.phases {
+                sep.push_bind(*p);
+            }
+            q.push(")");
+        }
+        for (k, v) in &filter.labels {
+            q.push(" AND EXISTS (SELECT 1 FROM task_labels l WHERE l.task_id = t.id AND l.key = ")
+                .push_bind(k.clone())
+                .push(" AND l.value = ")
+                .push_bind(v.clone())
+                .push(")");
+        }
+        if let Some((created, id)) = &filter.before {
+            q.push(" AND (t.created_at < ")
+                .push_bind(*created)
+                .push(" OR (t.created_at = ")
+                .push_bind(*created)
+                .push(" AND t.id < ")
+                .push_bind(id.clone())
+                .push("))");
+        }
+        q.push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
+            .push_bind(filter.limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        rows.iter().map(Self::row).collect()
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+impl EventKind for Store {
+    type Event = pb::TaskEvent;
+
+    fn sequence(event: &pb::TaskEvent) -> u64 {
+        event.sequence
+    }
+
+    fn set_sequence(event: &mut pb::TaskEvent, sequence: u64) {
+        event.sequence = sequence;
+    }
+
+    fn window_bytes(event: &pb::TaskEvent) -> usize {
+        64 + event.encoded_len()
+    }
+
+    fn is_final(event: &pb::TaskEvent) -> bool {
+        matches!(event.event, Some(Event::Result(_)))
+    }
+
+    fn heartbeat(last_sequence: u64) -> pb::TaskEvent {
+        pb::TaskEvent {
+            sequence: last_sequence,
+            time: Some(timestamp(now_micros())),
+            event: Some(Event::Heartbeat(pb::Heartbeat {})),
+        }
+    }
+}
+
+impl EventStore for Store {
+    type Update = TaskUpdate;
+    type Error = AgentError;
+
+    async fn append(
+        &self,
+        task_id: &str,
+        events: &[pb::TaskEvent],
+        update: TaskUpdate,
+    ) -> Result<()> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        let mut tx = self.write.begin().await?;
+        // One multi-row INSERT per batch (every statement is a round trip to sqlx's
+        // SQLite worker thread).
+        for chunk in events.chunks(200) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO task_events (task_id, sequence, event) ");
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(task_id.to_owned())
+                    .push_bind(to_i64(e.sequence))
+                    .push_bind(e.encode_to_vec());
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE tasks SET last_sequence = ");
+        q.push_bind(to_i64(last.sequence));
+        if let Some(record) = &update.record {
+            q.push(", record = ")
+                .push_bind(encode_record(record))
+                .push(", phase = ")
+                .push_bind(record.phase)
+                .push(", updated_at = ")
+                .push_bind(record.updated_at);
+        }
+        if let Some(seq) = update.relayed_build_sequence {
+            q.push(", relayed_build_sequence = ").push_bind(to_i64(seq));
+        }
+        q.push(" WHERE id = ").push_bind(task_id.to_owned());
+        q.build().execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        task_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<pb::TaskEvent>> {
+        let rows = sqlx::query(
+            "SELECT event FROM task_events WHERE task_id = ? AND sequence > ? \
+             ORDER BY sequence LIMIT ?",
+        )
+        .bind(task_id)
+        .bind(to_i64(after))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let bytes: Vec<u8> = r.try_get("event")?;
+                pb::TaskEvent::decode(bytes.as_slice())
+                    .map_err(|e| AgentError::Corrupt(format!("task event: {e}")))
+            })
+            .collect()
+    }
+
+    async fn is_closed(&self, task_id: &str) -> Result<bool> {
+        Ok(match self.get(task_id).await? {
+            None => true,
+            Some(t) => t.record.is_final(),
+        })
+    }
+}
