@@ -254,8 +254,8 @@ class Kiln:
                 self.proc.kill()
                 self.proc.wait()
 
-    def run_task(self, task: Task, task_dir: str, out_dir: str, max_iterations: int,
-                 timeout_s: float) -> Outcome:
+    def run_task(self, task: Task, model_id: str, task_dir: str, out_dir: str,
+                 max_iterations: int, timeout_s: float) -> Outcome:
         started = time.monotonic()
         outcome = Outcome("kiln", task.id, out_dir, 0.0, 0)
         rc, out = run_logged([self.binary, "-o", "json", "workspace", "create", "--from", task_dir],
@@ -267,9 +267,11 @@ class Kiln:
             outcome.wall_s = time.monotonic() - started
             return outcome
         argv = [self.binary, "-o", "json", "agent", "run", task.prompt,
-                "--toolchain", task.toolchain, "--workspace", workspace,
-                "--step", task.test_command, "--max-iterations", str(max_iterations)]
-        rc, out = run_logged(argv, self.log, env=self.env, timeout=timeout_s)
+                "--toolchain", task.toolchain, "--model", model_id, "--workspace", workspace,
+                "--step", task.test_command, "--max-iterations", str(max_iterations),
+                # The task's own budget ends it with a result; the process limit is a backstop.
+                "--timeout", f"{min(int(timeout_s), 7200)}s"]
+        rc, out = run_logged(argv, self.log, env=self.env, timeout=timeout_s + 60)
         with open(os.path.join(os.path.dirname(out_dir), "kiln-events.ndjson"), "w") as f:
             f.write(out)
         events = parse_kiln_events(out)

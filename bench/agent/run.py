@@ -160,7 +160,8 @@ def main(argv=None) -> int:
             for agent in which:
                 t0 = time.time()
                 if agent == "kiln":
-                    outcome = kiln.run_task(task, task_dir, os.path.join(base, "kiln-result"),
+                    outcome = kiln.run_task(task, model_id, task_dir,
+                                            os.path.join(base, "kiln-result"),
                                             args.max_iterations, args.timeout)
                 else:
                     repo = os.path.join(base, "aider-repo")
