@@ -5,8 +5,8 @@ command as the task's fixed step, `kiln workspace download` of the result; its o
 events give the fix rounds, tokens and model time (sum of the per-call durations).
 
 aider: a fresh git repository with the task, one `aider --message` run with `--auto-test`
-and the same test command; the fix rounds are the "Attempt to fix … errors?" answers it
-prints (lint and test reflections, at most 3 together by aider's default).
+and the same test command; the fix rounds are the "Attempt to fix … errors?" answers in its
+chat history that it acted on (lint and test reflections, at most 3 by aider's default).
 
 Tokens and model time are also taken for both from the metering proxy (meter.py) that sits
 between each agent and the model server, so the two are counted by the same code.
@@ -26,6 +26,7 @@ import time
 from tasks import Task
 
 AIDER_FIX_PROMPTS = re.compile(r"Attempt to fix (?:lint|test) errors\?")
+AIDER_OUT_OF_REFLECTIONS = "reflections allowed, stopping"
 
 
 @dataclasses.dataclass
@@ -322,6 +323,21 @@ def aider_argv(aider: str, model_id: str, model_url: str, task: Task) -> list[st
     return argv + task.editable
 
 
+def aider_fix_rounds(repo: str) -> int:
+    """The reflections aider ran. Its answers to "Attempt to fix … errors?" (taken as yes
+    with --yes-always) go only to its chat history; the last one is not acted on when it
+    then says the reflections are used up."""
+    try:
+        with open(os.path.join(repo, ".aider.chat.history.md"), errors="replace") as f:
+            history = f.read()
+    except FileNotFoundError:
+        return 0
+    rounds = len(AIDER_FIX_PROMPTS.findall(history))
+    if AIDER_OUT_OF_REFLECTIONS in history:
+        rounds -= 1
+    return max(rounds, 0)
+
+
 def run_aider(aider: str, model_id: str, model_url: str, task: Task, repo: str, log: str,
               timeout_s: float) -> Outcome:
     env = dict(os.environ, **GIT_ENV)
@@ -334,7 +350,7 @@ def run_aider(aider: str, model_id: str, model_url: str, task: Task, repo: str, 
     with open(os.path.join(os.path.dirname(repo), "aider.out"), "w") as f:
         f.write(out)
     outcome = Outcome("aider", task.id, repo, wall, rc)
-    outcome.fix_rounds = len(AIDER_FIX_PROMPTS.findall(out))
+    outcome.fix_rounds = aider_fix_rounds(repo)
     if rc == 124:
         outcome.error = f"timed out after {timeout_s:.0f} s"
     elif rc != 0:
