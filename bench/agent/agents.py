@@ -338,9 +338,21 @@ def aider_fix_rounds(repo: str) -> int:
     return max(rounds, 0)
 
 
+# Variables of the caller's shell that change what a test prints or where it builds; kiln's
+# sandbox clears the environment, so aider's test runs and the scoring run drop them too
+# (RUST_BACKTRACE=1 alone turns a failed `cargo test` into 80 lines of backtrace).
+CALLER_ONLY_ENV = ("RUST_BACKTRACE", "RUST_LOG", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL")
+
+
+def test_env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CALLER_ONLY_ENV}
+    env.update(extra or {})
+    return env
+
+
 def run_aider(aider: str, model_id: str, model_url: str, task: Task, repo: str, log: str,
               timeout_s: float) -> Outcome:
-    env = dict(os.environ, **GIT_ENV)
+    env = test_env(GIT_ENV)
     started = time.monotonic()
     for argv in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "task"]):
         subprocess.run(argv, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)

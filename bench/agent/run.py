@@ -115,7 +115,7 @@ def score(task, result_dir: str, scratch: str) -> tuple[bool, str]:
     ignore = shutil.ignore_patterns(".git", "target", "__pycache__", ".aider*")
     shutil.copytree(result_dir, scratch, ignore=ignore)
     task.restore_hidden(scratch)
-    env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(scratch, "target"))
+    env = agents.test_env({"CARGO_TARGET_DIR": os.path.join(scratch, "target")})
     try:
         res = subprocess.run(shlex.split(task.test_command), cwd=scratch, env=env,
                              capture_output=True, text=True, timeout=SCORE_TIMEOUT_S,
