@@ -94,6 +94,14 @@ def kiln_binary(args) -> str:
     return path
 
 
+def check_kiln_cli(path: str) -> None:
+    """The runner needs `kiln agent run --step … -o json` (fixed steps, NDJSON events)."""
+    res = subprocess.run([path, "agent", "run", "--help"], capture_output=True, text=True)
+    if res.returncode != 0 or "--step" not in res.stdout:
+        raise SystemExit(f"{path} has no `kiln agent run --step`: this kiln is older than the "
+                         "agent CLI the benchmark drives (build it from a branch that has it)")
+
+
 def select(all_tasks, args):
     chosen = all_tasks
     if args.only:
@@ -138,6 +146,8 @@ def main(argv=None) -> int:
     chosen = select(taskset.load_all(), args)
     which = ["kiln", "aider"] if args.agent == "both" else [args.agent]
     kiln_path = kiln_binary(args) if "kiln" in which else ""
+    if kiln_path:
+        check_kiln_cli(kiln_path)
     if "aider" in which and not os.access(args.aider, os.X_OK):
         raise SystemExit(f"no aider at {args.aider}: `make bench-agent` installs it")
     os.makedirs(TOOLS, exist_ok=True)
