@@ -146,6 +146,19 @@ class KilnEventsTest(unittest.TestCase):
         self.assertEqual(agents.seconds(None), 0.0)
 
 
+class AiderRoundsTest(unittest.TestCase):
+    def test_counts_the_reflections_acted_on(self):
+        with tempfile.TemporaryDirectory() as repo:
+            self.assertEqual(agents.aider_fix_rounds(repo), 0, "no history: no rounds")
+            history = "".join(
+                "> Attempt to fix test errors? (Y)es/(N)o [Yes]: y  \n" for _ in range(4))
+            history += "> Only 3 reflections allowed, stopping.  \n"
+            with open(os.path.join(repo, ".aider.chat.history.md"), "w") as f:
+                f.write("> Attempt to fix lint errors? (Y)es/(N)o [Yes]: y  \n" + history)
+            # Five answers; the last one was refused for want of reflections.
+            self.assertEqual(agents.aider_fix_rounds(repo), 4)
+
+
 class ScoringTest(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp()
