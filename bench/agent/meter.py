@@ -28,6 +28,9 @@ HOP_BY_HOP = {
     "upgrade",
     "content-length",
     "host",
+    # send_response writes its own.
+    "server",
+    "date",
 }
 
 
@@ -127,7 +130,9 @@ class Meter:
                     else:
                         whole += chunk
         except OSError:
-            pass  # the client went away; what was counted stands
+            # The client hung up (an agent abandoning a call at its time limit): the call
+            # counts until now, and closing upstream stops the server generating for nobody.
+            pass
         finally:
             upstream.close()
         call.end = time.time()

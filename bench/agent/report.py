@@ -6,9 +6,11 @@ import dataclasses
 
 
 def model_s(o) -> float:
-    """Model time: the agent's own per-call durations when it reports them (kiln), else the
-    metering proxy's (aider)."""
-    return o.reported_model_s if o.reported_model_s else o.metered_model_s
+    """Model time: the agent's own per-call durations (kiln) or the metering proxy's, the
+    larger. They agree for finished calls; a call abandoned when a task's time ran out is
+    only in the meter's (it ends when the agent hangs up), and leaving it out would count
+    the wait for the model as the agent's overhead."""
+    return max(o.reported_model_s or 0.0, o.metered_model_s)
 
 
 def tokens(o) -> int:

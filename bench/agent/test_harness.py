@@ -12,7 +12,9 @@ import os
 import shutil
 import sys
 import tempfile
+import socket
 import threading
+import time
 import unittest
 import urllib.request
 
@@ -40,7 +42,20 @@ class FakeModel(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if request.get("stream"):
+        if request.get("model") == "slow":
+            # 100 deltas over about 10 s: a client that hangs up early must not wait for them.
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n')
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            self.close_connection = True
+        elif request.get("stream"):
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.end_headers()
@@ -90,6 +105,25 @@ class MeterTest(unittest.TestCase):
         self.assertEqual([(c.prompt_tokens, c.completion_tokens) for c in calls],
                          [(120, 3), (50, 7)])
         self.assertTrue(all(c.end >= c.start and c.status == 200 for c in calls))
+
+    def test_a_call_abandoned_by_the_client_counts_until_it_hangs_up(self):
+        port = int(self.meter.url.split(":")[2].split("/")[0])
+        body = json.dumps({"model": "slow", "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            got = b""
+            while b"data:" not in got:
+                chunk = s.recv(4096)
+                self.assertTrue(chunk, "the stream closed before its first event")
+                got += chunk
+        deadline = time.monotonic() + 8
+        while not self.meter.calls_between(0, float("inf")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        calls = self.meter.calls_between(0, float("inf"))
+        self.assertEqual(len(calls), 1, "the abandoned call is recorded")
+        self.assertLess(calls[0].end - calls[0].start, 5, "and ends when the client left")
 
     def test_other_requests_are_forwarded_but_not_counted(self):
         with urllib.request.urlopen(self.meter.url + "/models", timeout=10) as r:
