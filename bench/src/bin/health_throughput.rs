@@ -41,7 +41,7 @@ async fn main() {
         "127.0.0.1:0".parse().expect("addr"),
         pki.server_tls(),
     ))
-    .add_service(any_kiln_service())
+    .add_service(any_kiln_service(dir.path()).await)
     .bind()
     .await
     .expect("binds");
@@ -91,8 +91,18 @@ async fn main() {
     let _ = python.wait();
 }
 
-/// Any kiln service will do: health is answered by the listener itself.
-fn any_kiln_service()
--> kiln_proto::agent::agent_service_server::AgentServiceServer<kiln_agent::AgentApi> {
-    kiln_agent::service()
+/// Any kiln service will do: health is answered by the listener itself. The agent opens
+/// with nothing but a data directory (its clients are never connected here).
+async fn any_kiln_service(
+    dir: &Path,
+) -> kiln_proto::agent::agent_service_server::AgentServiceServer<kiln_agent::AgentApi> {
+    let unconnected = kiln_agent::ChannelSlot::default;
+    let agent = kiln_agent::AgentApi::open(
+        kiln_agent::AgentConfig::new(dir.join("agent")),
+        std::sync::Arc::new(kiln_agent::GrpcBuildClient::new(unconnected())),
+        std::sync::Arc::new(kiln_agent::GrpcDelegator::new(unconnected())),
+    )
+    .await
+    .expect("the agent opens");
+    kiln_agent::service(agent)
 }

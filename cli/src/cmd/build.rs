@@ -18,10 +18,13 @@ use kiln_proto::build::build_service_client::BuildServiceClient;
 use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
+use super::progress::Progress;
 use super::workspace::{create_from, parse_label};
 use super::{collect_pages, parse_duration, proto_duration, rpc_error};
 use crate::context::Context;
-use crate::output::{OutputFormat, build_json, build_state_name, print_json, step_result_json};
+use crate::output::{
+    OutputFormat, build_event_json, build_json, build_state_name, print_json, step_result_json,
+};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BuildCommand {
@@ -92,7 +95,7 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             let after = if from_start {
                 0
             } else {
-                Progress::load(ctx, &build_id)
+                Progress::BUILDS.load(ctx, &build_id)
             };
             follow(
                 ctx,
@@ -222,14 +225,7 @@ async fn run_build(
     client: &mut BuildServiceClient<KilnChannel>,
     args: RunArgs,
 ) -> anyhow::Result<i32> {
-    let mut steps: Vec<pb::Step> = args
-        .steps
-        .iter()
-        .map(|c| pb::Step {
-            command: Some(c.clone()),
-            ..Default::default()
-        })
-        .collect();
+    let mut steps = command_steps(&args.steps);
     if !args.argv.is_empty() {
         steps.push(pb::Step {
             argv: args.argv.clone(),
@@ -285,40 +281,17 @@ async fn run_build(
     .await
 }
 
-/// How far this terminal got in a build: the last sequence printed.
-struct Progress;
-
-impl Progress {
-    fn path(ctx: &Context, build_id: &str) -> Option<PathBuf> {
-        // Build ids are server-made; refuse anything that could escape the directory.
-        let safe = !build_id.is_empty()
-            && build_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-');
-        safe.then(|| ctx.state_dir().join("watch").join(build_id))
-    }
-
-    fn load(ctx: &Context, build_id: &str) -> u64 {
-        Self::path(ctx, build_id)
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn save(ctx: &Context, build_id: &str, sequence: u64) {
-        if let Some(path) = Self::path(ctx, build_id) {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let _ = std::fs::write(path, sequence.to_string());
-        }
-    }
-
-    fn clear(ctx: &Context, build_id: &str) {
-        if let Some(path) = Self::path(ctx, build_id) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+/// `--step "CMD"` values as steps. They go to the server as command lines: the server
+/// splits them like a shell would (and never hands them to one), so the CLI and every
+/// other client split the same way.
+pub fn command_steps(commands: &[String]) -> Vec<pb::Step> {
+    commands
+        .iter()
+        .map(|c| pb::Step {
+            command: Some(c.clone()),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// The status line at the bottom of a terminal: step, elapsed time, state.
@@ -420,7 +393,7 @@ async fn follow(
                     ctrl_c.set(tokio::signal::ctrl_c());
                     status.clear();
                     if cancel_requested || on_interrupt == OnInterrupt::Detach {
-                        Progress::save(ctx, build_id, after);
+                        Progress::BUILDS.save(ctx, build_id, after);
                         eprintln!("detached; the build goes on. Resume with: kiln build watch {build_id}");
                         return Ok(130);
                     }
@@ -437,7 +410,7 @@ async fn follow(
                 Ok(Some(event)) => event,
                 Ok(None) => {
                     // The server closes the stream after Finished; anything else is a cut.
-                    Progress::save(ctx, build_id, after);
+                    Progress::BUILDS.save(ctx, build_id, after);
                     return Err(anyhow!(
                         "the build's event stream ended early; resume with `kiln build watch {build_id}`"
                     ));
@@ -453,7 +426,7 @@ async fn follow(
                     continue 'reconnect;
                 }
                 Err(s) => {
-                    Progress::save(ctx, build_id, after);
+                    Progress::BUILDS.save(ctx, build_id, after);
                     return Err(rpc_error(ctx, s));
                 }
             };
@@ -504,7 +477,7 @@ async fn follow(
                 }
                 Some(Event::Finished(done)) => {
                     status.clear();
-                    Progress::clear(ctx, build_id);
+                    Progress::BUILDS.clear(ctx, build_id);
                     let state = pb::BuildState::try_from(done.state).unwrap_or_default();
                     if text {
                         let elapsed = status.started.elapsed().as_secs_f64();
@@ -527,27 +500,5 @@ async fn follow(
 }
 
 fn print_json_event(event: &pb::BuildEvent) {
-    let body = match &event.event {
-        Some(Event::Output(o)) => {
-            json!({"type": "output", "step_index": o.step_index, "stream": if o.stream == pb::OutputStream::Stderr as i32 { "stderr" } else { "stdout" }, "offset": o.offset, "data": String::from_utf8_lossy(&o.data)})
-        }
-        Some(Event::Queued(q)) => json!({"type": "queued", "position": q.position}),
-        Some(Event::Started(_)) => json!({"type": "started"}),
-        Some(Event::StepStarted(s)) => {
-            json!({"type": "step_started", "step_index": s.step_index, "argv": s.argv})
-        }
-        Some(Event::StepFinished(f)) => {
-            let mut v = step_result_json(f);
-            v["type"] = json!("step_finished");
-            v
-        }
-        Some(Event::Heartbeat(_)) => json!({"type": "heartbeat"}),
-        Some(Event::Finished(f)) => {
-            json!({"type": "finished", "state": build_state_name(f.state), "message": f.message})
-        }
-        None => json!({"type": "unknown"}),
-    };
-    let mut line = body;
-    line["sequence"] = json!(event.sequence);
-    println!("{line}");
+    println!("{}", build_event_json(event));
 }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod auth;
 pub mod build;
 pub mod keys;
+pub mod progress;
 pub mod users;
 pub mod workspace;
 

@@ -265,6 +265,40 @@ impl Authenticator for NoTokenVerification {
     }
 }
 
+// Ownership rules shared by every service: a USER reads and changes its own resources,
+// a VIEWER reads everything, an ADMIN does everything. Another user's resource answers
+// NOT_FOUND at the call site, so that existence does not leak.
+
+/// Whether `p` may read a resource of `owner`: viewers and admins read everything.
+pub fn can_read(p: &Principal, owner: &str) -> bool {
+    match p.role {
+        Some(Role::Viewer | Role::Admin) => true,
+        Some(Role::User) => p.subject == owner,
+        None => false,
+    }
+}
+
+/// Whether `p` may change a resource of `owner`: admins change everything.
+pub fn can_write(p: &Principal, owner: &str) -> bool {
+    match p.role {
+        Some(Role::Admin) => true,
+        Some(Role::User) => p.subject == owner,
+        _ => false,
+    }
+}
+
+/// The owner filter of a List call: users see only their own.
+pub fn owner_filter(p: &Principal, requested: Option<String>) -> Option<String> {
+    match p.role {
+        Some(Role::Viewer | Role::Admin) => requested,
+        // Asking for someone else's: an owner no row has (subjects are never empty).
+        _ => match requested {
+            Some(r) if r != p.subject => Some(String::new()),
+            _ => Some(p.subject.clone()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,39 +353,5 @@ mod tests {
             reason::MALFORMED_CREDENTIALS
         );
         assert!(BearerToken::from_header(None).expect("ok").is_none());
-    }
-}
-
-// Ownership rules shared by every service: a USER reads and changes its own resources,
-// a VIEWER reads everything, an ADMIN does everything. Another user's resource answers
-// NOT_FOUND at the call site, so that existence does not leak.
-
-/// Whether `p` may read a resource of `owner`: viewers and admins read everything.
-pub fn can_read(p: &Principal, owner: &str) -> bool {
-    match p.role {
-        Some(Role::Viewer | Role::Admin) => true,
-        Some(Role::User) => p.subject == owner,
-        None => false,
-    }
-}
-
-/// Whether `p` may change a resource of `owner`: admins change everything.
-pub fn can_write(p: &Principal, owner: &str) -> bool {
-    match p.role {
-        Some(Role::Admin) => true,
-        Some(Role::User) => p.subject == owner,
-        _ => false,
-    }
-}
-
-/// The owner filter of a List call: users see only their own.
-pub fn owner_filter(p: &Principal, requested: Option<String>) -> Option<String> {
-    match p.role {
-        Some(Role::Viewer | Role::Admin) => requested,
-        // Asking for someone else's: an owner no row has (subjects are never empty).
-        _ => match requested {
-            Some(r) if r != p.subject => Some(String::new()),
-            _ => Some(p.subject.clone()),
-        },
     }
 }

@@ -8,6 +8,7 @@
 //! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and
 //!   bounded connections per peer and unauthenticated long-lived streams;
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
+//! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`identity`]: peers, workload identities, principals, roles;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
 //! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.

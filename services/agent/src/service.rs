@@ -240,10 +240,10 @@ impl AgentApi {
             canonical.labels.clear();
             kiln_rpc::idempotency::request_hash(&[&canonical.encode_to_vec()], &[&req.labels])
         };
-        if !req.request_id.is_empty() {
-            if let Some(existing) = shared.store.by_request(&p.subject, &req.request_id).await? {
-                return same_request(existing, &hash, &req.request_id);
-            }
+        if !req.request_id.is_empty()
+            && let Some(existing) = shared.store.by_request(&p.subject, &req.request_id).await?
+        {
+            return same_request(existing, &hash, &req.request_id);
         }
         if shared.store.count_unfinished(&p.subject).await? >= config.max_tasks_per_user as u64 {
             return Err(ApiError::new(
@@ -360,10 +360,12 @@ impl AgentApi {
             (req.workspace_id.clone(), false)
         };
         let undo = |shared: Arc<Shared>, user: Credential, ws: String| async move {
-            if created {
-                if let Err(status) = shared.build.delete_workspace(&user, &ws).await {
-                    tracing::warn!(workspace = %ws, %status, "could not delete the workspace of a task that did not start");
-                }
+            if created && let Err(status) = shared.build.delete_workspace(&user, &ws).await {
+                tracing::warn!(
+                    workspace = %ws,
+                    %status,
+                    "could not delete the workspace of a task that did not start"
+                );
             }
         };
 

@@ -30,7 +30,8 @@ pub const TOOLCHAINS: &[Toolchain] = &[
     Toolchain {
         name: "python",
         conventions: "Python 3.11, standard library only (no pip installs). Put tests in \
-                      files named test_*.py using unittest; they are run with \
+                      files named test_*.py using unittest; a test file imports what it \
+                      tests (`from calc import add`); tests are run with \
                       `python3 -m unittest discover -v` from the workspace root.",
         default_steps: &[&["python3", "-m", "unittest", "discover", "-v"]],
         markers: &[".py", "requirements.txt", "pyproject.toml"],

@@ -193,8 +193,10 @@ impl Runner {
             }
         };
         lock(&self.shared.cancels).remove(&id);
-        if finished || !self.log.is_finished() {
-            self.shared.logs.remove(&id);
+        // Watchers holding the live log finish from it; new ones read the store.
+        self.shared.logs.remove(&id);
+        if !finished {
+            tracing::info!(task = %id, "task left as persisted; it continues at the next start");
         }
     }
 
@@ -729,10 +731,15 @@ impl Runner {
             });
         }
         written.sort_by(|a, b| a.path.cmp(&b.path));
+        let delete_paths = if parsed.files.iter().any(|f| f.path.ends_with(".py")) {
+            self.stale_bytecode().await?
+        } else {
+            Vec::new()
+        };
         let request = build_pb::WriteFilesRequest {
             workspace_id: self.rec.workspace_id.clone(),
             files,
-            delete_paths: Vec::new(),
+            delete_paths,
         };
         self.with_retries("writing the files", |b, c, _| {
             b.write_files(c, request.clone())
@@ -756,6 +763,28 @@ impl Runner {
             r.build = None;
         })
         .await
+    }
+
+    /// The workspace's `__pycache__` directories. Python trusts a `.pyc` whose source has
+    /// the same size and modification second, and a fix is often both (`a - b` → `a + b`
+    /// within a second of the last build): the old bytecode would run. They are deleted
+    /// in the same change that writes the new sources.
+    async fn stale_bytecode(&self) -> Result<Vec<String>, Stop> {
+        let listing = self
+            .with_retries("listing the workspace's files", |b, c, r| {
+                b.list_files(c, &r.workspace_id)
+            })
+            .await?;
+        let mut dirs: Vec<String> = listing
+            .iter()
+            .filter_map(|f| {
+                let at = f.path.find("__pycache__/")?;
+                Some(f.path[..at + "__pycache__".len()].to_owned())
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        Ok(dirs)
     }
 
     // ---- BUILD -----------------------------------------------------------------------

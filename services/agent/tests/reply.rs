@@ -437,3 +437,12 @@ mod grammar {
         assert!(!accepts("=== FILE: a.py ===\nx\n"));
     }
 }
+
+#[test]
+fn a_fence_with_blank_lines_around_it_is_not_part_of_the_file() {
+    // What Qwen2.5-Coder 1.5B wrote under the text grammar in a real run.
+    let raw = "=== FILE: calc.py ===\n```python\ndef add(a, b):\n    return a + b\n```\n\n=== END FILE ===\n";
+    let reply = parse(raw);
+    assert!(reply.is_usable(), "{:?}", reply.problems);
+    assert_eq!(reply.files[0].content, "def add(a, b):\n    return a + b\n");
+}

@@ -333,58 +333,20 @@ async fn task_id(rig: &Rig) -> String {
 async fn cancel_aborts_the_model_call() {
     let rig = Rig::start().await;
     rig.llm.push("/v1/chat/completions", Reply::silent());
-    let task = rig
-        .api
-        .start_task(request("alice", Role::User, python_task("anything")))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = rig.start_task(python_task("anything")).await;
     // Wait until the PLAN call is in flight.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !rig
-        .llm
-        .requests()
-        .iter()
-        .any(|r| r.path == "/v1/chat/completions")
-    {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the model was never called"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cancelled = rig
-        .api
-        .cancel_task(request(
-            "alice",
-            Role::User,
-            pb::CancelTaskRequest {
-                task_id: task.id.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    wait_until("the model was never called", || {
+        rig.llm
+            .requests()
+            .iter()
+            .any(|r| r.path == "/v1/chat/completions")
+    })
+    .await;
+    let cancelled = rig.cancel(&task.id).await;
     assert_eq!(cancelled.phase, Phase::Cancelled as i32);
     // The HTTP request was really dropped: the server saw its client go.
     rig.llm.wait_for_closed_connections(1).await;
-    let events = collect(
-        rig.api
-            .watch_task(request(
-                "alice",
-                Role::User,
-                pb::WatchTaskRequest {
-                    task_id: task.id,
-                    after_sequence: 0,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let events = rig.watch_all(&task.id).await;
     assert_eq!(result(&events).reason, "CANCELLED");
 }
 
@@ -397,31 +359,9 @@ async fn cancel_during_a_build_cancels_the_build() {
         ("calc.py", GOOD_CALC),
         ("test_calc.py", TEST_CALC),
     ]));
-    let task = rig
-        .api
-        .start_task(request("alice", Role::User, python_task("calc")))
-        .await
-        .unwrap()
-        .into_inner();
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rig.build.builds_started() == 0 {
-        assert!(tokio::time::Instant::now() < until, "no build started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let t = rig
-        .api
-        .cancel_task(request(
-            "alice",
-            Role::User,
-            pb::CancelTaskRequest {
-                task_id: task.id.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = rig.start_task(python_task("calc")).await;
+    wait_until("no build started", || rig.build.builds_started() > 0).await;
+    let t = rig.cancel(&task.id).await;
     assert_eq!(t.phase, Phase::Cancelled as i32);
     assert_eq!(rig.build.cancelled(), t.build_ids);
 }
@@ -489,48 +429,23 @@ async fn a_restart_during_a_model_call_redoes_only_that_call() {
     let mut rig = Rig::start().await;
     rig.plan();
     rig.llm.push("/v1/chat/completions", Reply::silent());
-    let task = rig
-        .api
-        .start_task(request("alice", Role::User, python_task("calc")))
-        .await
-        .unwrap()
-        .into_inner();
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rig
-        .llm
-        .requests()
-        .iter()
-        .filter(|r| r.path == "/v1/chat/completions")
-        .count()
-        < 2
-    {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "GENERATE never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let task = rig.start_task(python_task("calc")).await;
+    wait_until("GENERATE never started", || {
+        rig.llm
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v1/chat/completions")
+            .count()
+            >= 2
+    })
+    .await;
     let before = last_sequence(&rig, &task.id).await;
     rig.restart().await;
     rig.answer(&text_files(&[
         ("calc.py", GOOD_CALC),
         ("test_calc.py", TEST_CALC),
     ]));
-    let events = collect(
-        rig.api
-            .watch_task(request(
-                "alice",
-                Role::User,
-                pb::WatchTaskRequest {
-                    task_id: task.id.clone(),
-                    after_sequence: 0,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let events = rig.watch_all(&task.id).await;
     assert_dense(&events);
     assert!(events.len() as u64 > before);
     assert_eq!(result(&events).phase, Phase::Done as i32);
@@ -554,12 +469,7 @@ async fn a_restart_during_a_build_follows_the_same_build() {
         ("calc.py", GOOD_CALC),
         ("test_calc.py", TEST_CALC),
     ]));
-    let task = rig
-        .api
-        .start_task(request("alice", Role::User, python_task("calc")))
-        .await
-        .unwrap()
-        .into_inner();
+    let task = rig.start_task(python_task("calc")).await;
     // Until the build's Started event is relayed.
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -573,21 +483,7 @@ async fn a_restart_during_a_build_follows_the_same_build() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     rig.restart().await;
     rig.build.hold_builds(false);
-    let events = collect(
-        rig.api
-            .watch_task(request(
-                "alice",
-                Role::User,
-                pb::WatchTaskRequest {
-                    task_id: task.id.clone(),
-                    after_sequence: 0,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let events = rig.watch_all(&task.id).await;
     assert_dense(&events);
     assert_eq!(result(&events).phase, Phase::Done as i32);
     assert_eq!(

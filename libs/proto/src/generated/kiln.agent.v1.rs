@@ -741,8 +741,10 @@ pub mod agent_service_client {
             self.inner.unary(req, path, codec).await
         }
         /// RunTask is StartTask followed by WatchTask in one call: it streams every event of the
-        /// new task from sequence 1 and closes after the TaskResult. Closing the stream does not
-        /// cancel the task; follow it again with WatchTask. Access: USER. Errors as StartTask.
+        /// new task from sequence 1 and closes after the TaskResult. The task's id comes first,
+        /// in the response header `kiln-task-id`, so a client whose stream breaks before any
+        /// event can follow the task. Closing the stream does not cancel the task; follow it
+        /// again with WatchTask. Access: USER. Errors as StartTask.
         pub async fn run_task(
             &mut self,
             request: impl tonic::IntoRequest<super::StartTaskRequest>,
@@ -934,8 +936,10 @@ pub mod agent_service_server {
             + std::marker::Send
             + 'static;
         /// RunTask is StartTask followed by WatchTask in one call: it streams every event of the
-        /// new task from sequence 1 and closes after the TaskResult. Closing the stream does not
-        /// cancel the task; follow it again with WatchTask. Access: USER. Errors as StartTask.
+        /// new task from sequence 1 and closes after the TaskResult. The task's id comes first,
+        /// in the response header `kiln-task-id`, so a client whose stream breaks before any
+        /// event can follow the task. Closing the stream does not cancel the task; follow it
+        /// again with WatchTask. Access: USER. Errors as StartTask.
         async fn run_task(
             &self,
             request: tonic::Request<super::StartTaskRequest>,

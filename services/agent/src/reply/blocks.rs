@@ -108,6 +108,18 @@ fn open_file(marker: &str) -> State {
 
 /// The block's lines, each ending in a newline, without a markdown fence wrapped around them.
 fn content(mut lines: Vec<String>) -> String {
+    // Blank lines around a fence do not make it part of the file (small models write
+    // ```python … ``` and an empty line before the end marker).
+    let blank = |l: &String| l.trim().is_empty();
+    let first = lines.iter().position(|l| !blank(l)).unwrap_or(0);
+    let last = lines.iter().rposition(|l| !blank(l)).map_or(0, |i| i + 1);
+    let wrapped = last > first + 1
+        && lines[first].trim_start().starts_with("```")
+        && lines[last - 1].trim() == "```";
+    if wrapped {
+        lines.truncate(last);
+        lines.drain(..first);
+    }
     let fenced = lines.len() >= 2
         && lines[0].trim_start().starts_with("```")
         && lines.last().is_some_and(|l| l.trim() == "```");

@@ -298,7 +298,8 @@ Optionally list commands to run, one per line, in a block:
 === COMMANDS ===
 python3 -m unittest
 === END COMMANDS ===
-Do not wrap blocks in markdown fences. Give each file once.";
+Do not use markdown fences, neither around the blocks nor inside them: a block holds \
+exactly the file's text. Give each file once.";
 
 /// Renders files, commands and notes in the strict text form (what [`gbnf`] generates). A
 /// content without a final newline gets one: the text form cannot express its absence.

@@ -177,7 +177,6 @@ impl FakeBuild {
                 let out = tokio::process::Command::new(&step.argv[0])
                     .args(&step.argv[1..])
                     .current_dir(dir.join(&step.working_dir))
-                    .env("PYTHONDONTWRITEBYTECODE", "1")
                     .output()
                     .await;
                 let (code, stdout, stderr) = match out {
@@ -342,6 +341,18 @@ impl BuildClient for FakeBuild {
         let dir = self.dir(&request.workspace_id);
         Box::pin(async move {
             let dir = dir?;
+            // As kiln-build: deletes first, and a path that is not there is NOT_FOUND.
+            for path in &request.delete_paths {
+                let target = dir.join(path);
+                if !target.exists() {
+                    return Err(Status::not_found(format!("path {path:?} not found")));
+                }
+                if target.is_dir() {
+                    std::fs::remove_dir_all(target).unwrap();
+                } else {
+                    std::fs::remove_file(target).unwrap();
+                }
+            }
             for f in request.files {
                 let path = dir.join(&f.path);
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -654,3 +665,58 @@ pub fn text_files(files: &[(&str, &str)]) -> String {
 pub const GOOD_CALC: &str = "def add(a, b):\n    return a + b\n";
 pub const BAD_CALC: &str = "def add(a, b):\n    return a - b\n";
 pub const TEST_CALC: &str = "import unittest\nfrom calc import add\n\n\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n\n\nif __name__ == '__main__':\n    unittest.main()\n";
+
+impl Rig {
+    /// Starts a task as alice.
+    pub async fn start_task(&self, req: pb::StartTaskRequest) -> pb::Task {
+        self.api
+            .start_task(request("alice", Role::User, req))
+            .await
+            .expect("StartTask")
+            .into_inner()
+    }
+
+    /// Cancels alice's task and returns it as CancelTask answered.
+    pub async fn cancel(&self, id: &str) -> pb::Task {
+        self.api
+            .cancel_task(request(
+                "alice",
+                Role::User,
+                pb::CancelTaskRequest {
+                    task_id: id.to_owned(),
+                },
+            ))
+            .await
+            .expect("CancelTask")
+            .into_inner()
+            .task
+            .expect("a task")
+    }
+
+    /// Every event of alice's task, from the first, to its end.
+    pub async fn watch_all(&self, id: &str) -> Vec<pb::TaskEvent> {
+        let stream = self
+            .api
+            .watch_task(request(
+                "alice",
+                Role::User,
+                pb::WatchTaskRequest {
+                    task_id: id.to_owned(),
+                    after_sequence: 0,
+                },
+            ))
+            .await
+            .expect("WatchTask")
+            .into_inner();
+        collect(stream).await
+    }
+}
+
+/// Polls `done` every 20 ms for up to 10 s; fails with `what` otherwise.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < until, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
