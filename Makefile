@@ -13,7 +13,7 @@ CARGO ?= cargo
 GRPCURL_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
 
-.PHONY: all build demo run test lint fmt proto tools clean-tools bench llm test-llm
+.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm
 
 all: build
 
@@ -61,6 +61,23 @@ bench: tools
 	$(CARGO) run --release -p kiln-bench --bin health_throughput
 	$(CARGO) build --release -p kiln-cli
 	$(CARGO) run --release -p kiln-bench --bin build_stream
+
+## bench-agent: kiln's agent against Aider on the same tasks, model and server (bench/agent/).
+## Long (30-60 min for the whole set with the 1.5B model); never in CI. Arguments for the
+## runner go in BENCH_AGENT_ARGS, e.g. BENCH_AGENT_ARGS="--tasks 3 --agent both". The model
+## server is started when it is not running and left running (scripts/llm/serve.sh stop).
+BENCH_AGENT := $(TOOLS)/bench-agent
+BENCH_AGENT_ARGS ?=
+bench-agent: llm $(BENCH_AGENT)/venv/.installed
+	$(CARGO) build --release -p kiln-cli
+	scripts/llm/serve.sh start
+	$(BENCH_AGENT)/venv/bin/python bench/agent/run.py $(BENCH_AGENT_ARGS)
+
+$(BENCH_AGENT)/venv/.installed: bench/agent/requirements.txt
+	rm -rf $(BENCH_AGENT)/venv
+	python3 -m venv $(BENCH_AGENT)/venv
+	$(BENCH_AGENT)/venv/bin/pip install --quiet --disable-pip-version-check --no-input -r $<
+	touch $@
 
 ## proto: regenerate libs/proto/src/generated from proto/ (vendored protoc, no install).
 proto:
