@@ -346,6 +346,7 @@ impl AgentApi {
                         request_id: String::new(),
                         files: Vec::new(),
                         labels,
+                        ..Default::default()
                     },
                 )
                 .await
