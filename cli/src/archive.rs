@@ -278,6 +278,24 @@ mod tests {
     }
 
     #[test]
+    fn kilnignore_can_send_what_gitignore_leaves_out() {
+        // Vendored dependencies: ignored by git, needed by a build without network.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::write(root.join(".gitignore"), "node_modules/\n").expect("write");
+        std::fs::write(root.join(".kilnignore"), "!node_modules/\n").expect("write");
+        std::fs::create_dir_all(root.join("node_modules/left-pad")).expect("mkdir");
+        std::fs::write(root.join("node_modules/left-pad/index.js"), "x").expect("write");
+        let packed = pack_dir(root, Limits::default()).expect("packs");
+        assert!(
+            packed.paths.contains("node_modules/left-pad/index.js"),
+            "{:?}",
+            packed.paths
+        );
+        assert!(packed.ignored.is_empty(), "{:?}", packed.ignored);
+    }
+
+    #[test]
     fn links_inside_stay_links_and_links_outside_are_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
