@@ -122,6 +122,10 @@ fn push_syncs_a_named_workspace_in_one_change_and_builds_from_it() {
         String::from_utf8_lossy(&built.stdout)
     );
     assert_eq!(workspace_count(&cli), 1, "no new workspace was made");
+    let builds = json(&cli.ok(&["build", "list", "--workspace", "calc", "-o", "json"]));
+    let builds = builds.as_array().expect("array");
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    assert_eq!(builds[0]["workspace_id"], id.as_str());
 
     // A push into a workspace that does not exist says so and sends nothing.
     let missing = cli.run(&["workspace", "push", "nope", utf8(src.path())], "");

@@ -343,9 +343,21 @@ impl BuildApi {
         req: pb::ListBuildsRequest,
     ) -> Result<pb::ListBuildsResponse> {
         let limit = page_size("page_size", req.page_size, 100, 1000)?;
+        // A name of one of the caller's workspaces filters by that workspace's id, as
+        // everywhere an id is taken; anything else filters as given.
+        let workspace_id = match req.workspace_id {
+            Some(w) if uuid::Uuid::parse_str(&w).is_err() => Some(
+                self.shared
+                    .store
+                    .workspace_by_name(&p.subject, &w)
+                    .await?
+                    .map_or(w, |ws| ws.id),
+            ),
+            other => other,
+        };
         let filter = ListFilter {
             owner: owner_filter(p, req.owner),
-            workspace_id: workspace_filter(p, req.workspace_id),
+            workspace_id: workspace_filter(p, workspace_id),
             states: req.states,
             labels: req.labels.into_iter().collect(),
             before: cursor(&req.page_token)?,

@@ -493,7 +493,7 @@ pub struct GetBuildRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListBuildsRequest {
-    /// Only builds of this workspace.
+    /// Only builds of this workspace (its id, or the name of one of the caller's own).
     #[prost(string, optional, tag = "1")]
     pub workspace_id: ::core::option::Option<::prost::alloc::string::String>,
     /// Only builds in one of these states. Empty: any state.
