@@ -1127,7 +1127,8 @@ pub mod build_service_client {
         ///
         /// A retry with the same request_id returns the workspace created first. Too many or too
         /// large files answer INVALID_ARGUMENT (reason WORKSPACE_TOO_LARGE); a bad path answers
-        /// INVALID_ARGUMENT (reason INVALID_PATH).
+        /// INVALID_ARGUMENT (reason INVALID_PATH); a name the caller already uses answers
+        /// ALREADY_EXISTS (reason WORKSPACE_NAME_TAKEN).
         pub async fn create_workspace(
             &mut self,
             request: impl tonic::IntoRequest<super::CreateWorkspaceRequest>,
@@ -1599,7 +1600,8 @@ pub mod build_service_server {
         ///
         /// A retry with the same request_id returns the workspace created first. Too many or too
         /// large files answer INVALID_ARGUMENT (reason WORKSPACE_TOO_LARGE); a bad path answers
-        /// INVALID_ARGUMENT (reason INVALID_PATH).
+        /// INVALID_ARGUMENT (reason INVALID_PATH); a name the caller already uses answers
+        /// ALREADY_EXISTS (reason WORKSPACE_NAME_TAKEN).
         async fn create_workspace(
             &self,
             request: tonic::Request<super::CreateWorkspaceRequest>,
