@@ -55,7 +55,7 @@ pub enum WorkspaceCommand {
         /// A workspace (id or name): list its files instead.
         workspace: Option<String>,
         /// Directory inside the workspace.
-        #[arg(default_value = "")]
+        #[arg(default_value = "", hide_default_value = true)]
         directory: String,
         /// Only workspaces with this label, `key=value` (repeatable: all must match).
         #[arg(long = "label", value_parser = parse_label)]
@@ -75,7 +75,7 @@ pub enum WorkspaceCommand {
         workspace: String,
         /// A directory inside the workspace: only its contents are downloaded, extracted
         /// directly into the output directory. Default: the whole workspace.
-        #[arg(default_value = "")]
+        #[arg(default_value = "", hide_default_value = true)]
         path: String,
         /// `NAME.tar` to save the archive, or a directory to extract into. Default: ./<W>/
         #[arg(long)]
