@@ -52,7 +52,7 @@ enum Command {
     /// Users (admins): create, list, update, delete.
     #[command(subcommand)]
     Users(cmd::users::UsersCommand),
-    /// Workspaces: create (from a directory), ls, cat, download, rm.
+    /// Workspaces: create (from a directory), push, ls, cat, download, rm.
     #[command(subcommand, alias = "ws")]
     Workspace(cmd::workspace::WorkspaceCommand),
     /// Builds: run (and stream), watch, list, get, cancel.

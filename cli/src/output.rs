@@ -102,6 +102,7 @@ pub fn api_key_json(k: &auth_pb::ApiKey) -> Value {
 pub fn workspace_json(w: &build_pb::Workspace) -> Value {
     json!({
         "id": w.id,
+        "name": w.name,
         "owner": w.owner,
         "labels": w.labels,
         "size_bytes": w.size_bytes,

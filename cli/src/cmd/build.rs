@@ -19,7 +19,7 @@ use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
 use super::progress::Progress;
-use super::workspace::{create_from, parse_label};
+use super::workspace::{create_from, parse_label, push};
 use super::{collect_pages, parse_duration, proto_duration, rpc_error};
 use crate::context::Context;
 use crate::output::{
@@ -58,10 +58,11 @@ pub enum BuildCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Build in this existing workspace.
-    #[arg(long, conflicts_with = "from")]
+    /// Build in this existing workspace (id or name); with --from, push DIR into it first.
+    #[arg(long)]
     workspace: Option<String>,
-    /// Upload this directory as a new workspace first (honours .gitignore).
+    /// Upload this directory first (honours .gitignore): as a new workspace, or into
+    /// --workspace W like `kiln workspace push W DIR`.
     #[arg(long)]
     from: Option<PathBuf>,
     /// A step as a command line (split like a shell would, never run by one); repeat
@@ -238,7 +239,8 @@ async fn run_build(
         ));
     }
     let workspace_id = match (args.workspace, args.from) {
-        (Some(id), _) => id,
+        (Some(id), None) => id,
+        (Some(id), Some(dir)) => push(ctx, client, &id, &dir, false).await?.id,
         (None, Some(dir)) => create_from(ctx, client, Some(&dir), Vec::new()).await?.id,
         (None, None) => {
             return Err(anyhow!(

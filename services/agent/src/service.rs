@@ -346,18 +346,20 @@ impl AgentApi {
                         request_id: String::new(),
                         files: Vec::new(),
                         labels,
+                        ..Default::default()
                     },
                 )
                 .await
                 .map_err(|s| relayed("creating the task's workspace", &s))?;
             (ws.id, true)
         } else {
-            shared
+            // The id the build service answers with: the request may name the workspace.
+            let ws = shared
                 .build
                 .get_workspace(&user, &req.workspace_id)
                 .await
                 .map_err(|s| relayed("workspace_id", &s))?;
-            (req.workspace_id.clone(), false)
+            (ws.id, false)
         };
         let undo = |shared: Arc<Shared>, user: Credential, ws: String| async move {
             if created && let Err(status) = shared.build.delete_workspace(&user, &ws).await {

@@ -2,8 +2,9 @@
 //!
 //! Upload: the chunks of the gRPC stream feed a blocking tar reader (through a small
 //! channel, so a slow disk slows the client, not the server's memory). Entries are
-//! checked one by one: only regular files and directories, every path by the workspace
-//! path rules, the total size and entry count (directories count like files) against the
+//! checked one by one: only regular files, directories and symlinks whose relative
+//! target stays inside the workspace ([`link_stays_inside`]; stored as links, never
+//! followed by the server), every path by the workspace path rules, the total size and entry count (directories count like files) against the
 //! workspace limits before a byte is written (tar bombs stop at their first header over
 //! the limit). Files go to a
 //! staging area and the change is applied atomically like WriteFiles.
@@ -71,6 +72,32 @@ fn too_large(why: String) -> BuildError {
 enum Item {
     File(PathBuf),
     Dir,
+    Symlink(String),
+}
+
+/// Whether a symlink at `link` (a workspace path) with `target` resolves, lexically,
+/// to a place inside the workspace: relative, and never climbing above the root. The
+/// server never follows links itself; this keeps an uploaded tree meaningful inside a
+/// build's sandbox and harmless when downloaded and unpacked elsewhere.
+pub fn link_stays_inside(link: &RelPath, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    // The link's own directory is where its target is resolved from.
+    let mut depth = link.components().count().saturating_sub(1) as i64;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
 }
 
 /// Reads the archive into a staging area, then takes the workspace with `lock` and
@@ -167,9 +194,28 @@ fn extract(
             items.insert(rel, Item::Dir);
             continue;
         }
+        if kind.is_symlink() {
+            let target = entry
+                .link_name_bytes()
+                .map(|t| String::from_utf8(t.into_owned()))
+                .transpose()
+                .map_err(|_| {
+                    bad_archive(format!(
+                        "entry {n} ({name:?}): the link target is not UTF-8"
+                    ))
+                })?
+                .unwrap_or_default();
+            if target.len() > limits.max_path_bytes || !link_stays_inside(&rel, &target) {
+                return Err(bad_archive(format!(
+                    "entry {n} ({name:?}): a symbolic link must have a relative target inside the workspace, not {target:?}"
+                )));
+            }
+            items.insert(rel, Item::Symlink(target));
+            continue;
+        }
         if !(kind.is_file() || kind == tar::EntryType::Continuous) {
             return Err(bad_archive(format!(
-                "entry {n} ({name:?}): only regular files and directories are accepted, not {kind:?} (no symbolic or hard links)"
+                "entry {n} ({name:?}): only regular files, directories and symbolic links are accepted, not {kind:?} (no hard links)"
             )));
         }
         let size = entry.size();
@@ -231,6 +277,7 @@ fn apply(
         match item {
             Item::Dir => txn.mkdir(root, rel, "chunk")?,
             Item::File(staged) => txn.place(root, rel, "chunk", staged)?,
+            Item::Symlink(target) => txn.place_symlink(root, rel, "chunk", target)?,
         }
     }
     disk.check_quota(root)
@@ -372,4 +419,26 @@ fn header(meta: &Meta, kind: tar::EntryType) -> tar::Header {
     header.set_mtime(u64::try_from(meta.mtime).unwrap_or(0));
     header.set_size(0);
     header
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(p: &str) -> RelPath {
+        let limits = crate::config::WorkspaceLimits::default();
+        paths::check("path", p, &limits, false).expect("a valid path")
+    }
+
+    #[test]
+    fn only_relative_links_that_stay_inside_are_inside() {
+        assert!(link_stays_inside(&rel("a"), "b"));
+        assert!(link_stays_inside(&rel("d/a"), "../b"));
+        assert!(link_stays_inside(&rel("d/e/a"), "../../x/./y"));
+        assert!(!link_stays_inside(&rel("a"), "../b"));
+        assert!(!link_stays_inside(&rel("d/a"), "../../b"));
+        assert!(!link_stays_inside(&rel("d/a"), "x/../../../b"));
+        assert!(!link_stays_inside(&rel("a"), "/etc/passwd"));
+        assert!(!link_stays_inside(&rel("a"), ""));
+    }
 }

@@ -186,6 +186,13 @@ impl Dir {
         )?)
     }
 
+    /// Creates the symbolic link `name` pointing at `target` (stored as given, never
+    /// resolved here).
+    pub fn symlink(&self, target: &str, name: impl AsRef<OsStr>) -> io::Result<()> {
+        let name = component(name.as_ref())?;
+        Ok(rustix::fs::symlinkat(target, &self.0, name.as_c_str())?)
+    }
+
     /// Renames the entry `name` (whatever it is; a symlink moves as a symlink) to
     /// `to/to_name`, replacing a file there.
     pub fn rename(

@@ -26,6 +26,7 @@ pub mod reason {
     pub const OUT_OF_RANGE: &str = "OUT_OF_RANGE";
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
     pub const UPLOAD_TIMED_OUT: &str = "UPLOAD_TIMED_OUT";
+    pub const WORKSPACE_NAME_TAKEN: &str = "WORKSPACE_NAME_TAKEN";
 }
 
 /// Everything that can fail in kiln-build.

@@ -88,9 +88,15 @@ impl BuildApi {
         let mut v = Violations::default();
         let files = self.check_files(&req.files, &mut v);
         validate::check_labels("labels", &req.labels, &mut v);
+        validate::check_workspace_name("name", &req.name, &mut v);
         v.into_result(None)?;
         let encoded: Vec<Vec<u8>> = req.files.iter().map(Message::encode_to_vec).collect();
-        let parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let mut parts: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        // Only a named request hashes its name: the hash of an unnamed one stays as before.
+        let named = format!("name={}", req.name);
+        if !req.name.is_empty() {
+            parts.push(named.as_bytes());
+        }
         let hash = validate::request_hash(&parts, &[&req.labels]);
         let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
         let store = &self.shared().store;
@@ -98,6 +104,12 @@ impl BuildApi {
             && let Some(existing) = store.workspace_by_request(&p.subject, rid).await?
         {
             return same_workspace(existing, &hash);
+        }
+        let name = (!req.name.is_empty()).then(|| req.name.clone());
+        if let Some(name) = &name
+            && store.workspace_by_name(&p.subject, name).await?.is_some()
+        {
+            return Err(name_taken(name).into());
         }
         let id = uuid::Uuid::new_v4().to_string();
         let disk = self.shared().disk.clone();
@@ -130,6 +142,7 @@ impl BuildApi {
             updated_at: now,
             request_hash: Some(hash.clone()),
             labels: req.labels,
+            name: name.clone(),
         };
         if let Err(e) = store.insert_workspace(&row, request_id).await {
             let disk = self.shared().disk.clone();
@@ -139,6 +152,13 @@ impl BuildApi {
                 && let Some(existing) = store.workspace_by_request(&p.subject, rid).await?
             {
                 return same_workspace(existing, &hash);
+            }
+            // Two creates racing for one name: the unique index decides.
+            if let (BuildError::Store(sqlx::Error::Database(db)), Some(name)) = (&e, &name)
+                && db.is_unique_violation()
+                && store.workspace_by_name(&p.subject, name).await?.is_some()
+            {
+                return Err(name_taken(name).into());
             }
             return Err(e);
         }
@@ -527,6 +547,14 @@ fn unless_deleted<T>(root: &std::path::Path, id: &str, result: Result<T>) -> Res
     } else {
         Err(ApiError::not_found("workspace", id).into())
     }
+}
+
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(
+        tonic::Code::AlreadyExists,
+        reason::WORKSPACE_NAME_TAKEN,
+        format!("you already have a workspace named {name:?}; pick another name or delete it"),
+    )
 }
 
 fn same_workspace(existing: WorkspaceRow, hash: &str) -> Result<pb::Workspace> {

@@ -106,7 +106,17 @@ impl BuildApi {
         write: bool,
     ) -> Result<WorkspaceRow> {
         require_id("workspace_id", id)?;
-        match self.shared.store.get_workspace(id).await? {
+        let store = &self.shared.store;
+        // Not an id of a workspace: the name of one of the caller's own (names are unique
+        // per owner and never shaped like ids, so the two cannot be confused).
+        let found = match store.get_workspace(id).await? {
+            Some(w) => Some(w),
+            None if uuid::Uuid::parse_str(id).is_err() => {
+                store.workspace_by_name(&p.subject, id).await?
+            }
+            None => None,
+        };
+        match found {
             // A delegated token scoped to another workspace sees none of this one.
             Some(w)
                 if p.may_use_workspace(&w.id)
@@ -321,6 +331,9 @@ impl BuildApi {
             max_running_builds_per_user: count(q.max_running_per_user),
             max_queued_builds_per_user: count(q.max_queued_per_user),
             max_steps: c.policy.max_steps,
+            max_workspace_bytes: c.workspace.max_bytes,
+            max_workspace_files: c.workspace.max_files,
+            max_file_bytes: c.workspace.max_file_bytes,
         }
     }
 
@@ -330,9 +343,21 @@ impl BuildApi {
         req: pb::ListBuildsRequest,
     ) -> Result<pb::ListBuildsResponse> {
         let limit = page_size("page_size", req.page_size, 100, 1000)?;
+        // A name of one of the caller's workspaces filters by that workspace's id, as
+        // everywhere an id is taken; anything else filters as given.
+        let workspace_id = match req.workspace_id {
+            Some(w) if uuid::Uuid::parse_str(&w).is_err() => Some(
+                self.shared
+                    .store
+                    .workspace_by_name(&p.subject, &w)
+                    .await?
+                    .map_or(w, |ws| ws.id),
+            ),
+            other => other,
+        };
         let filter = ListFilter {
             owner: owner_filter(p, req.owner),
-            workspace_id: workspace_filter(p, req.workspace_id),
+            workspace_id: workspace_filter(p, workspace_id),
             states: req.states,
             labels: req.labels.into_iter().collect(),
             before: cursor(&req.page_token)?,

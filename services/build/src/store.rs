@@ -63,6 +63,8 @@ pub struct WorkspaceRow {
     pub updated_at: i64,
     pub request_hash: Option<String>,
     pub labels: HashMap<String, String>,
+    /// Unique per owner (see migration 0003).
+    pub name: Option<String>,
 }
 
 impl WorkspaceRow {
@@ -75,6 +77,7 @@ impl WorkspaceRow {
             file_count: self.file_count,
             created_at: Some(timestamp(self.created_at)),
             updated_at: Some(timestamp(self.updated_at)),
+            name: self.name.clone().unwrap_or_default(),
         }
     }
 }
@@ -159,7 +162,7 @@ impl Store {
         let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO workspaces (id, owner, size_bytes, file_count, created_at, updated_at, \
-             last_used_at, request_id, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             last_used_at, request_id, request_hash, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&row.id)
         .bind(&row.owner)
@@ -170,6 +173,7 @@ impl Store {
         .bind(row.created_at)
         .bind(request_id)
         .bind(&row.request_hash)
+        .bind(&row.name)
         .execute(&mut *tx)
         .await?;
         for (k, v) in &row.labels {
@@ -202,12 +206,26 @@ impl Store {
             updated_at: row.try_get("updated_at")?,
             request_hash: row.try_get("request_hash")?,
             labels,
+            name: row.try_get("name")?,
         })
     }
 
     pub async fn get_workspace(&self, id: &str) -> Result<Option<WorkspaceRow>> {
         let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
             .bind(id)
+            .fetch_optional(&self.write)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(self.workspace_from_row(&r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The workspace `owner` named `name`, if any.
+    pub async fn workspace_by_name(&self, owner: &str, name: &str) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = ? AND name = ?")
+            .bind(owner)
+            .bind(name)
             .fetch_optional(&self.write)
             .await?;
         match row {

@@ -105,6 +105,36 @@ pub fn check_labels(field: &str, labels: &HashMap<String, String>, out: &mut Vio
     }
 }
 
+/// Checks a workspace name (CreateWorkspaceRequest.name); empty means none. A name may
+/// not look like a UUID: wherever a workspace id is accepted a name is too, and an id
+/// must always mean the workspace with that id.
+pub fn check_workspace_name(field: &str, name: &str, out: &mut Violations) {
+    if name.is_empty() {
+        return;
+    }
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !ok {
+        out.push(
+            kiln_rpc::error::reason::INVALID_ARGUMENT,
+            field,
+            "names are 1 to 63 bytes of a-z, 0-9, `.`, `_` and `-`, starting with a letter or digit",
+        );
+    } else if uuid::Uuid::parse_str(name).is_ok() {
+        out.push(
+            kiln_rpc::error::reason::INVALID_ARGUMENT,
+            field,
+            "a name may not look like a workspace id (a UUID)",
+        );
+    }
+}
+
 /// A StartBuildRequest that passed every check, with the effective limits.
 #[derive(Debug, Clone)]
 pub struct ValidBuild {

@@ -449,6 +449,22 @@ impl Txn {
         Ok(())
     }
 
+    /// Creates the symlink `path` → `target` (checked by the caller), replacing a file
+    /// or symlink there.
+    pub fn place_symlink(
+        &mut self,
+        root: &Arc<Dir>,
+        path: &RelPath,
+        field: &str,
+        target: &str,
+    ) -> Result<()> {
+        let (dir, name) = self.prepare_target(root, path, field)?;
+        dir.symlink(target, &name)
+            .map_err(|e| BuildError::io("creating a symbolic link", e))?;
+        self.undo.push(Undo::Created { dir, name });
+        Ok(())
+    }
+
     /// Creates a directory (and its parents) if missing.
     pub fn mkdir(&mut self, root: &Arc<Dir>, path: &RelPath, field: &str) -> Result<()> {
         let r = paths::resolve(root, path, field, Parents::Create)?;

@@ -226,12 +226,14 @@ async fn archives_upload_and_download_round_trip() {
 }
 
 #[tokio::test]
-async fn an_archive_with_a_symlink_or_hard_link_is_refused() {
+async fn an_archive_with_an_outside_symlink_or_a_hard_link_is_refused() {
     let rig = rig().await;
     let mut c = rig.client("alice-user").await;
     let ws = workspace(&mut c, vec![file("keep", "k")]).await;
     for (kind, link) in [
         (tar::EntryType::Symlink, "/etc/passwd"),
+        (tar::EntryType::Symlink, "../outside"),
+        (tar::EntryType::Symlink, "a/../../outside"),
         (tar::EntryType::Link, "../../outside"),
     ] {
         let s = upload(
@@ -256,6 +258,37 @@ async fn an_archive_with_a_symlink_or_hard_link_is_refused() {
     .expect_err("refused");
     assert_invalid(&s, Code::InvalidArgument, "INVALID_ARCHIVE", "chunk");
     assert_eq!(names(&mut c, &ws.id).await, ["keep"], "nothing was applied");
+}
+
+#[tokio::test]
+async fn an_archive_with_a_symlink_inside_the_workspace_stores_the_link() {
+    let rig = rig().await;
+    let mut c = rig.client("alice-user").await;
+    let ws = workspace(&mut c, vec![file("keep", "k")]).await;
+    upload(
+        &mut c,
+        &ws.id,
+        pb::ArchiveFormat::Tar,
+        false,
+        raw_tar("link", tar::EntryType::Symlink, Some("keep"), 0),
+    )
+    .await
+    .expect("an inside link is accepted");
+    let files = c
+        .list_files(pb::ListFilesRequest {
+            workspace_id: ws.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .files;
+    let link = files
+        .iter()
+        .find(|f| f.path == "link")
+        .expect("the link is listed");
+    assert_eq!(link.file_type, pb::FileType::Symlink as i32);
+    assert_eq!(link.symlink_target, "keep");
 }
 
 #[tokio::test]
@@ -682,4 +715,71 @@ async fn broken_archives_are_invalid_and_change_nothing() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_workspace_name_is_unique_per_owner_and_accepted_for_its_id() {
+    let rig = rig().await;
+    let mut alice = rig.client("alice-user").await;
+    let mut bob = rig.client("bob-user").await;
+    let named = |name: &str| pb::CreateWorkspaceRequest {
+        name: name.into(),
+        files: vec![file("a.txt", "alpha")],
+        ..Default::default()
+    };
+    let ws = alice
+        .create_workspace(named("calc"))
+        .await
+        .expect("created")
+        .into_inner();
+    assert_eq!(ws.name, "calc");
+    let s = alice
+        .create_workspace(named("calc"))
+        .await
+        .expect_err("the name is taken");
+    assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+    assert_eq!(reason(&s), "WORKSPACE_NAME_TAKEN");
+    // Another owner may use the same name; it names their own workspace.
+    let bobs = bob
+        .create_workspace(named("calc"))
+        .await
+        .expect("bob's own")
+        .into_inner();
+    assert_ne!(bobs.id, ws.id);
+    // The name works where the id does: GetWorkspace, ListFiles, DeleteWorkspace.
+    let got = alice
+        .get_workspace(pb::GetWorkspaceRequest {
+            workspace_id: "calc".into(),
+        })
+        .await
+        .expect("by name")
+        .into_inner();
+    assert_eq!(got.id, ws.id);
+    assert_eq!(names(&mut alice, "calc").await, ["a.txt"]);
+    for bad in ["Calc", "-x", "a b", "0b9a5c3e-8a1f-4c1e-9c1a-1f2e3d4c5b6a"] {
+        let s = alice
+            .create_workspace(named(bad))
+            .await
+            .expect_err("a bad name is refused");
+        assert_invalid(&s, Code::InvalidArgument, "INVALID_ARGUMENT", "name");
+    }
+    alice
+        .delete_workspace(pb::DeleteWorkspaceRequest {
+            workspace_id: "calc".into(),
+        })
+        .await
+        .expect("deleted by name");
+    // Bob's is untouched, and the name is free again for alice.
+    let still = bob
+        .get_workspace(pb::GetWorkspaceRequest {
+            workspace_id: "calc".into(),
+        })
+        .await
+        .expect("bob's stays")
+        .into_inner();
+    assert_eq!(still.id, bobs.id);
+    alice
+        .create_workspace(named("calc"))
+        .await
+        .expect("the name is free again");
 }

@@ -44,6 +44,9 @@ pub struct Workspace {
     /// made by builds are not tracked here.
     #[prost(message, optional, tag = "7")]
     pub updated_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// The name given at creation (see CreateWorkspaceRequest.name); empty if none.
+    #[prost(string, tag = "8")]
+    pub name: ::prost::alloc::string::String,
 }
 /// CreateWorkspaceRequest describes a new workspace.
 #[allow(clippy::all)]
@@ -63,12 +66,19 @@ pub struct CreateWorkspaceRequest {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// A name, unique among the caller's workspaces: 1 to 63 bytes of lower-case ASCII
+    /// letters, digits, `.`, `_` and `-`, starting with a letter or digit, and not
+    /// shaped like a UUID. Optional. Every request that takes a `workspace_id` also
+    /// accepts the name of one of the caller's own workspaces there. A name already in use
+    /// answers ALREADY_EXISTS (reason WORKSPACE_NAME_TAKEN).
+    #[prost(string, tag = "4")]
+    pub name: ::prost::alloc::string::String,
 }
 /// GetWorkspaceRequest names a workspace.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetWorkspaceRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
 }
@@ -109,7 +119,7 @@ pub struct ListWorkspacesResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WriteFilesRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// Files to create or replace, at most 10000; paths must be unique.
@@ -155,7 +165,7 @@ pub struct FileInfo {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListFilesRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// Only entries under this directory (a path following the path rules). Empty: the whole
@@ -185,7 +195,7 @@ pub struct ListFilesResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadFileRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// The file's path.
@@ -268,7 +278,7 @@ pub struct UploadArchiveResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DownloadArchiveRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// The archive's encoding. Default: ARCHIVE_FORMAT_TAR.
@@ -291,7 +301,7 @@ pub struct DownloadArchiveResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteWorkspaceRequest {
-    /// The workspace's id.
+    /// The workspace's id, or the name of one of the caller's own workspaces.
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
 }
@@ -434,7 +444,7 @@ pub struct StartBuildRequest {
     /// idempotency.
     #[prost(string, tag = "1")]
     pub request_id: ::prost::alloc::string::String,
-    /// The workspace to build. Required.
+    /// The workspace to build (its id, or the name of one of the caller's own). Required.
     #[prost(string, tag = "2")]
     pub workspace_id: ::prost::alloc::string::String,
     /// The steps, run in order, 1 to 64.
@@ -483,7 +493,7 @@ pub struct GetBuildRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListBuildsRequest {
-    /// Only builds of this workspace.
+    /// Only builds of this workspace (its id, or the name of one of the caller's own).
     #[prost(string, optional, tag = "1")]
     pub workspace_id: ::core::option::Option<::prost::alloc::string::String>,
     /// Only builds in one of these states. Empty: any state.
@@ -585,6 +595,16 @@ pub struct GetPolicyResponse {
     /// Most steps a build may have.
     #[prost(uint32, tag = "11")]
     pub max_steps: u32,
+    /// Largest total size of a workspace's regular files, in bytes (WriteFiles and
+    /// UploadArchive refuse more).
+    #[prost(uint64, tag = "12")]
+    pub max_workspace_bytes: u64,
+    /// Most entries (files, directories, symlinks) a workspace may hold.
+    #[prost(uint64, tag = "13")]
+    pub max_workspace_files: u64,
+    /// Largest single file, in bytes.
+    #[prost(uint64, tag = "14")]
+    pub max_file_bytes: u64,
 }
 /// BuildEvent is one entry of a build's append-only event log.
 #[allow(clippy::all)]
@@ -1107,7 +1127,8 @@ pub mod build_service_client {
         ///
         /// A retry with the same request_id returns the workspace created first. Too many or too
         /// large files answer INVALID_ARGUMENT (reason WORKSPACE_TOO_LARGE); a bad path answers
-        /// INVALID_ARGUMENT (reason INVALID_PATH).
+        /// INVALID_ARGUMENT (reason INVALID_PATH); a name the caller already uses answers
+        /// ALREADY_EXISTS (reason WORKSPACE_NAME_TAKEN).
         pub async fn create_workspace(
             &mut self,
             request: impl tonic::IntoRequest<super::CreateWorkspaceRequest>,
@@ -1273,8 +1294,11 @@ pub mod build_service_client {
         /// to 1 MiB. The change is atomic: it is applied only when the stream ends without error.
         /// Access: USER.
         ///
-        /// Only regular files and directories are accepted; symbolic links, hard links, devices
-        /// and paths that break the path rules answer INVALID_ARGUMENT (reason INVALID_ARCHIVE).
+        /// Regular files, directories and symbolic links are accepted. A symbolic link must
+        /// have a relative target that stays inside the workspace (resolved lexically from the
+        /// link's directory); it is stored as a link, which the server itself never follows.
+        /// Other links, hard links, devices and paths that break the path rules answer
+        /// INVALID_ARGUMENT (reason INVALID_ARCHIVE).
         /// An archive whose unpacked size exceeds the workspace disk quota answers
         /// RESOURCE_EXHAUSTED (reason WORKSPACE_TOO_LARGE). FAILED_PRECONDITION (reason
         /// WORKSPACE_BUSY) while a build of the workspace is running.
@@ -1576,7 +1600,8 @@ pub mod build_service_server {
         ///
         /// A retry with the same request_id returns the workspace created first. Too many or too
         /// large files answer INVALID_ARGUMENT (reason WORKSPACE_TOO_LARGE); a bad path answers
-        /// INVALID_ARGUMENT (reason INVALID_PATH).
+        /// INVALID_ARGUMENT (reason INVALID_PATH); a name the caller already uses answers
+        /// ALREADY_EXISTS (reason WORKSPACE_NAME_TAKEN).
         async fn create_workspace(
             &self,
             request: tonic::Request<super::CreateWorkspaceRequest>,
@@ -1641,8 +1666,11 @@ pub mod build_service_server {
         /// to 1 MiB. The change is atomic: it is applied only when the stream ends without error.
         /// Access: USER.
         ///
-        /// Only regular files and directories are accepted; symbolic links, hard links, devices
-        /// and paths that break the path rules answer INVALID_ARGUMENT (reason INVALID_ARCHIVE).
+        /// Regular files, directories and symbolic links are accepted. A symbolic link must
+        /// have a relative target that stays inside the workspace (resolved lexically from the
+        /// link's directory); it is stored as a link, which the server itself never follows.
+        /// Other links, hard links, devices and paths that break the path rules answer
+        /// INVALID_ARGUMENT (reason INVALID_ARCHIVE).
         /// An archive whose unpacked size exceeds the workspace disk quota answers
         /// RESOURCE_EXHAUSTED (reason WORKSPACE_TOO_LARGE). FAILED_PRECONDITION (reason
         /// WORKSPACE_BUSY) while a build of the workspace is running.
