@@ -12,6 +12,7 @@ mod context;
 mod health;
 mod logging;
 mod output;
+mod transport;
 mod up;
 
 use context::{ClientArgs, Context};
