@@ -127,7 +127,7 @@ impl Context {
 
     fn connect_error(&self, err: kiln_rpc::Error) -> anyhow::Error {
         if let Some(line) = self.diagnose(&err) {
-            return anyhow!("cannot connect to kiln at {}: {line}", self.endpoint);
+            return anyhow!("cannot reach kiln at {}: {line}", self.endpoint);
         }
         anyhow!(
             "cannot reach kiln at {}: {err}\nhint: is the suite running (`kiln up`)? check --endpoint and --ca",

@@ -3,8 +3,11 @@
 pub mod agent;
 pub mod auth;
 pub mod build;
+pub mod build_follow;
 pub mod keys;
 pub mod progress;
+pub mod reconnect;
+pub mod terminal;
 pub mod users;
 pub mod workspace;
 
