@@ -1,11 +1,12 @@
 //! `kiln build run|watch|list|get|cancel`.
 //!
-//! `run` streams the build's stdout and stderr to the terminal's stdout and stderr as
-//! they come and exits with the step's exit code (128+N for a signal, 124 for a timeout,
-//! 130 when cancelled). Ctrl-C cancels the build; a second Ctrl-C detaches and leaves it
-//! running. `watch` resumes from the last event this terminal printed (kept under the
-//! CLI's state directory), so nothing is printed twice. A dropped connection is resumed
-//! from the last sequence seen.
+//! `run` starts the build with RunBuild, prints its id first, streams its stdout and
+//! stderr to the terminal's stdout and stderr as they come and exits with the step's
+//! exit code (128+N for a signal, 124 for a timeout, 130 when cancelled). Ctrl-C cancels
+//! the build; a second Ctrl-C detaches (exit 75) and leaves it ending on its own. `watch`
+//! resumes from the last event this terminal printed (kept per build under the CLI's
+//! state directory), so nothing is printed twice. Following, the status line and lost
+//! connections are in [`super::build_follow`] and [`super::terminal`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,8 +30,15 @@ use crate::output::{OutputFormat, build_json, build_state_name, print_json, step
 #[derive(Debug, clap::Subcommand)]
 pub enum BuildCommand {
     /// Run a build and stream its output: `kiln build run --from . -- make test`.
+    ///
+    /// Exits with the failing step's exit code: 0 when the build SUCCEEDED, 128+N when
+    /// signal N killed the step, 124 when it TIMED_OUT, 130 when it was CANCELLED, and
+    /// 75 when you detach (a second Ctrl-C) while it has not ended.
     Run(RunArgs),
     /// Follow a build's output from where this terminal left off.
+    ///
+    /// Exits like `run` when the build ends; Ctrl-C stops watching (exit 75) and the
+    /// build goes on.
     Watch {
         build_id: String,
         /// Replay from the first event instead.
