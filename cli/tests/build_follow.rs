@@ -306,10 +306,16 @@ fn a_cut_connection_says_so_and_the_build_is_followed_to_its_end() {
         .env("KILN_ENDPOINT", &proxy.endpoint),
     );
     let mut stderr = Vec::new();
-    // The build's id comes first, before any output.
+    // The new workspace's id and the build's id come first, before any output.
     let first = expect_line(&err, &mut stderr, |l| l.starts_with("build "));
     let id = first.trim_start_matches("build ").to_owned();
     assert_eq!(id.len(), 36, "a build id: {first:?}");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.starts_with("workspace ") && l.len() == 46),
+        "the workspace's id before the build's: {stderr:?}"
+    );
     let mut stdout = Vec::new();
     stdout.push(expect_line(&out, &mut Vec::new(), |l| l == "line 2"));
     proxy.cut();

@@ -284,7 +284,14 @@ async fn run_build(
     }
     let workspace_id = match (args.workspace, args.from) {
         (Some(id), _) => id,
-        (None, Some(dir)) => create_from(ctx, client, Some(&dir), Vec::new()).await?.id,
+        (None, Some(dir)) => {
+            let id = create_from(ctx, client, Some(&dir), Vec::new()).await?.id;
+            if ctx.output == OutputFormat::Text {
+                // Named up front: a later build can reuse it with --workspace.
+                eprintln!("workspace {id}");
+            }
+            id
+        }
         (None, None) => {
             return Err(anyhow!(
                 "where is the source? pass --from DIR or --workspace ID"
