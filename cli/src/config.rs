@@ -181,6 +181,8 @@ pub struct SandboxSection {
     pub tier: Option<String>,
     /// Run without isolation when the host offers neither tier (never by default).
     pub allow_unsandboxed: Option<bool>,
+    /// SIGTERM → SIGKILL on a timeout, on a cancel that names no grace of its own
+    /// (`kiln build cancel` without `--grace`), and at shutdown. Default: 2s.
     pub kill_grace: Option<Dur>,
 }
 

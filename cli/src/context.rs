@@ -67,6 +67,8 @@ pub struct Credentials {
 pub struct Context {
     pub endpoint: String,
     pub ca_pem: Option<String>,
+    /// Where `ca_pem` came from, to name it in errors.
+    pub ca_path: Option<PathBuf>,
     pub output: OutputFormat,
     config_dir: PathBuf,
 }
@@ -104,17 +106,12 @@ impl Context {
             let dev = crate::up::default_data_dir().join("pki/ca.pem");
             dev.exists().then_some(dev)
         });
-        let ca_pem = match ca_path {
-            Some(path) => Some(
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading the CA certificate {}", path.display()))?,
-            ),
-            None => None,
-        };
+        let ca_pem = ca_path.as_deref().map(read_ca).transpose()?;
         let output = args.output.or(file.output).unwrap_or_default();
         Ok(Self {
             endpoint,
             ca_pem,
+            ca_path,
             output,
             config_dir,
         })
@@ -129,10 +126,18 @@ impl Context {
     }
 
     fn connect_error(&self, err: kiln_rpc::Error) -> anyhow::Error {
+        if let Some(line) = self.diagnose(&err) {
+            return anyhow!("cannot reach kiln at {}: {line}", self.endpoint);
+        }
         anyhow!(
             "cannot reach kiln at {}: {err}\nhint: is the suite running (`kiln up`)? check --endpoint and --ca",
             self.endpoint
         )
+    }
+
+    /// Why a connection failed, in one line a user can act on (see [`crate::transport`]).
+    pub fn diagnose(&self, err: &(dyn std::error::Error + 'static)) -> Option<String> {
+        crate::transport::diagnose(err, &self.endpoint, self.ca_path.as_deref())
     }
 
     /// A channel without credentials (for Login and other PUBLIC RPCs).
@@ -219,6 +224,36 @@ impl Context {
     pub fn state_dir(&self) -> PathBuf {
         self.config_dir.join("state")
     }
+}
+
+/// The CA file's PEM, refusing a missing file or one without a certificate in it with
+/// an error that names the file (not a TLS failure later).
+fn read_ca(path: &Path) -> anyhow::Result<String> {
+    let pem = match std::fs::read_to_string(path) {
+        Ok(pem) => pem,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(anyhow!(
+                "the CA file {} does not exist\nhint: check --ca, KILN_CA or `ca_file` in the client config",
+                path.display()
+            ));
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(anyhow!(
+                "the CA file {} is not a PEM certificate (it is not even text)",
+                path.display()
+            ));
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("reading the CA file {}", path.display()));
+        }
+    };
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(anyhow!(
+            "the CA file {} is not a PEM certificate (no -----BEGIN CERTIFICATE----- block)",
+            path.display()
+        ));
+    }
+    Ok(pem)
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {

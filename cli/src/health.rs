@@ -26,6 +26,11 @@ pub async fn run(ctx: &Context) -> anyhow::Result<i32> {
         let status = match client.check(request).await {
             Ok(response) => response.into_inner().status().as_str_name().to_owned(),
             Err(status) if status.code() == tonic::Code::NotFound => "NOT_PRESENT".to_owned(),
+            // A connection that fails for a nameable reason (plain HTTP/2 to the TLS
+            // port…) fails every check alike: say it once.
+            Err(status) if service.is_empty() && ctx.diagnose(&status).is_some() => {
+                return Err(crate::cmd::rpc_error(ctx, status));
+            }
             Err(status) => format!("ERROR: {}", status.message()),
         };
         statuses.push((

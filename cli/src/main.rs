@@ -12,6 +12,7 @@ mod context;
 mod health;
 mod logging;
 mod output;
+mod transport;
 mod up;
 
 use context::{ClientArgs, Context};
@@ -105,11 +106,47 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !matches!(cli.command, Command::Up(_)) {
+        quiet_on_closed_pipe();
+    }
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(err) if is_broken_pipe(&err) => ExitCode::from(CLOSED_PIPE),
         Err(err) => {
             eprintln!("kiln: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The exit status when the reader of stdout went away (`kiln build list | head -1`):
+/// 128 + SIGPIPE, what a program killed by SIGPIPE reports to its shell.
+const CLOSED_PIPE: u8 = 141;
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// A client command whose stdout (or stderr) is closed early ends quietly with
+/// [`CLOSED_PIPE`], not a panic. Rust ignores SIGPIPE, so `println!` panics on EPIPE;
+/// SIGPIPE stays ignored (restoring it would also kill the process on a write to a
+/// reset TLS socket), and the panic is turned into the exit here instead.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(i32::from(CLOSED_PIPE));
+        }
+        default(info);
+    }));
 }

@@ -1,15 +1,15 @@
 //! `kiln build run|watch|list|get|cancel`.
 //!
-//! `run` streams the build's stdout and stderr to the terminal's stdout and stderr as
-//! they come and exits with the step's exit code (128+N for a signal, 124 for a timeout,
-//! 130 when cancelled). Ctrl-C cancels the build; a second Ctrl-C detaches and leaves it
-//! running. `watch` resumes from the last event this terminal printed (kept under the
-//! CLI's state directory), so nothing is printed twice. A dropped connection is resumed
-//! from the last sequence seen.
+//! `run` starts the build with RunBuild, prints its id first, streams its stdout and
+//! stderr to the terminal's stdout and stderr as they come and exits with the step's
+//! exit code (128+N for a signal, 124 for a timeout, 130 when cancelled). Ctrl-C cancels
+//! the build; a second Ctrl-C detaches (exit 75) and leaves it ending on its own. `watch`
+//! resumes from the last event this terminal printed (kept per build under the CLI's
+//! state directory), so nothing is printed twice. Following, the status line and lost
+//! connections are in [`super::build_follow`] and [`super::terminal`].
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use kiln_proto::build as pb;
@@ -18,24 +18,36 @@ use kiln_proto::build::build_service_client::BuildServiceClient;
 use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
+use super::build_follow::{Follower, OnInterrupt, seconds};
 use super::progress::Progress;
+use super::reconnect::{Backoff, is_connection_lost};
+use super::terminal::ProgressMode;
 use super::workspace::{create_from, parse_label, push};
 use super::{collect_pages, parse_duration, proto_duration, rpc_error};
 use crate::context::Context;
-use crate::output::{
-    OutputFormat, build_event_json, build_json, build_state_name, print_json, step_result_json,
-};
+use crate::output::{OutputFormat, build_json, build_state_name, print_json, step_result_json};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BuildCommand {
     /// Run a build and stream its output: `kiln build run --from . -- make test`.
+    ///
+    /// Exits with the failing step's exit code: 0 when the build SUCCEEDED, 128+N when
+    /// signal N killed the step, 124 when it TIMED_OUT, 130 when it was CANCELLED, and
+    /// 75 when you detach (a second Ctrl-C) while it has not ended.
     Run(RunArgs),
     /// Follow a build's output from where this terminal left off.
+    ///
+    /// Exits like `run` when the build ends; Ctrl-C stops watching (exit 75) and the
+    /// build goes on.
     Watch {
         build_id: String,
         /// Replay from the first event instead.
         #[arg(long)]
         from_start: bool,
+        /// How progress is shown on stderr: `auto` (a status line on a terminal),
+        /// `plain` (a line per change) or `never`.
+        #[arg(long, value_enum, default_value_t, env = "KILN_PROGRESS")]
+        progress: ProgressMode,
     },
     /// List builds.
     List {
@@ -53,7 +65,13 @@ pub enum BuildCommand {
     /// Show one build.
     Get { build_id: String },
     /// Cancel a build: SIGTERM to the step, SIGKILL after the grace period.
-    Cancel { build_id: String },
+    Cancel {
+        build_id: String,
+        /// Time between SIGTERM and SIGKILL, e.g. 2s (at most 60s). Default: the
+        /// server's `build.sandbox.kill_grace`.
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<Duration>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +98,14 @@ pub struct RunArgs {
     /// Start the build and return at once with its id.
     #[arg(long)]
     detach: bool,
+    /// Time between SIGTERM and SIGKILL when Ctrl-C cancels the build, e.g. 2s (at most
+    /// 60s). Default: the server's `build.sandbox.kill_grace`.
+    #[arg(long, value_parser = parse_duration)]
+    grace: Option<Duration>,
+    /// How progress is shown on stderr: `auto` (a status line on a terminal), `plain`
+    /// (a line per change) or `never`.
+    #[arg(long, value_enum, default_value_t, env = "KILN_PROGRESS")]
+    progress: ProgressMode,
     /// The step to run: program and arguments.
     #[arg(last = true)]
     argv: Vec<String>,
@@ -92,21 +118,16 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
         BuildCommand::Watch {
             build_id,
             from_start,
+            progress,
         } => {
             let after = if from_start {
                 0
             } else {
                 Progress::BUILDS.load(ctx, &build_id)
             };
-            follow(
-                ctx,
-                &mut client,
-                &build_id,
-                after,
-                None,
-                OnInterrupt::Detach,
-            )
-            .await
+            Follower::new(ctx, build_id, after, progress, OnInterrupt::Detach)?
+                .follow(&mut client, None)
+                .await
         }
         BuildCommand::List {
             workspace,
@@ -171,25 +192,49 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        BuildCommand::Cancel { build_id } => {
-            let build = client
+        BuildCommand::Cancel { build_id, grace } => {
+            let response = client
                 .cancel_build(pb::CancelBuildRequest {
                     build_id,
-                    grace_period: None,
+                    grace_period: grace.and_then(|g| prost_types::Duration::try_from(g).ok()),
                 })
                 .await
                 .map_err(|s| rpc_error(ctx, s))?
-                .into_inner()
-                .build
-                .unwrap_or_default();
+                .into_inner();
+            let build = response.build.unwrap_or_default();
+            let kill_after = response.kill_after.and_then(|d| Duration::try_from(d).ok());
             match ctx.output {
-                OutputFormat::Json => print_json(&build_json(&build)),
-                OutputFormat::Text => {
-                    println!("build {} is {}", build.id, build_state_name(build.state))
+                OutputFormat::Json => {
+                    let mut value = build_json(&build);
+                    value["kill_after_ms"] =
+                        json!(kill_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+                    print_json(&value);
                 }
+                OutputFormat::Text => println!("{}", cancel_summary(&build, kill_after)),
             }
             Ok(0)
         }
+    }
+}
+
+/// What `kiln build cancel` did, in the words of what happens to the build.
+fn cancel_summary(build: &pb::Build, kill_after: Option<Duration>) -> String {
+    let state = pb::BuildState::try_from(build.state).unwrap_or_default();
+    match (kill_after, state) {
+        (Some(grace), _) => format!(
+            "cancel requested: SIGTERM sent, SIGKILL in {} (build {})",
+            seconds(grace),
+            build.id
+        ),
+        (None, pb::BuildState::Cancelled) => format!("build {} is cancelled", build.id),
+        (None, pb::BuildState::Queued | pb::BuildState::Running) => {
+            format!("cancel requested: build {} is already stopping", build.id)
+        }
+        (None, _) => format!(
+            "build {} had already ended: {}",
+            build.id,
+            build_state_name(build.state)
+        ),
     }
 }
 
@@ -241,7 +286,14 @@ async fn run_build(
     let workspace_id = match (args.workspace, args.from) {
         (Some(id), None) => id,
         (Some(id), Some(dir)) => push(ctx, client, &id, &dir, false).await?.id,
-        (None, Some(dir)) => create_from(ctx, client, Some(&dir), Vec::new()).await?.id,
+        (None, Some(dir)) => {
+            let id = create_from(ctx, client, Some(&dir), Vec::new()).await?.id;
+            if ctx.output == OutputFormat::Text {
+                // Named up front: a later build can reuse it with --workspace.
+                eprintln!("workspace {id}");
+            }
+            id
+        }
         (None, None) => {
             return Err(anyhow!(
                 "where is the source? pass --from DIR or --workspace ID"
@@ -259,28 +311,85 @@ async fn run_build(
         }),
         labels: args.labels.into_iter().collect(),
     };
-    let build = client
-        .start_build(request)
-        .await
-        .map_err(|s| rpc_error(ctx, s))?
-        .into_inner();
     if args.detach {
+        let build = client
+            .start_build(request)
+            .await
+            .map_err(|s| rpc_error(ctx, s))?
+            .into_inner();
         match ctx.output {
             OutputFormat::Json => print_json(&build_json(&build)),
             OutputFormat::Text => println!("{}", build.id),
         }
         return Ok(0);
     }
-    let total_steps = build.steps.len();
-    follow(
+    let total_steps = request.steps.len();
+    let (build_id, stream) = open_run(ctx, client, request).await?;
+    let mut follower = Follower::new(
         ctx,
-        client,
-        &build.id,
+        build_id.clone(),
         0,
-        Some(total_steps),
+        args.progress,
         OnInterrupt::CancelThenDetach,
-    )
-    .await
+    )?
+    .with_total_steps(total_steps)
+    .with_grace(args.grace);
+    if ctx.output == OutputFormat::Text {
+        // First, so that whatever happens to this terminal the build can be found again.
+        follower.say(&format!("build {build_id}"))?;
+    }
+    follower.follow(client, Some(stream)).await
+}
+
+/// RunBuild, retried with the same request id (the server answers a retry with the same
+/// build) while the connection is lost. Returns the build's id, from the `kiln-build-id`
+/// header (or, from a server without it, the first event), and the stream.
+async fn open_run(
+    ctx: &Context,
+    client: &mut BuildServiceClient<KilnChannel>,
+    request: pb::StartBuildRequest,
+) -> anyhow::Result<(String, tonic::Streaming<pb::BuildEvent>)> {
+    let mut backoff = Backoff::default();
+    let response = loop {
+        match client.run_build(request.clone()).await {
+            Ok(response) => break response,
+            Err(status) if is_connection_lost(&status) => match backoff.failed() {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(rpc_error(ctx, status)),
+            },
+            Err(status) => return Err(rpc_error(ctx, status)),
+        }
+    };
+    let header = response
+        .metadata()
+        .get("kiln-build-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut stream = response.into_inner();
+    if let Some(id) = header {
+        return Ok((id, stream));
+    }
+    // The first event is Queued, which names the build; it is replayed by the follower
+    // (sequence 1 comes again from WatchBuild if this stream breaks).
+    match stream.message().await.map_err(|s| rpc_error(ctx, s))? {
+        Some(pb::BuildEvent {
+            event: Some(Event::Queued(q)),
+            ..
+        }) if !q.build_id.is_empty() => Ok((q.build_id.clone(), {
+            // Re-open from the start so that the Queued event is printed like any other.
+            client
+                .watch_build(pb::WatchBuildRequest {
+                    build_id: q.build_id,
+                    after_sequence: 0,
+                })
+                .await
+                .map_err(|s| rpc_error(ctx, s))?
+                .into_inner()
+        })),
+        _ => Err(anyhow!(
+            "the server did not say which build it started (no kiln-build-id header); see `kiln build list`"
+        )),
+    }
 }
 
 /// `--step "CMD"` values as steps. They go to the server as command lines: the server
@@ -294,213 +403,4 @@ pub fn command_steps(commands: &[String]) -> Vec<pb::Step> {
             ..Default::default()
         })
         .collect()
-}
-
-/// The status line at the bottom of a terminal: step, elapsed time, state.
-struct StatusLine {
-    enabled: bool,
-    started: Instant,
-    step: Option<(u32, Option<usize>)>,
-    state: String,
-}
-
-impl StatusLine {
-    fn clear(&self) {
-        if self.enabled {
-            eprint!("\r\x1b[2K");
-        }
-    }
-
-    fn draw(&self) {
-        if !self.enabled {
-            return;
-        }
-        let elapsed = self.started.elapsed().as_secs();
-        let step = match self.step {
-            Some((i, Some(total))) => format!("step {}/{total}", i + 1),
-            Some((i, None)) => format!("step {}", i + 1),
-            None => "waiting".to_owned(),
-        };
-        eprint!(
-            "\r\x1b[2K\x1b[2m[{step} · {:02}:{:02} · {}]\x1b[0m",
-            elapsed / 60,
-            elapsed % 60,
-            self.state
-        );
-        let _ = std::io::stderr().flush();
-    }
-}
-
-/// The exit code for a finished build.
-fn exit_code(state: pb::BuildState, failed_step: Option<&pb::StepFinished>) -> i32 {
-    match state {
-        pb::BuildState::Succeeded => 0,
-        pb::BuildState::Cancelled => 130,
-        pb::BuildState::TimedOut => 124,
-        _ => match failed_step {
-            Some(step) if step.signal.is_some() => 128 + step.signal.unwrap_or(0),
-            Some(step) => step.exit_code.filter(|c| *c != 0).unwrap_or(1),
-            None => 1,
-        },
-    }
-}
-
-/// What Ctrl-C means while following a build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OnInterrupt {
-    /// `run`: the first cancels the build, the second detaches.
-    CancelThenDetach,
-    /// `watch`: stop watching; the build goes on.
-    Detach,
-}
-
-/// Streams a build's events to the terminal until it finishes (returns its exit code)
-/// or the user detaches.
-async fn follow(
-    ctx: &Context,
-    client: &mut BuildServiceClient<KilnChannel>,
-    build_id: &str,
-    mut after: u64,
-    total_steps: Option<usize>,
-    on_interrupt: OnInterrupt,
-) -> anyhow::Result<i32> {
-    let text = ctx.output == OutputFormat::Text;
-    let mut status = StatusLine {
-        enabled: text && std::io::stderr().is_terminal(),
-        started: Instant::now(),
-        step: None,
-        state: "QUEUED".into(),
-    };
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-    let mut cancel_requested = false;
-    let mut failed_step: Option<pb::StepFinished> = None;
-    let mut reconnects = 0;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    'reconnect: loop {
-        let mut stream = match client
-            .watch_build(pb::WatchBuildRequest {
-                build_id: build_id.to_owned(),
-                after_sequence: after,
-            })
-            .await
-        {
-            Ok(response) => response.into_inner(),
-            Err(s) => return Err(rpc_error(ctx, s)),
-        };
-        loop {
-            let message = tokio::select! {
-                message = stream.message() => message,
-                _ = ticker.tick() => { status.draw(); continue; }
-                _ = &mut ctrl_c => {
-                    ctrl_c.set(tokio::signal::ctrl_c());
-                    status.clear();
-                    if cancel_requested || on_interrupt == OnInterrupt::Detach {
-                        Progress::BUILDS.save(ctx, build_id, after);
-                        eprintln!("detached; the build goes on. Resume with: kiln build watch {build_id}");
-                        return Ok(130);
-                    }
-                    cancel_requested = true;
-                    eprintln!("cancelling build {build_id} (Ctrl-C again to detach)…");
-                    client
-                        .cancel_build(pb::CancelBuildRequest { build_id: build_id.to_owned(), grace_period: None })
-                        .await
-                        .map_err(|s| rpc_error(ctx, s))?;
-                    continue;
-                }
-            };
-            let event = match message {
-                Ok(Some(event)) => event,
-                Ok(None) => {
-                    // The server closes the stream after Finished; anything else is a cut.
-                    Progress::BUILDS.save(ctx, build_id, after);
-                    return Err(anyhow!(
-                        "the build's event stream ended early; resume with `kiln build watch {build_id}`"
-                    ));
-                }
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-                    ) && reconnects < 5 =>
-                {
-                    reconnects += 1;
-                    tokio::time::sleep(Duration::from_millis(200 * reconnects)).await;
-                    continue 'reconnect;
-                }
-                Err(s) => {
-                    Progress::BUILDS.save(ctx, build_id, after);
-                    return Err(rpc_error(ctx, s));
-                }
-            };
-            if event.sequence > after {
-                after = event.sequence;
-            }
-            if !text {
-                print_json_event(&event);
-            }
-            match event.event {
-                Some(Event::Output(out)) if text => {
-                    status.clear();
-                    if out.stream == pb::OutputStream::Stderr as i32 {
-                        let mut err = std::io::stderr().lock();
-                        err.write_all(&out.data)?;
-                        err.flush()?;
-                    } else {
-                        let mut stdout = std::io::stdout().lock();
-                        stdout.write_all(&out.data)?;
-                        stdout.flush()?;
-                    }
-                    status.draw();
-                }
-                Some(Event::Queued(q)) => {
-                    status.state = format!("QUEUED #{}", q.position);
-                    status.draw();
-                }
-                Some(Event::Started(_)) => {
-                    status.state = "RUNNING".into();
-                    status.draw();
-                }
-                Some(Event::StepStarted(s)) => {
-                    status.step = Some((s.step_index, total_steps));
-                    if text && status.enabled {
-                        status.clear();
-                        eprintln!("\x1b[1m▶ {}\x1b[0m", s.argv.join(" "));
-                    }
-                    status.draw();
-                }
-                Some(Event::StepFinished(f)) => {
-                    if !f.succeeded && failed_step.is_none() {
-                        failed_step = Some(f.clone());
-                    }
-                    if text && !f.message.is_empty() {
-                        status.clear();
-                        eprintln!("kiln: step {}: {}", f.step_index + 1, f.message);
-                    }
-                }
-                Some(Event::Finished(done)) => {
-                    status.clear();
-                    Progress::BUILDS.clear(ctx, build_id);
-                    let state = pb::BuildState::try_from(done.state).unwrap_or_default();
-                    if text {
-                        let elapsed = status.started.elapsed().as_secs_f64();
-                        let message = if done.message.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", done.message)
-                        };
-                        eprintln!(
-                            "build {build_id} {}{message} ({elapsed:.1} s)",
-                            build_state_name(done.state)
-                        );
-                    }
-                    return Ok(exit_code(state, failed_step.as_ref()));
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-fn print_json_event(event: &pb::BuildEvent) {
-    println!("{}", build_event_json(event));
 }

@@ -3,8 +3,11 @@
 pub mod agent;
 pub mod auth;
 pub mod build;
+pub mod build_follow;
 pub mod keys;
 pub mod progress;
+pub mod reconnect;
+pub mod terminal;
 pub mod users;
 pub mod workspace;
 
@@ -14,6 +17,15 @@ use crate::context::Context;
 
 /// Turns a failed RPC into the CLI's one-line error (with reason and hint).
 pub fn rpc_error(ctx: &Context, status: tonic::Status) -> anyhow::Error {
+    // A status the transport made up (no kiln reason) may hide a TLS or protocol
+    // failure that deserves its own message.
+    if kiln_rpc::RemoteError::from_status(&status)
+        .reason
+        .is_empty()
+        && let Some(line) = ctx.diagnose(&status)
+    {
+        return anyhow::anyhow!("cannot talk to kiln at {}: {line}", ctx.endpoint);
+    }
     anyhow::anyhow!(crate::output::describe_status(&status, &ctx.endpoint))
 }
 

@@ -95,19 +95,22 @@ impl Shared {
         }
     }
 
-    /// Cancels a build wherever it is: takes it out of the queue (true: the caller ends
-    /// it), or tells its runner. Under the `runs` lock, which the scheduler also holds
-    /// from taking a build off the queue to registering its runner, so a build is never
-    /// seen in neither place and a cancel is never lost.
-    pub fn cancel_build(&self, owner: &str, id: &str, grace: Duration) -> bool {
+    /// Cancels a build wherever it is: takes it out of the queue (the caller ends it), or
+    /// tells its runner. Under the `runs` lock, which the scheduler also holds from
+    /// taking a build off the queue to registering its runner, so a build is never seen
+    /// in neither place and a cancel is never lost.
+    pub fn cancel_build(&self, owner: &str, id: &str, grace: Duration) -> Cancelled {
         let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         if self.queue.remove(owner, id) {
-            return true;
+            return Cancelled::Dequeued;
         }
-        if let Some(tx) = runs.get(id) {
-            tx.send_replace(Stop::Cancel(grace));
+        match runs.get(id) {
+            Some(tx) => {
+                tx.send_replace(Stop::Cancel(grace));
+                Cancelled::Signalled
+            }
+            None => Cancelled::NotRunning,
         }
-        false
     }
 
     pub fn runs_remove(&self, id: &str) {
@@ -319,4 +322,15 @@ async fn scheduler(shared: Arc<Shared>) {
 /// ceiling because the kiln layer enforces the configured limit first.
 pub fn service(api: BuildApi) -> BuildServiceServer<BuildApi> {
     BuildServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
+}
+
+/// What [`Shared::cancel_build`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cancelled {
+    /// The build was still queued and was taken out: the caller ends it.
+    Dequeued,
+    /// Its runner was told to stop the step (SIGTERM, SIGKILL after the grace).
+    Signalled,
+    /// Neither queued nor running here (it is ending, or ended).
+    NotRunning,
 }

@@ -436,7 +436,7 @@ async fn run_step(
     match (requested, outcome.reason) {
         (Stop::Cancel(_), _) => {
             reason = pb::StepFinishedReason::Cancelled;
-            message = "cancelled by CancelBuild".into();
+            message = "cancelled on request".into();
             stop_build = Some((pb::BuildState::Cancelled, "cancelled".to_owned()));
         }
         (Stop::Interrupt, _) => {

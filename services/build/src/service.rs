@@ -21,7 +21,7 @@ use crate::store::{
     timestamp,
 };
 use crate::validate::{self, limits_to_proto};
-use crate::{BuildApi, Shared};
+use crate::{BuildApi, Cancelled, Shared};
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
 
@@ -206,7 +206,10 @@ impl BuildApi {
         let queued = pb::BuildEvent {
             sequence: 1,
             time: Some(timestamp(now)),
-            event: Some(Event::Queued(pb::Queued { position })),
+            event: Some(Event::Queued(pb::Queued {
+                position,
+                build_id: build.id.clone(),
+            })),
         };
         if let Err(e) = shared
             .store
@@ -262,9 +265,16 @@ impl BuildApi {
         .boxed()
     }
 
-    async fn cancel(&self, p: &Principal, req: pb::CancelBuildRequest) -> Result<pb::Build> {
+    /// Cancels a build; returns it and, when a running step was signalled, the grace
+    /// before its SIGKILL.
+    async fn cancel(
+        &self,
+        p: &Principal,
+        req: pb::CancelBuildRequest,
+    ) -> Result<(pb::Build, Option<Duration>)> {
         let grace = match req.grace_period {
-            None => Duration::from_secs(10),
+            // The configured grace, the one a timeout or a shutdown also gives a step.
+            None => self.shared.config.sandbox.kill_grace,
             Some(d)
                 if d.seconds < 0
                     || d.nanos < 0
@@ -282,10 +292,11 @@ impl BuildApi {
         let row = self.build_for(p, &req.build_id, true).await?;
         let b = row.build;
         if is_final(b.state) {
-            return Ok(b);
+            return Ok((b, None));
         }
         let shared = &self.shared;
-        if shared.cancel_build(&b.owner, &b.id, grace) {
+        let cancelled = shared.cancel_build(&b.owner, &b.id, grace);
+        if cancelled == Cancelled::Dequeued {
             let log = shared.logs.get(&b.id).unwrap_or_else(|| {
                 LiveLog::new(
                     &b.id,
@@ -311,7 +322,8 @@ impl BuildApi {
             .await?;
             shared.logs.remove(&b.id);
         }
-        Ok(self.build_for(p, &b.id, false).await?.build)
+        let kill_after = (cancelled == Cancelled::Signalled).then_some(grace);
+        Ok((self.build_for(p, &b.id, false).await?.build, kill_after))
     }
 
     fn policy(&self) -> pb::GetPolicyResponse {
@@ -502,7 +514,12 @@ impl BuildService for BuildApi {
     ) -> Result<Response<Self::RunBuildStream>, Status> {
         let p = principal(&request)?;
         let build = self.start(&p, request.into_inner()).await?;
-        Ok(Response::new(self.watch_stream(build.id, 0)))
+        let mut response = Response::new(self.watch_stream(build.id.clone(), 0));
+        // The id before any event, so a client whose stream breaks can WatchBuild.
+        if let Ok(value) = build.id.parse() {
+            response.metadata_mut().insert("kiln-build-id", value);
+        }
+        Ok(response)
     }
 
     async fn watch_build(
@@ -541,9 +558,10 @@ impl BuildService for BuildApi {
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::CancelBuildResponse>, Status> {
         let p = principal(&request)?;
-        let build = self.cancel(&p, request.into_inner()).await?;
+        let (build, kill_after) = self.cancel(&p, request.into_inner()).await?;
         Ok(Response::new(pb::CancelBuildResponse {
             build: Some(self.with_position(build)),
+            kill_after: kill_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
         }))
     }
 

@@ -3,13 +3,11 @@
 //! then detach; or only detach for `watch`).
 
 use std::io::IsTerminal;
-use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use kiln_proto::agent as pb;
 use kiln_proto::agent::agent_service_client::AgentServiceClient;
 use kiln_proto::agent::task_event::Event;
-use kiln_rpc::RemoteError;
 use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -17,12 +15,12 @@ use tonic::Streaming;
 
 use super::render::{Renderer, Style, exit_code};
 use crate::cmd::progress::Progress;
+use crate::cmd::reconnect::{Backoff, is_connection_lost};
 use crate::cmd::rpc_error;
 use crate::context::Context;
 use crate::output::{OutputFormat, phase_name, task_event_json};
 
-/// How long a lost connection is retried before giving up (the task goes on anyway).
-pub const RESUME_FOR: Duration = Duration::from_secs(120);
+pub use crate::cmd::reconnect::RESUME_FOR;
 
 /// What Ctrl-C means while following a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,16 +94,14 @@ impl<'a> Follower<'a> {
             None => signal(SignalKind::interrupt())?,
         };
         let mut stream = first;
-        let mut lost_since: Option<Instant> = None;
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::default();
         loop {
             let stop = match stream.take() {
                 Some(mut s) => match self.drain(client, &mut s, &mut interrupts).await? {
                     Drained::Ended(code) => return Ok(code),
                     Drained::Stopped(stop, progressed) => {
                         if progressed {
-                            lost_since = None;
-                            attempt = 0;
+                            backoff.reset();
                         }
                         stop
                     }
@@ -130,14 +126,13 @@ impl<'a> Follower<'a> {
                 }
                 Stop::Lost => {}
             }
-            let since = *lost_since.get_or_insert_with(|| {
+            if !backoff.in_outage() {
                 eprintln!(
                     "kiln: connection lost; task {id} continues — kiln agent watch {id}",
                     id = self.task_id
                 );
-                Instant::now()
-            });
-            if since.elapsed() > RESUME_FOR {
+            }
+            let Some(delay) = backoff.failed() else {
                 self.save();
                 return Err(anyhow!(
                     "could not reach kiln at {} for {} s; task {id} continues — follow it with `kiln agent watch {id}`",
@@ -145,10 +140,7 @@ impl<'a> Follower<'a> {
                     RESUME_FOR.as_secs(),
                     id = self.task_id
                 ));
-            }
-            // 0.2 s doubling to 5 s: quick after a blip, gentle while a server restarts.
-            let delay = Duration::from_millis(200 << attempt.min(5)).min(Duration::from_secs(5));
-            attempt += 1;
+            };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = interrupts.recv() => {
@@ -298,16 +290,9 @@ enum Drained {
     Stopped(Stop, bool),
 }
 
-/// A status made up by the transport (no kiln reason) or one the server says to retry
-/// means the connection is lost; a kiln error with a reason is the server's answer.
+/// Lost connections resume; the server's answers are reported.
 fn classify(status: tonic::Status) -> Stop {
-    let err = RemoteError::from_status(&status);
-    let transport = err.reason.is_empty()
-        && matches!(
-            err.code,
-            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
-        );
-    if err.is_retryable() || transport {
+    if is_connection_lost(&status) {
         Stop::Lost
     } else {
         Stop::Refused(status)

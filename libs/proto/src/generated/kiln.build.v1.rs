@@ -535,8 +535,9 @@ pub struct CancelBuildRequest {
     /// The build's id.
     #[prost(string, tag = "1")]
     pub build_id: ::prost::alloc::string::String,
-    /// Time between SIGTERM and SIGKILL to the running step's process group. Unset: 10
-    /// seconds. At most 60 seconds.
+    /// Time between SIGTERM and SIGKILL to the running step's process group. Unset: the
+    /// server's configured kill grace (`build.sandbox.kill_grace`, 2 seconds by default).
+    /// At most 60 seconds.
     #[prost(message, optional, tag = "2")]
     pub grace_period: ::core::option::Option<::prost_types::Duration>,
 }
@@ -548,6 +549,11 @@ pub struct CancelBuildResponse {
     /// stopped (watch it for Finished); unchanged if it had already ended.
     #[prost(message, optional, tag = "1")]
     pub build: ::core::option::Option<Build>,
+    /// Set when a running step was sent SIGTERM by this request: the time after which it
+    /// gets SIGKILL. Unset when nothing was signalled (the build was queued, had ended, or
+    /// was already being cancelled).
+    #[prost(message, optional, tag = "2")]
+    pub kill_after: ::core::option::Option<::prost_types::Duration>,
 }
 /// GetPolicyRequest has no fields.
 #[allow(clippy::all)]
@@ -652,12 +658,16 @@ pub mod build_event {
 }
 /// Queued says the build entered the queue.
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Queued {
     /// Position in the queue when queued (1: next to run). Later moves are not logged;
     /// GetBuild shows the current position.
     #[prost(uint32, tag = "1")]
     pub position: u32,
+    /// The build's id, so that a client reading a RunBuild stream that breaks knows which
+    /// build to WatchBuild. Empty only in logs written before this field existed.
+    #[prost(string, tag = "2")]
+    pub build_id: ::prost::alloc::string::String,
 }
 /// Started says the build left the queue and began running.
 #[allow(clippy::all)]
@@ -1419,9 +1429,11 @@ pub mod build_service_client {
             self.inner.unary(req, path, codec).await
         }
         /// RunBuild is StartBuild followed by WatchBuild in one call: it streams every event of
-        /// the new build from sequence 1 and closes after Finished. If the stream breaks, follow
-        /// the build with WatchBuild (after the last sequence seen); a retry of RunBuild with the
-        /// same request_id also replays the same build. Access: USER. Errors as StartBuild.
+        /// the new build from sequence 1 and closes after Finished. The build's id comes before
+        /// any event, in the response header `kiln-build-id`, and again in the first event
+        /// (Queued.build_id), so a client whose stream breaks can follow the build with
+        /// WatchBuild (after the last sequence seen); a retry of RunBuild with the same
+        /// request_id also replays the same build. Access: USER. Errors as StartBuild.
         pub async fn run_build(
             &mut self,
             request: impl tonic::IntoRequest<super::StartBuildRequest>,
@@ -1729,9 +1741,11 @@ pub mod build_service_server {
             + std::marker::Send
             + 'static;
         /// RunBuild is StartBuild followed by WatchBuild in one call: it streams every event of
-        /// the new build from sequence 1 and closes after Finished. If the stream breaks, follow
-        /// the build with WatchBuild (after the last sequence seen); a retry of RunBuild with the
-        /// same request_id also replays the same build. Access: USER. Errors as StartBuild.
+        /// the new build from sequence 1 and closes after Finished. The build's id comes before
+        /// any event, in the response header `kiln-build-id`, and again in the first event
+        /// (Queued.build_id), so a client whose stream breaks can follow the build with
+        /// WatchBuild (after the last sequence seen); a retry of RunBuild with the same
+        /// request_id also replays the same build. Access: USER. Errors as StartBuild.
         async fn run_build(
             &self,
             request: tonic::Request<super::StartBuildRequest>,
