@@ -425,3 +425,20 @@ fn context_comes_only_from_the_files_passed_in() {
         vec!["/etc/passwd", "/sandbox/workspace/../../etc/hostname"]
     );
 }
+
+#[test]
+fn musl_assertions_are_located_too() {
+    // musl's wording (Alpine images), which this machine's glibc does not produce.
+    let d = run(
+        "make",
+        "Assertion failed: add(2, 3) == 5 (test_calc.c: main: 6)\nmake: *** [Makefile:2: test] Aborted\n",
+        &[("test_calc.c", &numbered(8))],
+    );
+    let first = &d.diagnostics[0];
+    assert_eq!((first.file.as_str(), first.line), ("test_calc.c", 6));
+    assert!(
+        first.message.contains("in main: add(2, 3) == 5"),
+        "{}",
+        first.message
+    );
+}

@@ -120,6 +120,37 @@ fn gcc_errors_are_located_with_their_source_lines() {
 const FAILING_SCRIPT: &str = "def add(a, b):\n    return a + b\n\n\ndef main():\n    raise ValueError(\"bad input: \" + str(add(1, 2)))\n\n\nmain()\n";
 
 #[test]
+fn a_failed_c_assert_under_make_is_located_at_the_assertion() {
+    // The shape of the benchmark's C tasks: `make -s test` builds and runs asserts.
+    let test = "#include <assert.h>\n\nint add(int a, int b) { return a - b; }\n\nint main(void) {\n    assert(add(2, 3) == 5);\n    return 0;\n}\n";
+    let makefile = "test: t\n\t./t\n\nt: test_calc.c\n\tcc -o t test_calc.c\n";
+    let ws = Workspace::new(&[("test_calc.c", test), ("Makefile", makefile)]);
+    let Some(d) = ws.run(&["make", "-s", "test"], &[]) else {
+        return;
+    };
+    let first = d
+        .diagnostics
+        .first()
+        .unwrap_or_else(|| panic!("not located: {}", d.render()));
+    assert_eq!(
+        (first.file.as_str(), first.line),
+        ("test_calc.c", 6),
+        "{}",
+        d.render()
+    );
+    assert!(
+        first.message.contains("add(2, 3) == 5"),
+        "{}",
+        first.message
+    );
+    assert!(
+        d.render().contains("assert(add(2, 3) == 5);"),
+        "the source line is shown: {}",
+        d.render()
+    );
+}
+
+#[test]
 fn python_traceback_points_at_the_raising_line() {
     let ws = Workspace::new(&[("app.py", FAILING_SCRIPT)]);
     let Some(d) = ws.run(&["python3", "app.py"], &[]) else {
