@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::AgentApi;
 use crate::clients::Credential;
 use crate::error::{provider_error, reason};
-use crate::store::{ListFilter, StoredTask};
+use crate::store::{Inserted, ListFilter, StoredTask};
 use crate::task::{StepSpec, TaskRecord, Usage, now_micros};
 use crate::toolchain;
 use crate::workflow::{self, Shared, TASK_LABEL};
@@ -245,17 +245,9 @@ impl AgentApi {
         {
             return same_request(existing, &hash, &req.request_id);
         }
+        // A cheap early answer; the insert below is what enforces the limit.
         if shared.store.count_unfinished(&p.subject).await? >= config.max_tasks_per_user as u64 {
-            return Err(ApiError::new(
-                Code::ResourceExhausted,
-                reason::TOO_MANY_TASKS,
-                format!(
-                    "you have {} unfinished tasks, the most allowed; wait for one to end or cancel one",
-                    config.max_tasks_per_user
-                ),
-            )
-            .with_retry_after(Duration::from_secs(30))
-            .into());
+            return Err(too_many_tasks(config.max_tasks_per_user));
         }
 
         // The provider must answer, and offer the model.
@@ -442,17 +434,32 @@ impl AgentApi {
         let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
         let inserted = shared
             .store
-            .insert(&record, delegation.token.token(), request_id, Some(&hash))
+            .insert(
+                &record,
+                delegation.token.token(),
+                request_id,
+                Some(&hash),
+                config.max_tasks_per_user as u64,
+            )
             .await?;
-        if !inserted {
-            // A concurrent retry won the race: answer with its task.
-            undo(shared.clone(), user, workspace_id).await;
-            let existing = shared
-                .store
-                .by_request(&p.subject, &req.request_id)
-                .await?
-                .ok_or_else(|| ApiError::internal("idempotency", &"the winning task vanished"))?;
-            return same_request(existing, &hash, &req.request_id);
+        match inserted {
+            Inserted::Yes => {}
+            Inserted::OverLimit => {
+                undo(shared.clone(), user, workspace_id).await;
+                return Err(too_many_tasks(config.max_tasks_per_user));
+            }
+            Inserted::DuplicateRequest => {
+                // A concurrent retry won the race: answer with its task.
+                undo(shared.clone(), user, workspace_id).await;
+                let existing = shared
+                    .store
+                    .by_request(&p.subject, &req.request_id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::internal("idempotency", &"the winning task vanished")
+                    })?;
+                return same_request(existing, &hash, &req.request_id);
+            }
         }
         tracing::info!(
             task = %task_id,
@@ -485,6 +492,18 @@ impl AgentApi {
         .map(|r| r.map_err(Status::from))
         .boxed()
     }
+}
+
+fn too_many_tasks(max: usize) -> Status {
+    ApiError::new(
+        Code::ResourceExhausted,
+        reason::TOO_MANY_TASKS,
+        format!(
+            "you have {max} unfinished tasks, the most allowed; wait for one to end or cancel one"
+        ),
+    )
+    .with_retry_after(Duration::from_secs(30))
+    .into()
 }
 
 fn same_request(existing: StoredTask, hash: &str, request_id: &str) -> Result<StoredTask, Status> {

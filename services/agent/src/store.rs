@@ -43,6 +43,16 @@ pub struct TaskUpdate {
     pub relayed_build_sequence: Option<u64>,
 }
 
+/// What [`Store::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    Yes,
+    /// The owner already has a task with this request id.
+    DuplicateRequest,
+    /// The owner has the most unfinished tasks allowed.
+    OverLimit,
+}
+
 /// Filters of ListTasks.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -87,16 +97,30 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new task. `Ok(false)` when the owner already has a task with this
-    /// request id (the caller then loads that one).
+    /// Inserts a new task unless its owner already has `max_unfinished` unfinished ones
+    /// or a task with this request id. The count is taken in the same transaction as the
+    /// insert, on the one writer connection, so concurrent starts cannot all pass it.
     pub async fn insert(
         &self,
         record: &TaskRecord,
         delegated_token: &str,
         request_id: Option<&str>,
         request_hash: Option<&str>,
-    ) -> Result<bool> {
+        max_unfinished: u64,
+    ) -> Result<Inserted> {
         let mut tx = self.write.begin().await?;
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE owner = ? AND phase NOT IN (?, ?, ?)",
+        )
+        .bind(&record.owner)
+        .bind(pb::Phase::Done as i32)
+        .bind(pb::Phase::Failed as i32)
+        .bind(pb::Phase::Cancelled as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        if u64::try_from(unfinished).unwrap_or(0) >= max_unfinished {
+            return Ok(Inserted::OverLimit);
+        }
         let inserted = sqlx::query(
             "INSERT INTO tasks (id, owner, workspace_id, phase, created_at, updated_at, \
              record, delegated_token, request_id, request_hash) \
@@ -127,7 +151,11 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(if inserted {
+            Inserted::Yes
+        } else {
+            Inserted::DuplicateRequest
+        })
     }
 
     fn row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredTask> {

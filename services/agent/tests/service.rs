@@ -412,3 +412,51 @@ async fn tasks_list_newest_first_with_filters_and_pages() {
     let bad = page("junk".into(), 0).await.unwrap_err();
     assert_eq!(fields(&bad), ["page_token"]);
 }
+
+#[tokio::test]
+async fn concurrent_starts_cannot_outrun_the_per_user_limit() {
+    // Checked before the work and counted after would let all of them through.
+    let rig = Rig::start_with(|c| c.max_tasks_per_user = 2).await;
+    rig.llm.always("/v1/chat/completions", Reply::silent());
+    let api = &rig.api;
+    let starts = (0..8).map(|_| async move {
+        api.start_task(request("alice", Role::User, python_task("calc")))
+            .await
+    });
+    let results = futures::future::join_all(starts).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 2, "{results:?}");
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(reason(err), "TOO_MANY_TASKS", "{err:?}");
+    }
+    // The refused ones left no workspace behind.
+    let calls = rig.build.calls();
+    let created = calls.iter().filter(|c| c.rpc == "CreateWorkspace").count();
+    let deleted = calls.iter().filter(|c| c.rpc == "DeleteWorkspace").count();
+    assert_eq!(created - deleted, 2);
+}
+
+#[tokio::test]
+async fn an_admin_may_cancel_anyones_task() {
+    let rig = Rig::start().await;
+    rig.llm.push("/v1/chat/completions", Reply::silent());
+    let task = rig
+        .api
+        .start_task(request("alice", Role::User, python_task("calc")))
+        .await
+        .unwrap()
+        .into_inner();
+    let cancelled = rig
+        .api
+        .cancel_task(request(
+            "root",
+            Role::Admin,
+            pb::CancelTaskRequest { task_id: task.id },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(cancelled.phase, pb::Phase::Cancelled as i32);
+}
