@@ -18,6 +18,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 
+use crate::human::size;
+
 /// The server's workspace limits (from its policy); `None` fields are not checked.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -72,24 +74,6 @@ pub fn link_stays_inside(link: &Path, target: &Path) -> bool {
 fn is_env_file(name: &std::ffi::OsStr) -> bool {
     name.to_str()
         .is_some_and(|n| n == ".env" || n.starts_with(".env."))
-}
-
-/// `16 MiB`-style sizes for people.
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else if value < 10.0 {
-        format!("{value:.1} {}", UNITS[unit])
-    } else {
-        format!("{value:.0} {}", UNITS[unit])
-    }
 }
 
 fn walker(dir: &Path, ignore_rules: bool) -> ignore::Walk {
@@ -331,19 +315,12 @@ mod tests {
             ..Limits::default()
         };
         let err = pack_dir(dir.path(), limits).expect_err("too large");
-        assert!(err.to_string().contains("big.bin is 2.0 KiB"), "{err}");
+        assert!(err.to_string().contains("big.bin is 2 KiB"), "{err}");
         let limits = Limits {
             max_entries: Some(0),
             ..Limits::default()
         };
         let err = pack_dir(dir.path(), limits).expect_err("too many");
         assert!(err.to_string().contains("more than 0 entries"), "{err}");
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(size(512), "512 B");
-        assert_eq!(size(1536), "1.5 KiB");
-        assert_eq!(size(16 << 20), "16 MiB");
     }
 }

@@ -18,7 +18,7 @@ use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use kiln_rpc::client::{ClientConfig, KilnChannel};
 use serde::{Deserialize, Serialize};
 
-use crate::output::OutputFormat;
+use crate::output::{OutputChoice, OutputFormat};
 
 pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
 
@@ -37,9 +37,9 @@ pub struct ClientArgs {
     #[arg(long, global = true, env = "KILN_CA")]
     pub ca: Option<PathBuf>,
 
-    /// Output format: `text` for people, `json` for programs.
+    /// Output format: `text` for people, `json` or `yaml` for programs.
     #[arg(long, short = 'o', global = true, env = "KILN_OUTPUT")]
-    pub output: Option<OutputFormat>,
+    pub output: Option<OutputChoice>,
 }
 
 /// `<config dir>/kiln/config.toml`.
@@ -47,7 +47,7 @@ pub struct ClientArgs {
 pub struct ConfigFile {
     pub endpoint: Option<String>,
     pub ca_file: Option<PathBuf>,
-    pub output: Option<OutputFormat>,
+    pub output: Option<OutputChoice>,
 }
 
 /// Tokens of one endpoint, as saved by `kiln login`.
@@ -107,7 +107,7 @@ impl Context {
             dev.exists().then_some(dev)
         });
         let ca_pem = ca_path.as_deref().map(read_ca).transpose()?;
-        let output = args.output.or(file.output).unwrap_or_default();
+        let output = args.output.or(file.output).unwrap_or_default().apply();
         Ok(Self {
             endpoint,
             ca_pem,

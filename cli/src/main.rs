@@ -10,6 +10,7 @@ mod cmd;
 mod config;
 mod context;
 mod health;
+mod human;
 mod logging;
 mod output;
 mod transport;

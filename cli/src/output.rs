@@ -1,5 +1,6 @@
-//! Printing results for people (`text`) or programs (`json`), and errors as one clear
-//! line with the reason and, where there is one, a hint.
+//! Printing results for people (`text`) or programs (`json`, `yaml`), and errors as one
+//! clear line with the reason and, where there is one, a hint. The numbers people read
+//! (local times, `1.2 s`, `16 MiB`) are in [`crate::human`].
 
 use kiln_proto::agent as agent_pb;
 use kiln_proto::agent::task_event::Event as TaskEventKind;
@@ -9,6 +10,19 @@ use kiln_proto::build::build_event::Event as BuildEventKind;
 use kiln_rpc::RemoteError;
 use serde_json::{Value, json};
 
+/// What a command prints: text for people, or one structured document for programs.
+///
+/// `Json` is every structured format: the document is built once as a JSON value and
+/// written in the syntax `-o` chose ([`Syntax`]: JSON, or YAML for `-o yaml`). So a
+/// command that speaks `-o json` speaks `-o yaml` too, with no code of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The values of `-o`/`--output`, `KILN_OUTPUT` and the config file's `output`.
 #[derive(
     Debug,
     Clone,
@@ -21,18 +35,76 @@ use serde_json::{Value, json};
     serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum OutputFormat {
+pub enum OutputChoice {
+    /// For people: tables, local times, `1.2 s`, `16 MiB`.
     #[default]
     Text,
+    /// One JSON document (event streams: one JSON object a line). Times are RFC 3339 in
+    /// UTC, durations in milliseconds, sizes in bytes.
     Json,
+    /// The same document as YAML (event streams: one YAML document per event).
+    Yaml,
 }
 
-/// Prints one JSON document on stdout.
+impl OutputChoice {
+    /// The format commands match on; sets the process's [`Syntax`] as a side effect
+    /// (once, at start-up, before anything is printed).
+    pub fn apply(self) -> OutputFormat {
+        let _ = SYNTAX.set(match self {
+            Self::Yaml => Syntax::Yaml,
+            Self::Text | Self::Json => Syntax::Json,
+        });
+        match self {
+            Self::Text => OutputFormat::Text,
+            Self::Json | Self::Yaml => OutputFormat::Json,
+        }
+    }
+}
+
+/// How structured output is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Syntax {
+    #[default]
+    Json,
+    Yaml,
+}
+
+/// Set once from `-o`; a process-wide setting because it is one (every document the
+/// process prints uses it) and so that no command has to pass it to the printer.
+static SYNTAX: std::sync::OnceLock<Syntax> = std::sync::OnceLock::new();
+
+fn syntax() -> Syntax {
+    SYNTAX.get().copied().unwrap_or_default()
+}
+
+/// Prints one structured document on stdout: pretty JSON, or YAML under `-o yaml`.
 pub fn print_json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    print!("{}", document(value, syntax()));
+}
+
+/// One event of a stream (`build run|watch`, `agent run|watch`): a JSON object on one
+/// line (NDJSON), or under `-o yaml` a YAML document starting with `---`, so that a
+/// YAML reader takes the stream as a sequence of documents.
+pub fn write_event(out: &mut impl std::io::Write, value: &Value) -> std::io::Result<()> {
+    match syntax() {
+        Syntax::Json => writeln!(out, "{value}"),
+        Syntax::Yaml => write!(out, "---\n{}", yaml(value)),
+    }
+}
+
+fn document(value: &Value, syntax: Syntax) -> String {
+    match syntax {
+        Syntax::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
+        Syntax::Yaml => yaml(value),
+    }
+}
+
+fn yaml(value: &Value) -> String {
+    // A JSON value always has a YAML form; the fallback is never taken.
+    yaml_serde::to_string(value).unwrap_or_else(|_| format!("{value}\n"))
 }
 
 pub fn time(t: Option<&prost_types::Timestamp>) -> Value {

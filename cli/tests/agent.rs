@@ -287,12 +287,16 @@ fn a_task_streams_its_phases_ends_green_and_its_files_download() {
         "agent", "list", "--phase", "done", "--label", "e2e=1", "-o", "json",
     ]))
     .expect("json");
-    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
-    assert_eq!(listed[0]["id"], task_id.as_str());
+    assert_eq!(
+        listed["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["tasks"][0]["id"], task_id.as_str());
     let none: serde_json::Value =
         serde_json::from_str(&cli.ok(&["agent", "list", "--phase", "failed", "-o", "json"]))
             .expect("json");
-    assert_eq!(none, json!([]));
+    assert_eq!(none, json!({"tasks": [], "next_page_token": ""}));
 
     // The whole log again, as a script reads it.
     let replay = cli.run(

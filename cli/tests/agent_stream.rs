@@ -513,8 +513,8 @@ fn get_list_models_and_detach_speak_json() {
     let tasks = json(&[
         "agent", "list", "--phase", "fix", "--phase", "done", "--label", "bench=1", "-o", "json",
     ]);
-    assert_eq!(tasks.as_array().map(Vec::len), Some(2));
-    assert_eq!(tasks[0]["phase"], "FIX");
+    assert_eq!(tasks["tasks"].as_array().map(Vec::len), Some(2));
+    assert_eq!(tasks["tasks"][0]["phase"], "FIX");
     {
         let calls = fake.calls.lock().unwrap();
         let sent = &calls.list[0];

@@ -201,7 +201,7 @@ fn ctrl_c_cancels_the_build() {
     assert_eq!(status.code(), Some(130), "a cancelled build exits 130");
     let listed: serde_json::Value =
         serde_json::from_str(&cli.ok(&["-o", "json", "build", "list"])).expect("json");
-    assert_eq!(listed[0]["state"], "CANCELLED", "{listed}");
+    assert_eq!(listed["builds"][0]["state"], "CANCELLED", "{listed}");
 }
 
 #[test]

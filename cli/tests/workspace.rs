@@ -51,7 +51,7 @@ fn paths(cli: &Cli<'_>, workspace: &str) -> Vec<String> {
 }
 
 fn workspace_count(cli: &Cli<'_>) -> usize {
-    json(&cli.ok(&["workspace", "ls", "-o", "json"]))
+    json(&cli.ok(&["workspace", "ls", "-o", "json"]))["workspaces"]
         .as_array()
         .expect("array")
         .len()
@@ -96,7 +96,7 @@ fn push_syncs_a_named_workspace_in_one_change_and_builds_from_it() {
     assert_eq!(cli.ok(&["workspace", "cat", &id, "a.txt"]), "two\n");
 
     // The name is shown, and accepted by `build run --workspace` with --from (push first).
-    let shown = json(&cli.ok(&["workspace", "ls", "-o", "json"]));
+    let shown = json(&cli.ok(&["workspace", "ls", "-o", "json"]))["workspaces"].take();
     assert_eq!(shown[0]["name"], "calc");
     assert_eq!(shown[0]["id"], id.as_str());
     write_tree(src.path(), &[("a.txt", "three\n")]);
@@ -123,7 +123,7 @@ fn push_syncs_a_named_workspace_in_one_change_and_builds_from_it() {
     );
     assert_eq!(workspace_count(&cli), 1, "no new workspace was made");
     let builds = json(&cli.ok(&["build", "list", "--workspace", "calc", "-o", "json"]));
-    let builds = builds.as_array().expect("array");
+    let builds = builds["builds"].as_array().expect("array");
     assert_eq!(builds.len(), 1, "{builds:?}");
     assert_eq!(builds[0]["workspace_id"], id.as_str());
 
@@ -144,7 +144,7 @@ fn ls_filters_by_label_and_shows_names_and_labels() {
     cli.ok(&["workspace", "create", "--name", "web", "--label", "team=a"]);
     cli.ok(&["workspace", "create", "--label", "team=b"]);
     let only_a = json(&cli.ok(&["workspace", "ls", "--label", "team=a", "-o", "json"]));
-    let only_a = only_a.as_array().expect("array");
+    let only_a = only_a["workspaces"].as_array().expect("array");
     assert_eq!(only_a.len(), 1, "{only_a:?}");
     assert_eq!(only_a[0]["name"], "web");
     assert_eq!(only_a[0]["labels"]["team"], "a");
@@ -218,7 +218,7 @@ fn uploads_send_inside_symlinks_and_sparse_files_and_say_what_they_leave_out() {
         "{err}"
     );
     // The files' size (8 MiB + 7 + 10 + 13 bytes), not the tar's.
-    assert!(err.contains("uploaded 5 file(s) (8.0 MiB)"), "{err}");
+    assert!(err.contains("uploaded 5 file(s) (8 MiB)"), "{err}");
 
     let listed = json(&cli.ok(&["workspace", "ls", &id, "-o", "json"]));
     let entry = |path: &str| -> Value {
@@ -258,8 +258,7 @@ fn limits_are_checked_before_anything_is_sent() {
     let refused = cli.run(&["workspace", "create", "--from", utf8(src.path())], "");
     assert!(!refused.status.success());
     assert!(
-        stderr(&refused)
-            .contains("big.bin is 2.0 KiB; the server accepts files of at most 1.0 KiB"),
+        stderr(&refused).contains("big.bin is 2 KiB; the server accepts files of at most 1 KiB"),
         "{}",
         stderr(&refused)
     );

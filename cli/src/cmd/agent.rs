@@ -24,21 +24,20 @@
 mod follow;
 mod render;
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use kiln_proto::agent as pb;
 use kiln_proto::agent::agent_service_client::AgentServiceClient;
 use kiln_rpc::client::KilnChannel;
-use serde_json::json;
 
 use self::follow::{Follower, OnInterrupt};
-use self::render::human_bytes;
 use super::build::command_steps;
+use super::paging::{self, PageArgs};
 use super::progress::Progress;
 use super::workspace::parse_label;
-use super::{collect_pages, parse_duration, proto_duration, rpc_error};
-use crate::context::{Context, timestamp_secs};
+use super::{parse_duration, proto_duration, rpc_error};
+use crate::context::Context;
 use crate::output::{OutputFormat, models_json, phase_name, print_json, task_json, usage_json};
 
 /// A response header a server may send on RunTask with the new task's id; without it,
@@ -74,9 +73,8 @@ pub enum AgentCommand {
         /// Only tasks with this label `key=value`; repeat for several (all must match).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// At most this many tasks.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        #[command(flatten)]
+        paging: PageArgs,
     },
     /// Show one task.
     Get { task_id: String },
@@ -163,8 +161,8 @@ pub async fn run(ctx: &Context, command: AgentCommand) -> anyhow::Result<i32> {
             phase,
             workspace,
             labels,
-            limit,
-        } => list(ctx, &mut client, phase, workspace, labels, limit).await,
+            paging,
+        } => list(ctx, &mut client, phase, workspace, labels, &paging).await,
         AgentCommand::Get { task_id } => {
             let task = client
                 .get_task(pb::GetTaskRequest { task_id })
@@ -273,17 +271,17 @@ async fn list(
     phases: Vec<pb::Phase>,
     workspace: Option<String>,
     labels: Vec<(String, String)>,
-    limit: usize,
+    paging: &PageArgs,
 ) -> anyhow::Result<i32> {
     let phases: Vec<i32> = phases.into_iter().map(|p| p as i32).collect();
-    let tasks = collect_pages(limit, |page_token| {
+    let listing = paging::fetch(paging, |page_token, page_size| {
         let mut client = client.clone();
         let request = pb::ListTasksRequest {
             phases: phases.clone(),
             owner: None,
             workspace_id: workspace.clone(),
             labels: labels.iter().cloned().collect(),
-            page_size: i32::try_from(limit.min(100)).unwrap_or(100),
+            page_size,
             page_token,
         };
         async move {
@@ -294,49 +292,32 @@ async fn list(
     .await
     .map_err(|s| rpc_error(ctx, s))?;
     match ctx.output {
-        OutputFormat::Json => print_json(&json!(tasks.iter().map(task_json).collect::<Vec<_>>())),
+        OutputFormat::Json => print_json(&listing.document("tasks", task_json)),
         OutputFormat::Text => {
-            let now = unix_now();
             println!(
-                "{:<38} {:<9} {:>4} {:<10} {:<24} {:>5}  PROMPT",
+                "{:<38} {:<9} {:>4} {:<10} {:<24} {:<11}  PROMPT",
                 "ID", "PHASE", "ITER", "TOOLCHAIN", "MODEL", "AGE"
             );
-            for t in &tasks {
-                let created = timestamp_secs(t.created_at.as_ref());
+            for t in &listing.items {
                 println!(
-                    "{:<38} {:<9} {:>4} {:<10} {:<24} {:>5}  {}",
+                    "{:<38} {:<9} {:>4} {:<10} {:<24} {:<11}  {}",
                     t.id,
                     phase_name(t.phase),
                     t.iteration,
                     or_dash(&t.toolchain),
                     or_dash(&t.model),
-                    age(now.saturating_sub(created)),
+                    crate::human::ago(t.created_at.as_ref()),
                     prompt_head(&t.prompt, 40)
                 );
             }
+            listing.print_hint();
         }
     }
     Ok(0)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn or_dash(text: &str) -> &str {
     if text.is_empty() { "-" } else { text }
-}
-
-/// `45s`, `12m`, `3h`, `2d`: how long ago, in its largest whole unit.
-fn age(seconds: u64) -> String {
-    match seconds {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86_400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }
 
 /// The prompt's first `chars` characters on one line, `…` when cut.
@@ -408,7 +389,9 @@ fn print_models(m: &pb::ListModelsResponse) {
         println!(
             "{mark} {:<40} {:>10} {:>8}",
             model.name,
-            model.size_bytes.map_or_else(|| "-".to_owned(), human_bytes),
+            model
+                .size_bytes
+                .map_or_else(|| "-".to_owned(), crate::human::size),
             model
                 .context_tokens
                 .map_or_else(|| "-".to_owned(), |c| c.to_string())
@@ -440,14 +423,6 @@ mod tests {
         let head = prompt_head(&long, 40);
         assert_eq!(head.chars().count(), 40);
         assert!(head.ends_with('…'));
-    }
-
-    #[test]
-    fn ages_use_the_largest_whole_unit() {
-        assert_eq!(age(5), "5s");
-        assert_eq!(age(125), "2m");
-        assert_eq!(age(7200), "2h");
-        assert_eq!(age(200_000), "2d");
     }
 
     #[test]

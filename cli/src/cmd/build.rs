@@ -9,7 +9,7 @@
 //! connections are in [`super::build_follow`] and [`super::terminal`].
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::anyhow;
 use kiln_proto::build as pb;
@@ -19,13 +19,14 @@ use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
 use super::build_follow::{Follower, OnInterrupt, seconds};
+use super::paging::{self, PageArgs};
 use super::progress::Progress;
 use super::reconnect::{Backoff, is_connection_lost};
 use super::terminal::ProgressMode;
 use super::workspace::{create_from, parse_label, push};
-use super::{collect_pages, parse_duration, proto_duration, rpc_error};
+use super::{build_view, parse_duration, proto_duration, rpc_error};
 use crate::context::Context;
-use crate::output::{OutputFormat, build_json, build_state_name, print_json, step_result_json};
+use crate::output::{OutputFormat, build_json, build_state_name, print_json};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BuildCommand {
@@ -49,7 +50,9 @@ pub enum BuildCommand {
         #[arg(long, value_enum, default_value_t, env = "KILN_PROGRESS")]
         progress: ProgressMode,
     },
-    /// List builds.
+    /// List builds, newest first: ID, STATE, AGE, DURATION, COMMAND (and OWNER for an
+    /// admin, or when some build is not yours).
+    #[command(alias = "ls")]
     List {
         #[arg(long)]
         workspace: Option<String>,
@@ -58,9 +61,8 @@ pub enum BuildCommand {
         state: Vec<String>,
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// At most this many builds.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        #[command(flatten)]
+        paging: PageArgs,
     },
     /// Show one build.
     Get { build_id: String },
@@ -133,7 +135,7 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             workspace,
             state,
             labels,
-            limit,
+            paging,
         } => {
             let states = state
                 .iter()
@@ -144,14 +146,14 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
                         .ok_or_else(|| anyhow!("unknown build state {s:?}"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let builds = collect_pages(limit, |page_token| {
+            let listing = paging::fetch(&paging, |page_token, page_size| {
                 let mut client = client.clone();
                 let request = pb::ListBuildsRequest {
                     workspace_id: workspace.clone(),
                     states: states.clone(),
                     owner: None,
                     labels: labels.iter().cloned().collect(),
-                    page_size: i32::try_from(limit.min(100)).unwrap_or(100),
+                    page_size,
                     page_token,
                 };
                 async move {
@@ -162,20 +164,20 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             .await
             .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
-                OutputFormat::Json => {
-                    print_json(&json!(builds.iter().map(build_json).collect::<Vec<_>>()))
-                }
+                OutputFormat::Json => print_json(&listing.document("builds", build_json)),
                 OutputFormat::Text => {
-                    println!("{:<38} {:<12} {:<38} STEPS", "ID", "STATE", "WORKSPACE");
-                    for b in &builds {
-                        println!(
-                            "{:<38} {:<12} {:<38} {}",
-                            b.id,
-                            build_state_name(b.state),
-                            b.workspace_id,
-                            b.steps.len()
-                        );
-                    }
+                    let viewer = build_view::Viewer::of(ctx).await;
+                    let owners = if build_view::shows_owner(viewer.as_ref(), &listing.items) {
+                        let ids = listing.items.iter().map(|b| b.owner.clone());
+                        Some(build_view::owner_names(ctx, viewer.as_ref(), ids).await)
+                    } else {
+                        None
+                    };
+                    print!(
+                        "{}",
+                        build_view::table(&listing.items, owners.as_ref(), SystemTime::now())
+                    );
+                    listing.print_hint();
                 }
             }
             Ok(0)
@@ -188,7 +190,19 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
                 .into_inner();
             match ctx.output {
                 OutputFormat::Json => print_json(&build_json(&build)),
-                OutputFormat::Text => print_build(&build),
+                OutputFormat::Text => {
+                    let viewer = build_view::Viewer::of(ctx).await;
+                    let names =
+                        build_view::owner_names(ctx, viewer.as_ref(), [build.owner.clone()]).await;
+                    print!(
+                        "{}",
+                        build_view::detail(
+                            &build,
+                            names.get(&build.owner).map(String::as_str),
+                            SystemTime::now()
+                        )
+                    );
+                }
             }
             Ok(0)
         }
@@ -235,34 +249,6 @@ fn cancel_summary(build: &pb::Build, kill_after: Option<Duration>) -> String {
             build.id,
             build_state_name(build.state)
         ),
-    }
-}
-
-fn print_build(b: &pb::Build) {
-    println!("build {} — {}", b.id, build_state_name(b.state));
-    println!("  workspace: {}", b.workspace_id);
-    for (i, step) in b.steps.iter().enumerate() {
-        let text = if step.argv.is_empty() {
-            step.command.clone().unwrap_or_default()
-        } else {
-            step.argv.join(" ")
-        };
-        let result = b
-            .step_results
-            .iter()
-            .find(|r| r.step_index as usize == i)
-            .map(step_result_json);
-        let summary = result.map_or_else(String::new, |r| {
-            format!(
-                "  → {} exit {}",
-                r["reason"].as_str().unwrap_or(""),
-                r["exit_code"]
-            )
-        });
-        println!("  step {}: {text}{summary}", i + 1);
-    }
-    if !b.failure_message.is_empty() {
-        println!("  failure: {}", b.failure_message);
     }
 }
 

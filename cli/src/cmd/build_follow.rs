@@ -266,8 +266,7 @@ impl<'a> Follower<'a> {
             let mut line = build_event_json(event);
             line["build_id"] = json!(self.build_id);
             line["time"] = crate::output::time(event.time.as_ref());
-            use std::io::Write;
-            writeln!(std::io::stdout().lock(), "{line}")?;
+            crate::output::write_event(&mut std::io::stdout().lock(), &line)?;
             return Ok(self.finished(event));
         };
         match &event.event {

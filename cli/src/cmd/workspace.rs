@@ -12,10 +12,11 @@ use kiln_proto::build::build_service_client::BuildServiceClient;
 use kiln_rpc::client::KilnChannel;
 use serde_json::json;
 
+use super::paging::{self, PageArgs};
 use super::{collect_pages, rpc_error};
 use crate::archive::{self, Packed};
 use crate::context::Context;
-use crate::output::{OutputFormat, print_json, time, workspace_json};
+use crate::output::{OutputFormat, print_json, workspace_json};
 
 /// Upload chunk size (well under the server's message limit).
 const UPLOAD_CHUNK: usize = 1 << 20;
@@ -60,6 +61,9 @@ pub enum WorkspaceCommand {
         /// Only workspaces with this label, `key=value` (repeatable: all must match).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Paging of the workspace list (a workspace's files are always listed whole).
+        #[command(flatten)]
+        paging: PageArgs,
     },
     /// Print a file of a workspace.
     Cat {
@@ -263,7 +267,7 @@ pub async fn create(
         eprintln!(
             "uploaded {} file(s) ({}) from {}",
             packed.files,
-            archive::size(packed.bytes),
+            crate::human::size(packed.bytes),
             dir.display()
         );
     }
@@ -317,7 +321,7 @@ pub async fn push(
         eprintln!(
             "pushed {} file(s) ({}) from {} to {}; {removed} removed",
             packed.files,
-            archive::size(packed.bytes),
+            crate::human::size(packed.bytes),
             dir.display(),
             display_name(&ws)
         );
@@ -432,15 +436,16 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
         WorkspaceCommand::Ls {
             workspace: None,
             labels,
+            paging,
             ..
         } => {
             let labels: std::collections::HashMap<String, String> = labels.into_iter().collect();
-            let all = collect_pages(usize::MAX, |page_token| {
+            let listing = paging::fetch(&paging, |page_token, page_size| {
                 let mut client = client.clone();
                 let labels = labels.clone();
                 async move {
                     let request = pb::ListWorkspacesRequest {
-                        page_size: 100,
+                        page_size,
                         page_token,
                         labels,
                         ..Default::default()
@@ -453,25 +458,25 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
             .map_err(|s| rpc_error(ctx, s))?;
             match ctx.output {
                 OutputFormat::Json => {
-                    print_json(&json!(all.iter().map(workspace_json).collect::<Vec<_>>()))
+                    print_json(&listing.document("workspaces", workspace_json));
                 }
                 OutputFormat::Text => {
                     println!(
-                        "{:<38} {:<20} {:>7} {:>10} {:<20} LABELS",
+                        "{:<38} {:<20} {:>7} {:>10} {:<14} LABELS",
                         "ID", "NAME", "FILES", "SIZE", "UPDATED"
                     );
-                    for w in &all {
-                        let updated = time(w.updated_at.as_ref());
+                    for w in &listing.items {
                         println!(
-                            "{:<38} {:<20} {:>7} {:>10} {:<20} {}",
+                            "{:<38} {:<20} {:>7} {:>10} {:<14} {}",
                             w.id,
                             if w.name.is_empty() { "-" } else { &w.name },
                             w.file_count,
-                            archive::size(w.size_bytes),
-                            updated.as_str().unwrap_or("-"),
+                            crate::human::size(w.size_bytes),
+                            crate::human::ago(w.updated_at.as_ref()),
                             labels_text(&w.labels)
                         );
                     }
+                    listing.print_hint();
                 }
             }
         }
@@ -479,6 +484,7 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
             workspace: Some(id),
             directory,
             labels,
+            ..
         } => {
             if !labels.is_empty() {
                 bail!("--label filters the list of workspaces, not the files of one");
@@ -596,7 +602,7 @@ pub async fn run(ctx: &Context, command: WorkspaceCommand) -> anyhow::Result<()>
                     println!(
                         "{what} saved to {} ({files} file(s), {})",
                         out.display(),
-                        archive::size(bytes)
+                        crate::human::size(bytes)
                     );
                 }
             }

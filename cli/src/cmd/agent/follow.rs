@@ -241,7 +241,7 @@ impl<'a> Follower<'a> {
             None => {
                 let mut line = task_event_json(event);
                 line["task_id"] = json!(self.task_id);
-                println!("{line}");
+                crate::output::write_event(&mut std::io::stdout().lock(), &line)?;
             }
         }
         Ok(())

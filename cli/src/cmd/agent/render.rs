@@ -162,7 +162,7 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 format!(
                     "  wrote {}  {}  +{} −{}{}",
                     file.path,
-                    human_bytes(file.size_bytes),
+                    crate::human::size(file.size_bytes),
                     file.lines_added,
                     file.lines_removed,
                     if file.created { "  new" } else { "" }
@@ -308,21 +308,6 @@ fn step_finished(f: &build_pb::StepFinished) -> String {
         format!(": {}", f.message)
     };
     format!("  step {} {outcome}{seconds}{message}", f.step_index + 1)
-}
-
-/// `812 B`, `1.2 KiB`, `4.7 GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// The exit code for a task's final phase: 0 DONE, 130 CANCELLED, 1 for FAILED (and
@@ -623,12 +608,5 @@ mod tests {
         assert_eq!(exit_code(pb::Phase::Failed as i32), 1);
         assert_eq!(exit_code(pb::Phase::Cancelled as i32), 130);
         assert_eq!(exit_code(99), 1);
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(4_700_000_000), "4.4 GiB");
     }
 }
