@@ -149,6 +149,18 @@ pub async fn run(ctx: &Context, command: AgentCommand) -> anyhow::Result<i32> {
             task_id,
             from_start,
         } => {
+            // A prefix becomes the whole id first: the saved position and the messages
+            // are about the task, not about how it was named.
+            let task_id = if uuid::Uuid::parse_str(&task_id).is_ok() {
+                task_id
+            } else {
+                client
+                    .get_task(pb::GetTaskRequest { task_id })
+                    .await
+                    .map_err(|s| rpc_error(ctx, s))?
+                    .into_inner()
+                    .id
+            };
             let after = if from_start {
                 0
             } else {

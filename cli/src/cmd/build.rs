@@ -122,6 +122,18 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
             from_start,
             progress,
         } => {
+            // A prefix becomes the whole id first: the saved position and the messages
+            // are about the build, not about how it was named.
+            let build_id = if uuid::Uuid::parse_str(&build_id).is_ok() {
+                build_id
+            } else {
+                client
+                    .get_build(pb::GetBuildRequest { build_id })
+                    .await
+                    .map_err(|s| rpc_error(ctx, s))?
+                    .into_inner()
+                    .id
+            };
             let after = if from_start {
                 0
             } else {

@@ -15,11 +15,13 @@ use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tonic::Streaming;
 
+use super::build_view;
 use super::progress::Progress;
 use super::reconnect::{Backoff, RESUME_FOR, is_connection_lost};
 use super::rpc_error;
 use super::terminal::{ProgressMode, Stream, Terminal};
 use crate::context::Context;
+use crate::human;
 use crate::output::{OutputFormat, build_event_json, build_state_name};
 
 /// The exit code when the user detaches (a second Ctrl-C in `run`, Ctrl-C in `watch`):
@@ -72,6 +74,10 @@ pub struct Follower<'a> {
     grace: Option<Duration>,
     cancel: Cancel,
     failed_step: Option<pb::StepFinished>,
+    /// How long the build ran by the server's clock (started_at to finished_at), for the
+    /// summary; fetched when Finished arrives. Not the time this terminal watched: a
+    /// `watch` may join late or replay a build that ended long ago.
+    ran_for: Option<Duration>,
     /// `None` with `-o json`.
     terminal: Option<Terminal>,
     interrupts: Signal,
@@ -104,6 +110,7 @@ impl<'a> Follower<'a> {
             grace: None,
             cancel: Cancel::NotAsked,
             failed_step: None,
+            ran_for: None,
             terminal: (ctx.output == OutputFormat::Text).then(|| Terminal::detect(progress)),
             // One listener for the whole run: a Ctrl-C while an event is being printed
             // is kept for the next poll, not lost.
@@ -248,6 +255,9 @@ impl<'a> Follower<'a> {
                 continue;
             }
             self.after = event.sequence;
+            if matches!(event.event, Some(Event::Finished(_))) && self.terminal.is_some() {
+                self.ran_for = self.server_run_time(client).await;
+            }
             if let Some(code) = self.print(&event)? {
                 return Ok(Drained::Ended(code));
             }
@@ -292,17 +302,38 @@ impl<'a> Follower<'a> {
                 } else {
                     format!(": {}", done.message)
                 };
+                let took = self
+                    .ran_for
+                    .map_or_else(String::new, |d| format!(" ({})", human::duration(d)));
                 let line = format!(
-                    "build {} {}{message} ({:.1} s)",
+                    "build {} {}{message}{took}",
                     self.build_id,
                     build_state_name(done.state),
-                    terminal.elapsed_secs()
                 );
                 terminal.finish(&line)?;
             }
             _ => {}
         }
         Ok(self.finished(event))
+    }
+
+    /// How long the build ran, from the server's start and finish times; `None` when the
+    /// build cannot be fetched (the summary then says no duration rather than a wrong one)
+    /// or never started (cancelled while queued).
+    async fn server_run_time(
+        &self,
+        client: &mut BuildServiceClient<KilnChannel>,
+    ) -> Option<Duration> {
+        let request = pb::GetBuildRequest {
+            build_id: self.build_id.clone(),
+        };
+        let call = client.get_build(request);
+        let build = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        build_view::run_time(&build, std::time::SystemTime::now())
     }
 
     /// The exit code if `event` is Finished (and the saved position is dropped).

@@ -178,11 +178,6 @@ impl Terminal {
         self.draw()
     }
 
-    /// Seconds since this terminal started following the build.
-    pub fn elapsed_secs(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
-    }
-
     /// Redraws the status line (the clock moved); a no-op mid-line.
     pub fn draw(&mut self) -> std::io::Result<()> {
         if self.style != Style::Line || !self.at_line_start {

@@ -9,6 +9,7 @@
 //!   bounded connections per peer and unauthenticated long-lived streams;
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
+//! - [`id_prefix`]: ids given by a unique prefix (docker-style), one rule for every service;
 //! - [`identity`]: peers, workload identities, principals, roles;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
 //! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.
@@ -20,6 +21,7 @@ pub mod access;
 pub mod authn;
 pub mod client;
 pub mod error;
+pub mod id_prefix;
 pub mod idempotency;
 pub mod identity;
 pub mod incoming;

@@ -10,6 +10,7 @@ use futures::stream::BoxStream;
 use kiln_proto::agent as pb;
 use kiln_proto::agent::agent_service_server::AgentService;
 use kiln_proto::build as build_pb;
+use kiln_rpc::id_prefix::{self, Lookup};
 use kiln_rpc::identity::{can_read, can_write, owner_filter};
 use kiln_rpc::{ApiError, FieldViolation, Principal, RemoteError};
 use prost::Message as _;
@@ -166,12 +167,33 @@ impl AgentApi {
         &self.shared
     }
 
+    /// The task `id` names (its id, or a unique prefix of it among the tasks `p` may
+    /// see; see `kiln_rpc::id_prefix`), if `p` may see it; else NOT_FOUND.
     async fn load_visible(&self, p: &Principal, id: &str) -> Result<StoredTask, Status> {
         require_id("task_id", id)?;
-        match self.shared.store.get(id).await? {
-            Some(t) if can_read(p, &t.record.owner) => Ok(t),
-            _ => Err(not_found(id)),
+        let store = &self.shared.store;
+        if let Some(t) = store.get(id).await? {
+            return if can_read(p, &t.record.owner) {
+                Ok(t)
+            } else {
+                Err(not_found(id))
+            };
         }
+        let Lookup::Prefix(prefix) = id_prefix::lookup("task_id", id)? else {
+            return Err(not_found(id));
+        };
+        let matches = store
+            .by_id_prefix(
+                &prefix,
+                owner_filter(p, None).as_deref(),
+                id_prefix::FETCH_LIMIT,
+            )
+            .await?
+            .into_iter()
+            .filter(|t| can_read(p, &t.record.owner))
+            .map(|t| (t.record.id.clone(), t))
+            .collect();
+        Ok(id_prefix::pick("task", "task_id", id, matches)?)
     }
 
     async fn start(&self, request: Request<pb::StartTaskRequest>) -> Result<StoredTask, Status> {
@@ -627,8 +649,9 @@ impl AgentService for AgentApi {
         request: Request<pb::CancelTaskRequest>,
     ) -> Result<Response<pb::CancelTaskResponse>, Status> {
         let p = principal(&request)?;
-        let id = request.into_inner().task_id;
-        let task = self.load_visible(&p, &id).await?;
+        let task = self.load_visible(&p, &request.into_inner().task_id).await?;
+        // The whole id from here on: the request may have named the task by a prefix.
+        let id = task.record.id.clone();
         if !can_write(&p, &task.record.owner) {
             return Err(not_found(&id));
         }

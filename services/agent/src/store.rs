@@ -177,6 +177,30 @@ impl Store {
         row.as_ref().map(Self::row).transpose()
     }
 
+    /// Tasks whose id starts with `prefix` (lower-case id characters only, see
+    /// `kiln_rpc::id_prefix`), of `owner` when given, newest first, at most `limit`.
+    pub async fn by_id_prefix(
+        &self,
+        prefix: &str,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<StoredTask>> {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE "));
+        // A range on the primary key: `~` sorts after every character an id has.
+        q.push("t.id >= ")
+            .push_bind(prefix.to_owned())
+            .push(" AND t.id < ")
+            .push_bind(format!("{prefix}~"));
+        if let Some(owner) = owner {
+            q.push(" AND t.owner = ").push_bind(owner.to_owned());
+        }
+        q.push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
+            .push_bind(limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        rows.iter().map(Self::row).collect()
+    }
+
     pub async fn by_request(&self, owner: &str, request_id: &str) -> Result<Option<StoredTask>> {
         let row = sqlx::query(concat!(
             "SELECT ",

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_proto::build as pb;
 use kiln_proto::build::build_service_server::BuildService;
+use kiln_rpc::id_prefix::{self, Lookup};
 use kiln_rpc::{ApiError, Principal};
 use pb::build_event::Event;
 use prost::Message;
@@ -108,45 +109,86 @@ impl BuildApi {
         require_id("workspace_id", id)?;
         let store = &self.shared.store;
         // Not an id of a workspace: the name of one of the caller's own (names are unique
-        // per owner and never shaped like ids, so the two cannot be confused).
+        // per owner and never shaped like ids, so the two cannot be confused), else a
+        // unique prefix of the id of one the caller may see.
+        let visible = |w: &WorkspaceRow| {
+            p.may_use_workspace(&w.id)
+                && if write {
+                    can_write(p, &w.owner)
+                } else {
+                    can_read(p, &w.owner)
+                }
+        };
         let found = match store.get_workspace(id).await? {
             Some(w) => Some(w),
             None if uuid::Uuid::parse_str(id).is_err() => {
-                store.workspace_by_name(&p.subject, id).await?
+                match store.workspace_by_name(&p.subject, id).await? {
+                    Some(w) => Some(w),
+                    None => {
+                        let Lookup::Prefix(prefix) = id_prefix::lookup("workspace_id", id)? else {
+                            return Err(ApiError::not_found("workspace", id).into());
+                        };
+                        let owner = owner_filter(p, None);
+                        let matches = store
+                            .workspaces_by_id_prefix(
+                                &prefix,
+                                owner.as_deref(),
+                                id_prefix::FETCH_LIMIT,
+                            )
+                            .await?
+                            .into_iter()
+                            .filter(|w| visible(w))
+                            .map(|w| (w.id.clone(), w))
+                            .collect();
+                        return Ok(id_prefix::pick("workspace", "workspace_id", id, matches)?);
+                    }
+                }
             }
             None => None,
         };
         match found {
             // A delegated token scoped to another workspace sees none of this one.
-            Some(w)
-                if p.may_use_workspace(&w.id)
-                    && (if write {
-                        can_write(p, &w.owner)
-                    } else {
-                        can_read(p, &w.owner)
-                    }) =>
-            {
-                Ok(w)
-            }
+            Some(w) if visible(&w) => Ok(w),
             _ => Err(ApiError::not_found("workspace", id).into()),
         }
     }
 
+    /// The build `id` names (its id, or a unique prefix of it among the builds `p` may
+    /// see; see `kiln_rpc::id_prefix`), if `p` may see it (write: change it); else
+    /// NOT_FOUND.
     async fn build_for(&self, p: &Principal, id: &str, write: bool) -> Result<BuildRow> {
         require_id("build_id", id)?;
-        match self.shared.store.get_build(id).await? {
-            Some(b)
-                if p.may_use_workspace(&b.build.workspace_id)
-                    && (if write {
-                        can_write(p, &b.build.owner)
-                    } else {
-                        can_read(p, &b.build.owner)
-                    }) =>
-            {
+        let visible = |b: &BuildRow| {
+            p.may_use_workspace(&b.build.workspace_id)
+                && if write {
+                    can_write(p, &b.build.owner)
+                } else {
+                    can_read(p, &b.build.owner)
+                }
+        };
+        let store = &self.shared.store;
+        if let Some(b) = store.get_build(id).await? {
+            return if visible(&b) {
                 Ok(b)
-            }
-            _ => Err(ApiError::not_found("build", id).into()),
+            } else {
+                Err(ApiError::not_found("build", id).into())
+            };
         }
+        let Lookup::Prefix(prefix) = id_prefix::lookup("build_id", id)? else {
+            return Err(ApiError::not_found("build", id).into());
+        };
+        let matches = store
+            .builds_by_id_prefix(
+                &prefix,
+                owner_filter(p, None).as_deref(),
+                id_prefix::FETCH_LIMIT,
+            )
+            .await?
+            .into_iter()
+            .filter(|b| visible(b))
+            .map(|b| (b.build.id.clone(), b))
+            .collect();
+        Ok(id_prefix::pick("build", "build_id", id, matches)?)
     }
 
     fn with_position(&self, mut b: pb::Build) -> pb::Build {

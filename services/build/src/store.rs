@@ -234,6 +234,29 @@ impl Store {
         }
     }
 
+    /// Workspaces whose id starts with `prefix` (lower-case id characters only, see
+    /// `kiln_rpc::id_prefix`), of `owner` when given, newest first, at most `limit`.
+    pub async fn workspaces_by_id_prefix(
+        &self,
+        prefix: &str,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<WorkspaceRow>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM workspaces WHERE ");
+        push_id_prefix(&mut q, prefix);
+        if let Some(owner) = owner {
+            q.push(" AND owner = ").push_bind(owner.to_owned());
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(self.workspace_from_row(r).await?);
+        }
+        Ok(out)
+    }
+
     pub async fn workspace_by_request(
         &self,
         owner: &str,
@@ -420,6 +443,24 @@ impl Store {
         row.as_ref().map(Self::build_from_row).transpose()
     }
 
+    /// Builds whose id starts with `prefix` (see [`Self::workspaces_by_id_prefix`]).
+    pub async fn builds_by_id_prefix(
+        &self,
+        prefix: &str,
+        owner: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<BuildRow>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM builds WHERE ");
+        push_id_prefix(&mut q, prefix);
+        if let Some(owner) = owner {
+            q.push(" AND owner = ").push_bind(owner.to_owned());
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit);
+        let rows = q.build().fetch_all(&self.read).await?;
+        rows.iter().map(Self::build_from_row).collect()
+    }
+
     pub async fn build_by_request(
         &self,
         owner: &str,
@@ -525,6 +566,15 @@ fn push_cursor(q: &mut QueryBuilder<Sqlite>, before: &Option<(i64, String)>) {
 }
 
 /// Page tokens: the (created_at, id) of the last item, opaque to clients.
+/// `id >= prefix AND id < prefix + 1`: a prefix match that uses the primary key's index
+/// (LIKE would not, and would treat `_` and `%` as wildcards).
+fn push_id_prefix(q: &mut QueryBuilder<Sqlite>, prefix: &str) {
+    q.push("id >= ").push_bind(prefix.to_owned());
+    // `~` sorts after every character an id has, so `prefix~` is above every id that
+    // starts with `prefix` and below every other id above `prefix`.
+    q.push(" AND id < ").push_bind(format!("{prefix}~"));
+}
+
 pub fn page_token(created_at: i64, id: &str) -> String {
     format!("{created_at}.{id}")
 }
