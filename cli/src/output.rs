@@ -107,18 +107,21 @@ fn yaml(value: &Value) -> String {
     yaml_serde::to_string(value).unwrap_or_else(|_| format!("{value}\n"))
 }
 
+/// A timestamp for programs: RFC 3339 in UTC, with the fraction of a second when there
+/// is one (`2026-12-02T01:50:23.25Z`), so that durations computed from two of them are
+/// exact.
 pub fn time(t: Option<&prost_types::Timestamp>) -> Value {
     match t {
         Some(t) => {
-            let secs = t.seconds;
+            let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
             Value::String(
-                time::OffsetDateTime::from_unix_timestamp(secs)
+                time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
                     .ok()
                     .and_then(|d| {
                         d.format(&time::format_description::well_known::Rfc3339)
                             .ok()
                     })
-                    .unwrap_or_else(|| secs.to_string()),
+                    .unwrap_or_else(|| t.seconds.to_string()),
             )
         }
         None => Value::Null,
