@@ -277,6 +277,18 @@ fn json_prints_one_event_a_line_with_its_kind() {
         assert_eq!(line["sequence"], i as u64 + 1);
         assert_eq!(line["task_id"], TASK_ID);
     }
+    // Every event carries its time (RFC 3339, UTC).
+    assert_eq!(lines[0]["time"], "2023-11-14T22:13:21Z");
+    assert_eq!(lines[10]["time"], "2023-11-14T22:13:31Z");
+
+    // -o yaml: the same events, one YAML document each.
+    let output = run(&fake, config.path(), &["agent", "run", "p", "-o", "yaml"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let documents: Vec<serde_json::Value> =
+        yaml_serde::Deserializer::from_str(&text(&output.stdout))
+            .map(|doc| serde::Deserialize::deserialize(doc).expect("a YAML document"))
+            .collect();
+    assert_eq!(documents, lines);
     let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,

@@ -115,10 +115,14 @@ pub fn task(phase: pb::Phase) -> pb::Task {
     }
 }
 
+/// Event `sequence`, stamped one second after the one before, from 2023-11-14T22:13:20Z.
 pub fn event(sequence: u64, event: Event) -> pb::TaskEvent {
     pb::TaskEvent {
         sequence,
-        time: None,
+        time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000 + i64::try_from(sequence).unwrap_or(0),
+            nanos: 0,
+        }),
         event: Some(event),
     }
 }
