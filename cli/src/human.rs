@@ -56,6 +56,34 @@ pub fn ago_at(t: SystemTime, now: SystemTime) -> String {
     }
 }
 
+/// A time that may lie ahead (an expiry): `in 14 min`, or [`ago`] once it has passed.
+pub fn relative(t: Option<&prost_types::Timestamp>) -> String {
+    match t.and_then(to_system_time) {
+        Some(t) => relative_at(t, SystemTime::now()),
+        None => NONE.to_owned(),
+    }
+}
+
+/// [`relative`] as seen at `now`.
+pub fn relative_at(t: SystemTime, now: SystemTime) -> String {
+    match t.duration_since(now) {
+        Ok(ahead) if ahead.as_secs() >= 2 => {
+            let back = now - ahead;
+            // The same units as an age, said forwards.
+            format!("in {}", ago_at(back, now).trim_end_matches(" ago"))
+        }
+        _ => ago_at(t, now),
+    }
+}
+
+/// `2026-12-02 14:05:09 CET (in 14 min)`: for expiries in detail views.
+pub fn local_time_and_relative(t: Option<&prost_types::Timestamp>) -> String {
+    match t {
+        Some(_) => format!("{} ({})", local_time(t), relative(t)),
+        None => NONE.to_owned(),
+    }
+}
+
 /// A duration as people read them: `850 ms`, `1.2 s`, `42 s`, `3 min 5 s`, `2 h 10 min`.
 pub fn duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -167,6 +195,23 @@ mod tests {
         assert_eq!(at(3 * 86_400), "3 days ago");
         // A server clock ahead of ours: not "-3 s ago".
         assert_eq!(ago_at(now + Duration::from_secs(3), now), "just now");
+    }
+
+    #[test]
+    fn expiries_ahead_read_forwards() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            relative_at(now + Duration::from_secs(14 * 60 + 5), now),
+            "in 14 min"
+        );
+        assert_eq!(
+            relative_at(now + Duration::from_secs(3 * 86_400), now),
+            "in 3 days"
+        );
+        assert_eq!(
+            relative_at(now - Duration::from_secs(120), now),
+            "2 min ago"
+        );
     }
 
     #[test]

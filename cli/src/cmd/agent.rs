@@ -359,6 +359,23 @@ fn print_task(t: &pb::Task) {
         or_dash(&t.model)
     );
     println!("  workspace: {}", or_dash(&t.workspace_id));
+    println!("  owner: {}", or_dash(&t.owner));
+    println!(
+        "  created: {}",
+        crate::human::local_time_and_age(t.created_at.as_ref())
+    );
+    if t.finished_at.is_some() {
+        println!(
+            "  finished: {} after {}",
+            crate::human::local_time_and_age(t.finished_at.as_ref()),
+            crate::human::between(t.created_at.as_ref(), t.finished_at.as_ref())
+        );
+    }
+    if !t.labels.is_empty() {
+        let mut labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!("  labels: {}", labels.join(", "));
+    }
     if !t.steps.is_empty() {
         let steps: Vec<String> = t
             .steps

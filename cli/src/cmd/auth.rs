@@ -147,10 +147,11 @@ pub async fn whoami(ctx: &Context) -> anyhow::Result<()> {
                     .to_lowercase()
                     .replace('_', " ")
             );
-            if let serde_json::Value::String(at) =
-                crate::output::time(principal.expires_at.as_ref())
-            {
-                println!("  expires:   {at}");
+            if principal.expires_at.is_some() {
+                println!(
+                    "  expires:   {}",
+                    crate::human::local_time_and_relative(principal.expires_at.as_ref())
+                );
             }
         }
     }

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{collect_pages, parse_duration, parse_role, proto_duration, rpc_error};
 use crate::context::Context;
-use crate::output::{OutputFormat, api_key_json, print_json, role_name, time};
+use crate::output::{OutputFormat, api_key_json, print_json, role_name};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -98,21 +98,21 @@ pub async fn run(ctx: &Context, command: KeysCommand) -> anyhow::Result<()> {
                 }
                 OutputFormat::Text => {
                     println!(
-                        "{:<38} {:<20} {:<7} {:<22} STATE",
+                        "{:<38} {:<20} {:<7} {:<24} STATE",
                         "ID", "NAME", "ROLE", "EXPIRES"
                     );
                     for k in &keys {
-                        let expires = time(k.expires_at.as_ref())
-                            .as_str()
-                            .unwrap_or("never")
-                            .to_owned();
+                        let expires = match &k.expires_at {
+                            Some(_) => crate::human::local_time(k.expires_at.as_ref()),
+                            None => "never".to_owned(),
+                        };
                         let state = if k.revoked_at.is_some() {
                             "revoked"
                         } else {
                             "active"
                         };
                         println!(
-                            "{:<38} {:<20} {:<7} {:<22} {state}",
+                            "{:<38} {:<20} {:<7} {:<24} {state}",
                             k.id,
                             k.name,
                             role_name(k.role),
