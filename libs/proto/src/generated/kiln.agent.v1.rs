@@ -141,7 +141,7 @@ pub struct StartTaskRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchTaskRequest {
-    /// The task's id.
+    /// The task's id, or a unique prefix of it (see "Ids by prefix" on AgentService).
     #[prost(string, tag = "1")]
     pub task_id: ::prost::alloc::string::String,
     /// Stream events with a sequence greater than this. 0 (the default): from the first
@@ -153,7 +153,7 @@ pub struct WatchTaskRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetTaskRequest {
-    /// The task's id.
+    /// The task's id, or a unique prefix of it (see "Ids by prefix" on AgentService).
     #[prost(string, tag = "1")]
     pub task_id: ::prost::alloc::string::String,
 }
@@ -200,7 +200,7 @@ pub struct ListTasksResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CancelTaskRequest {
-    /// The task's id.
+    /// The task's id, or a unique prefix of it (see "Ids by prefix" on AgentService).
     #[prost(string, tag = "1")]
     pub task_id: ::prost::alloc::string::String,
 }
@@ -630,6 +630,10 @@ pub mod agent_service_client {
     /// Errors use the standard gRPC codes with rich details (`google.rpc.BadRequest` field
     /// violations, `google.rpc.ErrorInfo{reason, domain: "kiln.dev"}`). A user (role USER)
     /// touching another user's task gets NOT_FOUND.
+    ///
+    /// Ids by prefix: a `task_id` may be a unique prefix of the task's id (at least 4
+    /// characters, matched among the tasks the caller may see), with the rules and errors of
+    /// BuildService's (AMBIGUOUS_ID, ID_PREFIX_TOO_SHORT).
     #[derive(Debug, Clone)]
     pub struct AgentServiceClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -1008,6 +1012,10 @@ pub mod agent_service_server {
     /// Errors use the standard gRPC codes with rich details (`google.rpc.BadRequest` field
     /// violations, `google.rpc.ErrorInfo{reason, domain: "kiln.dev"}`). A user (role USER)
     /// touching another user's task gets NOT_FOUND.
+    ///
+    /// Ids by prefix: a `task_id` may be a unique prefix of the task's id (at least 4
+    /// characters, matched among the tasks the caller may see), with the rules and errors of
+    /// BuildService's (AMBIGUOUS_ID, ID_PREFIX_TOO_SHORT).
     #[derive(Debug)]
     pub struct AgentServiceServer<T> {
         inner: Arc<T>,

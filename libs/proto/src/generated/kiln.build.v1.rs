@@ -78,7 +78,8 @@ pub struct CreateWorkspaceRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetWorkspaceRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
 }
@@ -119,7 +120,8 @@ pub struct ListWorkspacesResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WriteFilesRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// Files to create or replace, at most 10000; paths must be unique.
@@ -165,7 +167,8 @@ pub struct FileInfo {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListFilesRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// Only entries under this directory (a path following the path rules). Empty: the whole
@@ -195,7 +198,8 @@ pub struct ListFilesResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadFileRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// The file's path.
@@ -278,7 +282,8 @@ pub struct UploadArchiveResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DownloadArchiveRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
     /// The archive's encoding. Default: ARCHIVE_FORMAT_TAR.
@@ -301,7 +306,8 @@ pub struct DownloadArchiveResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteWorkspaceRequest {
-    /// The workspace's id, or the name of one of the caller's own workspaces.
+    /// The workspace's id, the name of one of the caller's own workspaces, or a unique
+    /// prefix of an id (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub workspace_id: ::prost::alloc::string::String,
 }
@@ -473,7 +479,7 @@ pub struct StartBuildRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchBuildRequest {
-    /// The build's id.
+    /// The build's id, or a unique prefix of it (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub build_id: ::prost::alloc::string::String,
     /// Stream events with a sequence greater than this. 0 (the default): from the first
@@ -485,7 +491,7 @@ pub struct WatchBuildRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetBuildRequest {
-    /// The build's id.
+    /// The build's id, or a unique prefix of it (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub build_id: ::prost::alloc::string::String,
 }
@@ -532,7 +538,7 @@ pub struct ListBuildsResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CancelBuildRequest {
-    /// The build's id.
+    /// The build's id, or a unique prefix of it (see "Ids by prefix" on BuildService).
     #[prost(string, tag = "1")]
     pub build_id: ::prost::alloc::string::String,
     /// Time between SIGTERM and SIGKILL to the running step's process group. Unset: the
@@ -1047,6 +1053,15 @@ pub mod build_service_client {
     /// queue limit is hit. Ownership: a user (role USER) touching another user's workspace or
     /// build gets NOT_FOUND, not PERMISSION_DENIED; viewers and admins may read everything and
     /// admins may change everything.
+    ///
+    /// Ids by prefix: wherever a request names a build or a workspace (`build_id`,
+    /// `workspace_id`, except the filters of the List RPCs), a unique prefix of its id will
+    /// do, like docker's: at least 4 characters of lower-case hex digits and `-`, matched only
+    /// among what the caller may see (another user's builds neither match nor make a prefix
+    /// ambiguous). A workspace name is tried before a prefix. No match: NOT_FOUND. Several:
+    /// INVALID_ARGUMENT (reason AMBIGUOUS_ID) naming up to 5 candidates in the message and in
+    /// ErrorInfo metadata `candidates`. Fewer than 4 characters: INVALID_ARGUMENT (reason
+    /// ID_PREFIX_TOO_SHORT). Responses always carry whole ids.
     ///
     /// Path rules (every `path` below): relative, `/`-separated, UTF-8, no empty, `.` or `..`
     /// component, no leading `/`, no NUL, at most 1024 bytes in total and 255 bytes per
@@ -1817,6 +1832,15 @@ pub mod build_service_server {
     /// queue limit is hit. Ownership: a user (role USER) touching another user's workspace or
     /// build gets NOT_FOUND, not PERMISSION_DENIED; viewers and admins may read everything and
     /// admins may change everything.
+    ///
+    /// Ids by prefix: wherever a request names a build or a workspace (`build_id`,
+    /// `workspace_id`, except the filters of the List RPCs), a unique prefix of its id will
+    /// do, like docker's: at least 4 characters of lower-case hex digits and `-`, matched only
+    /// among what the caller may see (another user's builds neither match nor make a prefix
+    /// ambiguous). A workspace name is tried before a prefix. No match: NOT_FOUND. Several:
+    /// INVALID_ARGUMENT (reason AMBIGUOUS_ID) naming up to 5 candidates in the message and in
+    /// ErrorInfo metadata `candidates`. Fewer than 4 characters: INVALID_ARGUMENT (reason
+    /// ID_PREFIX_TOO_SHORT). Responses always carry whole ids.
     ///
     /// Path rules (every `path` below): relative, `/`-separated, UTF-8, no empty, `.` or `..`
     /// component, no leading `/`, no NUL, at most 1024 bytes in total and 255 bytes per
