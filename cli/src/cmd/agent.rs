@@ -63,6 +63,7 @@ pub enum AgentCommand {
         from_start: bool,
     },
     /// List tasks, newest first.
+    #[command(visible_alias = "ls")]
     List {
         /// QUEUED, ANALYZE, PLAN, GENERATE, VALIDATE, BUILD, FIX, DONE, FAILED or
         /// CANCELLED; repeat for several.

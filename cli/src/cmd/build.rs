@@ -50,6 +50,7 @@ pub enum BuildCommand {
         progress: ProgressMode,
     },
     /// List builds.
+    #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         workspace: Option<String>,

@@ -4,11 +4,16 @@ pub mod agent;
 pub mod auth;
 pub mod build;
 pub mod build_follow;
+pub mod client_config;
+pub mod completion;
 pub mod keys;
+pub mod passwd;
+pub mod password;
 pub mod progress;
 pub mod reconnect;
 pub mod terminal;
 pub mod users;
+pub mod version;
 pub mod workspace;
 
 use std::future::Future;
