@@ -58,7 +58,7 @@ enum Command {
     /// Workspaces: create (from a directory), push, list, cat, download, delete.
     #[command(subcommand, alias = "ws")]
     Workspace(cmd::workspace::WorkspaceCommand),
-    /// Builds: run (and stream), watch, list, get, cancel.
+    /// Builds: run (and stream), watch, logs, list, get, cancel; the build policy.
     #[command(subcommand)]
     Build(cmd::build::BuildCommand),
     /// The LLM agent: run (and stream), watch, list, get, cancel tasks; the models.

@@ -65,6 +65,10 @@ pub enum BuildCommand {
     },
     /// Show one build.
     Get { build_id: String },
+    /// Print a build's output (stdout to stdout, stderr to stderr), like `docker logs`.
+    Logs(super::build_logs::LogsArgs),
+    /// The rules builds run under here: sandbox, allowed programs, limits, queues.
+    Policy,
     /// Cancel a build: SIGTERM to the step, SIGKILL after the grace period.
     Cancel {
         build_id: String,
@@ -116,6 +120,8 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
     let mut client = BuildServiceClient::new(ctx.authenticated().await?);
     match command {
         BuildCommand::Run(args) => run_build(ctx, &mut client, args).await,
+        BuildCommand::Logs(args) => super::build_logs::run(ctx, &mut client, args).await,
+        BuildCommand::Policy => super::build_policy::run(ctx, &mut client).await,
         BuildCommand::Watch {
             build_id,
             from_start,

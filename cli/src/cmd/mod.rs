@@ -4,6 +4,8 @@ pub mod agent;
 pub mod auth;
 pub mod build;
 pub mod build_follow;
+pub mod build_logs;
+pub mod build_policy;
 pub mod client_config;
 pub mod completion;
 pub mod keys;

@@ -37,7 +37,15 @@ pub async fn run(ctx: &Context, args: PasswdArgs) -> anyhow::Result<()> {
             new_password,
         })
         .await
-        .map_err(|s| rpc_error(ctx, s))?
+        .map_err(|status| {
+            // The generic message for this reason is about logging in; here it means
+            // the one password the user typed first.
+            if kiln_rpc::RemoteError::from_status(&status).reason == "INVALID_CREDENTIALS" {
+                anyhow::anyhow!("the current password is wrong; the password was not changed")
+            } else {
+                rpc_error(ctx, status)
+            }
+        })?
         .into_inner()
         .revoked_sessions;
     match ctx.output {
