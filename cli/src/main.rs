@@ -3,13 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod archive;
 mod cmd;
 mod config;
 mod context;
 mod health;
+mod help;
 mod logging;
 mod output;
 mod transport;
@@ -75,7 +76,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Up(args) => return up::run(args).await,
         Command::Config(command) => return cmd::client_config::run(&cli.client, command),
         Command::Completion(args) => {
-            return cmd::completion::print(&args, &mut Cli::command()).map(|()| 0);
+            return cmd::completion::print(&args, &mut command()).map(|()| 0);
         }
         _ => {}
     }
@@ -98,8 +99,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// The command tree as users see it: the derive's, with [`help`]'s examples and headings.
+fn command() -> clap::Command {
+    help::teach(Cli::command())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|err| err.exit());
     // Client commands log only warnings unless asked: their output is the result.
     let default_level = if matches!(cli.command, Command::Up(_)) {
         "info"

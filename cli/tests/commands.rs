@@ -762,3 +762,36 @@ fn every_noun_lists_with_list_and_ls_and_deletes_with_delete_and_rm() {
         }
     }
 }
+
+#[test]
+fn help_has_examples_groups_global_flags_and_up_shows_only_server_flags() {
+    let help = |args: &[&str]| {
+        let out = Offline.command(args).output().expect("kiln");
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let logs = help(&["build", "logs", "--help"]);
+    let own = logs.find("--follow").expect("own flag");
+    let global = logs
+        .find("Global options:")
+        .expect("a heading for the global flags");
+    let endpoint = logs.find("--endpoint").expect("global flag");
+    assert!(own < global && global < endpoint, "{logs}");
+    assert!(logs.contains("Examples:\n  kiln build logs "), "{logs}");
+    // Exit codes stay next to the examples.
+    let run = help(&["agent", "run", "--help"]);
+    assert!(
+        run.contains("130 when it ends CANCELLED") && run.contains("Examples:"),
+        "{run}"
+    );
+
+    let up = help(&["up", "--help"]);
+    assert!(up.contains("--listen") && up.contains("--data-dir"), "{up}");
+    for client_flag in ["--endpoint", "--ca ", "--output"] {
+        assert!(
+            !up.contains(client_flag),
+            "{client_flag} in `kiln up --help`: {up}"
+        );
+    }
+    assert!(up.contains("Examples:\n  kiln up"), "{up}");
+}

@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn timestamps_are_utc_with_milliseconds() {
         let t = prost_types::Timestamp {
-            seconds: 1_796_262_623,
+            seconds: 1_796_176_223,
             nanos: 123_456_789,
         };
         assert_eq!(rfc3339_millis(Some(&t)), "2026-12-02T01:50:23.123Z");

@@ -37,7 +37,10 @@ pub enum KeysCommand {
     },
     /// Revoke an API key by id (it stays listed with --all).
     #[command(visible_aliases = ["delete", "rm"])]
-    Revoke { id: String },
+    Revoke {
+        /// The key's id (see `kiln keys list`).
+        id: String,
+    },
 }
 
 pub async fn run(ctx: &Context, command: KeysCommand) -> anyhow::Result<()> {
