@@ -379,8 +379,7 @@ fn on_a_terminal(cli: &Cli<'_>, args: &[&str], answers: &[(&str, &str)]) -> (i32
             }
         })
     };
-    let mut typed = 0;
-    for (prompt, answer) in answers {
+    for (typed, (prompt, answer)) in answers.iter().enumerate() {
         eventually(Duration::from_secs(20), prompt, || {
             screen(&buffer).matches(prompt).count()
                 > answers[..typed].iter().filter(|(p, _)| p == prompt).count()
@@ -394,7 +393,6 @@ fn on_a_terminal(cli: &Cli<'_>, args: &[&str], answers: &[(&str, &str)]) -> (i32
         master
             .write_all(format!("{answer}\n").as_bytes())
             .expect("typed");
-        typed += 1;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

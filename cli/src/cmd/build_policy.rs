@@ -114,7 +114,7 @@ const LIMITS: &[LimitRow] = &[
 ];
 
 fn limits_json(limits: Option<&pb::Limits>) -> Value {
-    let limits = limits.cloned().unwrap_or_default();
+    let limits = limits.copied().unwrap_or_default();
     LIMITS
         .iter()
         .map(|row| {
@@ -181,8 +181,8 @@ fn describe(p: &pb::GetPolicyResponse) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "{:<24} {:>10} {:>10}", "LIMIT", "DEFAULT", "MAX");
     let (defaults, max) = (
-        p.default_limits.clone().unwrap_or_default(),
-        p.max_limits.clone().unwrap_or_default(),
+        p.default_limits.unwrap_or_default(),
+        p.max_limits.unwrap_or_default(),
     );
     for row in LIMITS {
         let show = |limits: &pb::Limits| (row.value)(limits).map_or("-".to_owned(), |v| v.text());
