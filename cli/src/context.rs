@@ -43,7 +43,11 @@ pub struct ClientArgs {
 }
 
 /// `<config dir>/kiln/config.toml`.
+///
+/// An unknown key is an error naming it (a typo such as `endpont` must not silently fall
+/// back to the default endpoint).
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub endpoint: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -80,6 +84,18 @@ pub fn config_dir() -> PathBuf {
     dirs::config_dir().map_or_else(|| PathBuf::from(".kiln-config"), |d| d.join("kiln"))
 }
 
+/// The client config file in `config_dir`.
+pub fn config_file_path(config_dir: &Path) -> PathBuf {
+    config_dir.join("config.toml")
+}
+
+/// The development CA of `kiln up` on this machine, when it exists (the last fallback
+/// for `--ca`).
+pub fn dev_ca() -> Option<PathBuf> {
+    let dev = crate::up::default_data_dir().join("pki/ca.pem");
+    dev.exists().then_some(dev)
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -91,7 +107,7 @@ pub fn timestamp_secs(t: Option<&prost_types::Timestamp>) -> u64 {
 impl Context {
     pub fn resolve(args: &ClientArgs) -> anyhow::Result<Self> {
         let config_dir = config_dir();
-        let file = read_config(&config_dir.join("config.toml"))?;
+        let file = read_config(&config_file_path(&config_dir))?;
         let endpoint = args
             .endpoint
             .clone()
@@ -102,10 +118,7 @@ impl Context {
         } else {
             format!("https://{endpoint}")
         };
-        let ca_path = args.ca.clone().or(file.ca_file).or_else(|| {
-            let dev = crate::up::default_data_dir().join("pki/ca.pem");
-            dev.exists().then_some(dev)
-        });
+        let ca_path = args.ca.clone().or(file.ca_file).or_else(dev_ca);
         let ca_pem = ca_path.as_deref().map(read_ca).transpose()?;
         let output = args.output.or(file.output).unwrap_or_default().apply();
         Ok(Self {
@@ -152,7 +165,10 @@ impl Context {
     /// token), else the saved login, refreshed first if it is about to expire.
     pub async fn authenticated(&self) -> anyhow::Result<KilnChannel> {
         let token = match std::env::var("KILN_TOKEN").ok().filter(|t| !t.is_empty()) {
-            Some(token) => token,
+            Some(token) => {
+                self.warn_if_token_overrides_login();
+                token
+            }
             None => self.fresh_access_token().await?,
         };
         self.client()
@@ -160,6 +176,20 @@ impl Context {
             .connect()
             .await
             .map_err(|e| self.connect_error(e))
+    }
+
+    /// KILN_TOKEN wins over a saved login; say so, or a user who logged in as someone
+    /// else wonders why commands run as the token's principal. A broken credentials file
+    /// is not this command's business (KILN_TOKEN does not need it), so it is ignored here.
+    fn warn_if_token_overrides_login(&self) {
+        if let Ok(store) = CredentialStore::load(&self.config_dir)
+            && let Some(saved) = store.entries.get(&self.endpoint)
+        {
+            eprintln!(
+                "warning: KILN_TOKEN is set: using it instead of the saved login of {} at {} (unset KILN_TOKEN to use the login)",
+                saved.username, self.endpoint
+            );
+        }
     }
 
     async fn fresh_access_token(&self) -> anyhow::Result<String> {
@@ -228,7 +258,7 @@ impl Context {
 
 /// The CA file's PEM, refusing a missing file or one without a certificate in it with
 /// an error that names the file (not a TLS failure later).
-fn read_ca(path: &Path) -> anyhow::Result<String> {
+pub fn read_ca(path: &Path) -> anyhow::Result<String> {
     let pem = match std::fs::read_to_string(path) {
         Ok(pem) => pem,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -256,7 +286,7 @@ fn read_ca(path: &Path) -> anyhow::Result<String> {
     Ok(pem)
 }
 
-fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+pub fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     match std::fs::read_to_string(path) {
         Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),

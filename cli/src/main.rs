@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod archive;
 mod cmd;
@@ -11,6 +11,7 @@ mod config;
 mod context;
 mod health;
 mod human;
+mod help;
 mod logging;
 mod output;
 mod transport;
@@ -39,13 +40,15 @@ enum Command {
     Up(up::UpArgs),
     /// Ask a kiln endpoint whether each service is SERVING (gRPC health).
     Health,
-    /// The `kiln up` configuration file: check one, or print the documented defaults.
+    /// Settings: the client's (view, set, unset) and `kiln up`'s file (check, example).
     #[command(subcommand)]
-    Config(up::ConfigCommand),
+    Config(cmd::client_config::ConfigCommand),
     /// Log in and keep the tokens for later commands (refreshed on their own).
     Login(cmd::auth::LoginArgs),
     /// End this session and forget its tokens.
     Logout(cmd::auth::LogoutArgs),
+    /// Change your own password; your other sessions end.
+    Passwd(cmd::passwd::PasswdArgs),
     /// Who the saved login (or KILN_TOKEN) is.
     Whoami,
     /// API keys: create, list, revoke.
@@ -54,29 +57,40 @@ enum Command {
     /// Users (admins): create, list, update, delete.
     #[command(subcommand)]
     Users(cmd::users::UsersCommand),
-    /// Workspaces: create (from a directory), push, ls, cat, download, rm.
+    /// Workspaces: create (from a directory), push, list, cat, download, delete.
     #[command(subcommand, alias = "ws")]
     Workspace(cmd::workspace::WorkspaceCommand),
-    /// Builds: run (and stream), watch, list, get, cancel.
+    /// Builds: run (and stream), watch, logs, list, get, cancel; the build policy.
     #[command(subcommand)]
     Build(cmd::build::BuildCommand),
     /// The LLM agent: run (and stream), watch, list, get, cancel tasks; the models.
     #[command(subcommand)]
     Agent(cmd::agent::AgentCommand),
+    /// This client's version and, when it answers, the server's.
+    Version(cmd::version::VersionArgs),
+    /// A shell completion script: `source <(kiln completion bash)`.
+    Completion(cmd::completion::CompletionArgs),
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Up(args) => return up::run(args).await,
-        Command::Config(command) => return up::config(command),
+        Command::Config(command) => return cmd::client_config::run(&cli.client, command),
+        Command::Completion(args) => {
+            return cmd::completion::print(&args, &mut command()).map(|()| 0);
+        }
         _ => {}
     }
     let ctx = Context::resolve(&cli.client)?;
     match cli.command {
-        Command::Up(_) | Command::Config(_) => unreachable!("handled above"),
+        Command::Up(_) | Command::Config(_) | Command::Completion(_) => {
+            unreachable!("handled above")
+        }
+        Command::Version(args) => cmd::version::run(&ctx, args).await,
         Command::Health => health::run(&ctx).await,
         Command::Login(args) => cmd::auth::login(&ctx, args).await.map(|()| 0),
         Command::Logout(args) => cmd::auth::logout(&ctx, args).await.map(|()| 0),
+        Command::Passwd(args) => cmd::passwd::run(&ctx, args).await.map(|()| 0),
         Command::Whoami => cmd::auth::whoami(&ctx).await.map(|()| 0),
         Command::Keys(command) => cmd::keys::run(&ctx, command).await.map(|()| 0),
         Command::Users(command) => cmd::users::run(&ctx, command).await.map(|()| 0),
@@ -86,8 +100,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// The command tree as users see it: the derive's, with [`help`]'s examples and headings.
+fn command() -> clap::Command {
+    help::teach(Cli::command())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|err| err.exit());
     // Client commands log only warnings unless asked: their output is the result.
     let default_level = if matches!(cli.command, Command::Up(_)) {
         "info"

@@ -117,7 +117,10 @@ pub struct UpArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum ConfigCommand {
     /// Validate a configuration file and print the effective settings (JSON).
-    Check { file: PathBuf },
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
     /// Print a configuration file with every setting at its default, documented.
     Example,
 }

@@ -56,12 +56,14 @@ pub enum AgentCommand {
     /// Follow a task from where this terminal left off.
     #[command(after_help = EXIT_CODES)]
     Watch {
+        /// The task's id.
         task_id: String,
         /// Replay from the first event instead.
         #[arg(long)]
         from_start: bool,
     },
     /// List tasks, newest first.
+    #[command(visible_alias = "ls")]
     List {
         /// QUEUED, ANALYZE, PLAN, GENERATE, VALIDATE, BUILD, FIX, DONE, FAILED or
         /// CANCELLED; repeat for several.
@@ -77,9 +79,15 @@ pub enum AgentCommand {
         paging: PageArgs,
     },
     /// Show one task.
-    Get { task_id: String },
+    Get {
+        /// The task's id.
+        task_id: String,
+    },
     /// Cancel a task: the model call in flight is abandoned, a running build cancelled.
-    Cancel { task_id: String },
+    Cancel {
+        /// The task's id.
+        task_id: String,
+    },
     /// The models the server's LLM provider offers (the default marked with *).
     Models,
 }

@@ -41,6 +41,7 @@ pub enum BuildCommand {
     /// Exits like `run` when the build ends; Ctrl-C stops watching (exit 75) and the
     /// build goes on.
     Watch {
+        /// The build's id.
         build_id: String,
         /// Replay from the first event instead.
         #[arg(long)]
@@ -52,22 +53,32 @@ pub enum BuildCommand {
     },
     /// List builds, newest first: ID, STATE, AGE, DURATION, COMMAND (and OWNER for an
     /// admin, or when some build is not yours).
-    #[command(alias = "ls")]
+    #[command(visible_alias = "ls")]
     List {
+        /// Only builds in this workspace (id or name).
         #[arg(long)]
         workspace: Option<String>,
         /// QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT or INTERRUPTED.
         #[arg(long)]
         state: Vec<String>,
+        /// Only builds with this label `key=value`; repeat for several (all must match).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
         #[command(flatten)]
         paging: PageArgs,
     },
     /// Show one build.
-    Get { build_id: String },
+    Get {
+        /// The build's id.
+        build_id: String,
+    },
+    /// Print a build's output (stdout to stdout, stderr to stderr), like `docker logs`.
+    Logs(super::build_logs::LogsArgs),
+    /// The rules builds run under here: sandbox, allowed programs, limits, queues.
+    Policy,
     /// Cancel a build: SIGTERM to the step, SIGKILL after the grace period.
     Cancel {
+        /// The build's id.
         build_id: String,
         /// Time between SIGTERM and SIGKILL, e.g. 2s (at most 60s). Default: the
         /// server's `build.sandbox.kill_grace`.
@@ -95,6 +106,7 @@ pub struct RunArgs {
     /// Wall-clock limit of the build, e.g. 10m.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// A label `key=value` for finding the build later; repeat for several.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Start the build and return at once with its id.
@@ -117,6 +129,8 @@ pub async fn run(ctx: &Context, command: BuildCommand) -> anyhow::Result<i32> {
     let mut client = BuildServiceClient::new(ctx.authenticated().await?);
     match command {
         BuildCommand::Run(args) => run_build(ctx, &mut client, args).await,
+        BuildCommand::Logs(args) => super::build_logs::run(ctx, &mut client, args).await,
+        BuildCommand::Policy => super::build_policy::run(ctx, &mut client).await,
         BuildCommand::Watch {
             build_id,
             from_start,

@@ -14,9 +14,10 @@ pub enum KeysCommand {
     Create {
         /// A name to recognise the key by.
         name: String,
-        /// The key's role (at most your own): viewer, user or admin. Default: your role.
-        #[arg(long, value_parser = parse_role)]
-        role: Option<pb::Role>,
+        /// The key's role: viewer, user or admin, at most your own. Default: viewer, the
+        /// least; a key that starts builds needs `--role user`.
+        #[arg(long, value_parser = parse_role, default_value = "viewer")]
+        role: pb::Role,
         /// Lifetime, e.g. 30d or 12h. Default: no expiry.
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<std::time::Duration>,
@@ -25,6 +26,7 @@ pub enum KeysCommand {
         user_id: Option<String>,
     },
     /// List API keys.
+    #[command(visible_alias = "ls")]
     List {
         /// Another user's keys (admins only).
         #[arg(long)]
@@ -33,8 +35,12 @@ pub enum KeysCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Revoke an API key by id.
-    Revoke { id: String },
+    /// Revoke an API key by id (it stays listed with --all).
+    #[command(visible_aliases = ["delete", "rm"])]
+    Revoke {
+        /// The key's id (see `kiln keys list`).
+        id: String,
+    },
 }
 
 pub async fn run(ctx: &Context, command: KeysCommand) -> anyhow::Result<()> {
@@ -49,7 +55,7 @@ pub async fn run(ctx: &Context, command: KeysCommand) -> anyhow::Result<()> {
             let response = auth
                 .create_api_key(pb::CreateApiKeyRequest {
                     name,
-                    role: role.map_or(0, |r| r as i32),
+                    role: role as i32,
                     ttl: ttl.map(proto_duration),
                     user_id,
                     request_id: uuid::Uuid::new_v4().to_string(),

@@ -52,6 +52,7 @@ pub enum WorkspaceCommand {
         verbose: bool,
     },
     /// List workspaces, or the files of one workspace.
+    #[command(name = "list", visible_alias = "ls")]
     Ls {
         /// A workspace (id or name): list its files instead.
         workspace: Option<String>,
@@ -90,6 +91,7 @@ pub enum WorkspaceCommand {
         force: bool,
     },
     /// Delete a workspace (refused while a build runs on it).
+    #[command(name = "delete", visible_alias = "rm")]
     Rm {
         /// The workspace (id or name).
         workspace: String,

@@ -40,6 +40,12 @@ const LONG_LIVED_UNAUTHENTICATED: &[&str] = &[
 /// The `x-request-id` header, echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The `kiln-version` header: the suite's version on every response, refusals
+/// included, so `kiln version` learns it from a health check without logging in. Public
+/// on purpose, as Kubernetes' `/version` is: the version helps people match clients to
+/// servers, and hiding it would not stop anyone who can reach the port from probing.
+pub const VERSION_HEADER: &str = "kiln-version";
+
 /// The id of one request: the client's `x-request-id` when it sent a sane one, else a
 /// fresh UUID. In the request extensions and on the response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,6 +343,9 @@ where
                     }
                 };
                 response.headers_mut().insert(REQUEST_ID_HEADER, request_id.0);
+                response
+                    .headers_mut()
+                    .insert(VERSION_HEADER, HeaderValue::from_static(env!("CARGO_PKG_VERSION")));
                 tracing::debug!(
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()),
