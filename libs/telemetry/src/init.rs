@@ -91,10 +91,7 @@ impl Drop for TelemetryGuard {
 /// Logs and traces are filtered separately: a CLI that logs only warnings still
 /// exports its INFO spans.
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
-    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]));
+    install_propagator();
     let export = config.trace_export();
     let counts = Arc::new(ExportCounts::default());
     let provider = match &export {
@@ -139,6 +136,16 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         counts,
         export,
     })
+}
+
+/// Makes W3C trace context and baggage the process's propagation format (what
+/// [`crate::inject_current`] writes and [`crate::extract`] reads). [`init`] does this;
+/// tests with a subscriber of their own call it directly.
+pub fn install_propagator() {
+    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;

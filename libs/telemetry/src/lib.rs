@@ -21,6 +21,6 @@ mod layer;
 mod propagation;
 
 pub use config::{DEFAULT_TRACE_FILTER, LogFormat, TelemetryConfig, TraceExport, env};
-pub use init::{TelemetryError, TelemetryGuard, init};
+pub use init::{TelemetryError, TelemetryGuard, init, install_propagator};
 pub use layer::{TraceContextLayer, TraceContextService};
 pub use propagation::{TraceParent, current_trace_id, extract, inject_current};
