@@ -389,3 +389,30 @@ async fn a_collector_that_hangs_slows_no_request_and_dropped_spans_are_counted()
         "200 calls' spans against a queue of 16: {dropped}"
     );
 }
+
+#[test]
+fn an_otlp_endpoint_that_is_not_a_url_is_refused_at_start_from_the_flag_or_the_file() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let file = data.path().join("kiln.toml");
+    std::fs::write(&file, "[telemetry]\notlp_endpoint = \"collector:4317\"\n").expect("write");
+    let flag = ["--otlp-endpoint", "127.0.0.1:4317"];
+    let config = ["--config", file.to_str().expect("utf-8")];
+    for args in [&flag[..], &config[..]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path().join("data"))
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("KILN_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains("must be an http:// or https:// URL"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
