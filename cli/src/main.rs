@@ -4,16 +4,17 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use tracing::Instrument;
 
 mod archive;
 mod cmd;
 mod config;
 mod context;
 mod health;
-mod human;
 mod help;
-mod logging;
+mod human;
 mod output;
+mod telemetry;
 mod transport;
 mod up;
 
@@ -25,7 +26,11 @@ use context::{ClientArgs, Context};
 struct Cli {
     /// Log format: `auto` (readable on a terminal, JSON otherwise), `text` or `json`.
     #[arg(long, global = true, env = "KILN_LOG_FORMAT", default_value = "auto")]
-    log_format: logging::LogFormat,
+    log_format: telemetry::LogFormat,
+
+    /// Print this command's trace id (stderr), to find its spans in the services' traces.
+    #[arg(long, global = true)]
+    trace: bool,
 
     #[command(flatten)]
     client: ClientArgs,
@@ -106,14 +111,11 @@ fn command() -> clap::Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|err| err.exit());
-    // Client commands log only warnings unless asked: their output is the result.
-    let default_level = if matches!(cli.command, Command::Up(_)) {
-        "info"
-    } else {
-        "warn"
+    let matches = command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
     };
-    logging::init(cli.log_format, default_level);
     // Before any thread exists: every build step starts with a clone of this process.
     kiln_sandbox::keep_spawns_cheap();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -126,10 +128,58 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if !matches!(cli.command, Command::Up(_)) {
+    let is_up = matches!(cli.command, Command::Up(_));
+    let otlp_endpoint = match &cli.command {
+        Command::Up(args) => match up::otlp_endpoint(args) {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                eprintln!("kiln: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let setup = telemetry::Setup {
+        service_name: if is_up {
+            telemetry::SUITE_SERVICE_NAME
+        } else {
+            telemetry::CLI_SERVICE_NAME
+        },
+        log_format: cli.log_format,
+        // Client commands log only warnings unless asked: their output is the result.
+        default_level: if is_up { "info" } else { "warn" },
+        otlp_endpoint,
+        trace: cli.trace,
+    };
+    // Inside the runtime: the OTLP exporter's connection is made on it.
+    let mut guard = match runtime.block_on(async { telemetry::init(setup) }) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("kiln: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !is_up {
         quiet_on_closed_pipe();
     }
-    match runtime.block_on(dispatch(cli)) {
+    let result = if is_up {
+        runtime.block_on(dispatch(cli))
+    } else {
+        // One trace per client command, named like the command line ("kiln build run").
+        let name = command_name(&matches);
+        let span = tracing::info_span!("kiln", otel.name = %name, otel.kind = "client");
+        if cli.trace {
+            match span.in_scope(kiln_telemetry::current_trace_id) {
+                Some(id) => eprintln!("kiln: trace {id}"),
+                None => eprintln!("kiln: no trace id (tracing is disabled: OTEL_SDK_DISABLED)"),
+            }
+        }
+        runtime.block_on(dispatch(cli).instrument(span))
+    };
+    // The spans still queued go out now, while the runtime (the exporter's connection)
+    // is alive; with the collector down this waits at most the export timeout.
+    guard.shutdown();
+    match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(err) if is_broken_pipe(&err) => ExitCode::from(CLOSED_PIPE),
         Err(err) => {
@@ -137,6 +187,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// "kiln build run": the subcommands named on the command line.
+fn command_name(matches: &clap::ArgMatches) -> String {
+    let mut name = String::from("kiln");
+    let mut current = matches;
+    while let Some((sub, next)) = current.subcommand() {
+        name.push(' ');
+        name.push_str(sub);
+        current = next;
+    }
+    name
 }
 
 /// The exit status when the reader of stdout went away (`kiln build list | head -1`):

@@ -111,6 +111,39 @@ pub struct UpArgs {
     /// The model a task uses when it names none. Default: the provider's first model.
     #[arg(long, env = "KILN_LLM_DEFAULT_MODEL")]
     llm_model: Option<String>,
+
+    /// OTLP gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317. Default:
+    /// `[telemetry] otlp_endpoint`, else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, else none (no export).
+    #[arg(long, env = "KILN_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+}
+
+/// The OTLP endpoint kiln's own settings name: the flag, else the config file's.
+/// `None` leaves the choice to the standard `OTEL_EXPORTER_OTLP_*` variables. Read
+/// before telemetry starts, so the file is read here once more than by [`run`].
+pub fn otlp_endpoint(args: &UpArgs) -> anyhow::Result<Option<String>> {
+    // The standard variables come between the file and the flag (defaults < file <
+    // environment < flags), so the file's value is only used when neither is set.
+    let env_set = [
+        kiln_telemetry::env::TRACES_ENDPOINT,
+        kiln_telemetry::env::ENDPOINT,
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
+    let from_file = match (&args.otlp_endpoint, &args.config, env_set) {
+        (None, Some(path), false) => ConfigFile::load(path)?.telemetry.otlp_endpoint,
+        _ => None,
+    };
+    let endpoint = args.otlp_endpoint.clone().or(from_file);
+    if let Some(e) = &endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        anyhow::bail!(
+            "the OTLP endpoint {e:?} must be an http:// or https:// URL (gRPC, e.g. http://127.0.0.1:4317)"
+        );
+    }
+    Ok(endpoint)
 }
 
 /// `kiln config …`.

@@ -33,7 +33,12 @@ impl Suite {
 
     /// Starts `kiln up` with extra flags and waits until it prints its endpoint.
     pub fn start_with(extra_args: &[&str]) -> Self {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), extra_args, true)
+        Self::start_with_env(extra_args, &[])
+    }
+
+    /// Starts `kiln up` with extra flags and environment variables.
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra_args, true, env)
     }
 
     /// Starts `kiln up` whose admin password comes from `--admin-password-file`, not
@@ -43,10 +48,15 @@ impl Suite {
         let file = data.path().join("admin-password.txt");
         std::fs::write(&file, format!("{ADMIN_PASSWORD}\n")).expect("password file");
         let file = file.to_str().expect("utf-8 path").to_owned();
-        Self::start_in(data, &["--admin-password-file", &file], false)
+        Self::start_in(data, &["--admin-password-file", &file], false, &[])
     }
 
-    fn start_in(data: tempfile::TempDir, extra_args: &[&str], password_env: bool) -> Self {
+    fn start_in(
+        data: tempfile::TempDir,
+        extra_args: &[&str],
+        password_env: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::File::create(data.path().join("kiln.log")).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
         if password_env {
@@ -66,6 +76,7 @@ impl Suite {
             .arg(data.path())
             .args(extra_args)
             .env("KILN_LOG", "info,kiln_rpc=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

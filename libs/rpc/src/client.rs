@@ -1,5 +1,6 @@
 //! Connecting to a kiln endpoint: TLS with a given CA, an optional client certificate
-//! (workload identity for service-to-service calls), and a bearer token on every call.
+//! (workload identity for service-to-service calls), a bearer token and the caller's
+//! W3C trace context on every call.
 
 use std::time::Duration;
 
@@ -10,10 +11,15 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::Error;
 
-/// A channel that attaches the bearer token (if any) to every request.
+/// A channel that attaches the bearer token (if any) and the trace context to every
+/// request. Every kiln client — the CLI, a service's JWKS and API-key calls to kiln-auth,
+/// the agent's calls to kiln-build — goes through one, so every call propagates its
+/// trace.
 pub type KilnChannel = InterceptedService<Channel, BearerInterceptor>;
 
-/// Adds `authorization: Bearer <token>` to outgoing requests.
+/// Adds `authorization: Bearer <token>` and the current span's `traceparent`,
+/// `tracestate` and `baggage` to outgoing requests. Interceptors run in the caller's
+/// task when the call is made, so "the current span" is the caller's.
 #[derive(Clone, Default)]
 pub struct BearerInterceptor(Option<MetadataValue<Ascii>>);
 
@@ -37,6 +43,7 @@ impl Interceptor for BearerInterceptor {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        kiln_telemetry::inject_current(request.metadata_mut());
         Ok(request)
     }
 }

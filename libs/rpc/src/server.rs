@@ -297,6 +297,9 @@ impl BoundServer {
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            // Outermost, so that the chain's span (request id, authentication with its
+            // calls to kiln-auth) and the handler are part of the caller's trace.
+            .layer(kiln_telemetry::TraceContextLayer)
             .layer(layer)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {

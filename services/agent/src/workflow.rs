@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use futures::StreamExt as _;
 use kiln_llm::{ChatEvent, ChatRequest, Message, OutputFormat, Provider};
@@ -114,7 +115,11 @@ pub fn spawn(shared: &Arc<Shared>, stored: StoredTask) {
         carry: None,
         cancel: cancel_rx,
     };
-    let handle = tokio::spawn(runner.run());
+    // A span of the StartTask call's trace (when there is one: a task resumed at start
+    // has none), so its phases and its calls to kiln-build join that trace.
+    let span = tracing::info_span!("agent.task", task_id = %id);
+    kiln_telemetry::TraceParent::current().adopt(&span);
+    let handle = tokio::spawn(runner.run().instrument(span));
     let mut runners = lock(&shared.runners);
     runners.retain(|h| !h.is_finished());
     runners.push(handle);
@@ -230,7 +235,13 @@ impl Runner {
     }
 
     async fn step(&mut self) -> StepResult {
-        match self.rec.phase() {
+        let phase = self.rec.phase();
+        let span = tracing::info_span!("agent.phase", phase = phase.as_str_name());
+        self.run_phase(phase).instrument(span).await
+    }
+
+    async fn run_phase(&mut self, phase: pb::Phase) -> StepResult {
+        match phase {
             pb::Phase::Queued | pb::Phase::Unspecified => {
                 self.transition(pb::Phase::Analyze, String::new(), Vec::new(), |_| {})
                     .await

@@ -25,6 +25,7 @@ mod wrappers;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use kiln_proto::build::build_service_server::BuildServiceServer;
 use kiln_rpc::limit::MAX_MESSAGE_BYTES_CEILING;
@@ -298,7 +299,7 @@ async fn scheduler(shared: Arc<Shared>) {
         loop {
             // Dequeue and register under one lock: see `Shared::cancel_build`.
             let mut runs = shared.runs.lock().unwrap_or_else(|p| p.into_inner());
-            let Some((entry, workspace)) = shared.queue.next(|entry| {
+            let Some((mut entry, workspace)) = shared.queue.next(|entry| {
                 shared
                     .workspace_lock(&entry.workspace_id)
                     .try_lock_owned()
@@ -309,7 +310,11 @@ async fn scheduler(shared: Arc<Shared>) {
             let (tx, rx) = watch::channel(Stop::No);
             runs.insert(entry.build_id.clone(), tx);
             drop(runs);
-            tokio::spawn(runner::run(shared.clone(), entry, workspace, rx));
+            entry.end_queue_wait();
+            // A span of the StartBuild call's trace, though that call returned long ago.
+            let span = tracing::info_span!("build.run", build_id = %entry.build_id);
+            entry.trace.adopt(&span);
+            tokio::spawn(runner::run(shared.clone(), entry, workspace, rx).instrument(span));
         }
         if shared.queue.is_closed() {
             return;

@@ -60,11 +60,9 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
         );
         shared.logs.insert(log);
         shared.queue.push(
-            Entry {
-                build_id: b.id,
-                owner: b.owner,
-                workspace_id: b.workspace_id,
-            },
+            // Queued by a call of an earlier process: its trace is not known, so its
+            // wait and run are a trace of their own.
+            Entry::new(b.id, b.owner, b.workspace_id),
             false,
         );
     }

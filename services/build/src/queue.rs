@@ -10,6 +10,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
+use kiln_telemetry::TraceParent;
+
 use crate::config::QueueConfig;
 
 /// A queued build, as the scheduler sees it.
@@ -18,6 +20,30 @@ pub struct Entry {
     pub build_id: String,
     pub owner: String,
     pub workspace_id: String,
+    /// The trace of the StartBuild call that queued it: its run is a span of that trace
+    /// although it starts later, in another task.
+    pub trace: TraceParent,
+    /// Open while the build waits; ended when the scheduler hands it out.
+    pub queue_wait: tracing::Span,
+}
+
+impl Entry {
+    /// A build queued now, in the current span's trace (the StartBuild call's).
+    pub fn new(build_id: String, owner: String, workspace_id: String) -> Self {
+        let queue_wait = tracing::info_span!("build.queue_wait", build_id = %build_id);
+        Self {
+            build_id,
+            owner,
+            workspace_id,
+            trace: TraceParent::current(),
+            queue_wait,
+        }
+    }
+
+    /// Ends the queue-wait span: the build leaves the queue.
+    pub fn end_queue_wait(&mut self) {
+        self.queue_wait = tracing::Span::none();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -238,11 +264,7 @@ mod tests {
     use super::*;
 
     fn entry(build: &str, owner: &str, ws: &str) -> Entry {
-        Entry {
-            build_id: build.into(),
-            owner: owner.into(),
-            workspace_id: ws.into(),
-        }
+        Entry::new(build.into(), owner.into(), ws.into())
     }
 
     #[test]

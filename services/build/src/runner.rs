@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use kiln_proto::build as pb;
@@ -237,7 +238,16 @@ async fn run_steps(
             timeout,
             output_left,
         );
-        let end = run_step(shared, log, index, step, &argv, spec, limits, stop).await?;
+        let span = tracing::info_span!(
+            "build.step",
+            step = index + 1,
+            program = argv.first().map_or("", String::as_str),
+            succeeded = tracing::field::Empty,
+        );
+        let end = run_step(shared, log, index, step, &argv, spec, limits, stop)
+            .instrument(span.clone())
+            .await?;
+        span.record("succeeded", end.finished.succeeded);
         output_left = output_left.saturating_sub(end.output);
         let label = format!("step {} of {count} (`{}`)", index + 1, argv.join(" "));
         if let Some((state, why)) = end.stop_build {

@@ -286,11 +286,11 @@ impl BuildApi {
             shared.config.live_window_bytes,
         ));
         shared.queue.push(
-            Entry {
-                build_id: build.id.clone(),
-                owner: build.owner.clone(),
-                workspace_id: build.workspace_id.clone(),
-            },
+            Entry::new(
+                build.id.clone(),
+                build.owner.clone(),
+                build.workspace_id.clone(),
+            ),
             true,
         );
         Ok(build)

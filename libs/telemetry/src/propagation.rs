@@ -1,0 +1,96 @@
+//! W3C trace context and baggage on the wire, and carried to later work.
+
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Puts the current span's trace context (`traceparent`, `tracestate`) and baggage on an
+/// outgoing call's metadata. Nothing is added when the current span has no trace (trace
+/// export off, or a span the trace filter leaves out).
+pub fn inject_current(metadata: &mut MetadataMap) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&cx, &mut MetadataInjector(metadata));
+    });
+}
+
+/// The trace context and baggage an incoming call carries (an empty context when it
+/// carries none, or a malformed one: the W3C rule is to start a new trace then).
+pub fn extract(headers: &http::HeaderMap) -> Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    })
+}
+
+/// The trace id of the current span, as 32 hex digits; `None` without a trace.
+pub fn current_trace_id() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// A request's trace context, kept to parent work that runs later in another task: a
+/// queued build's wait and run are spans of the StartBuild call's trace although the
+/// call has long returned. Holds only ids, so the request's own span ends on time.
+#[derive(Debug, Clone, Default)]
+pub struct TraceParent(Option<Context>);
+
+impl TraceParent {
+    /// The current span's context.
+    pub fn current() -> Self {
+        let cx = tracing::Span::current().context();
+        let valid = cx.span().span_context().is_valid();
+        Self(valid.then_some(cx))
+    }
+
+    /// No parent: spans adopted by it start their own trace (a build recovered at start).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Makes `span` (not yet entered) a child of this context.
+    pub fn adopt(&self, span: &tracing::Span) {
+        if let Some(cx) = &self.0 {
+            // Fails only for a span that is disabled or already started, which then
+            // simply stays where it is.
+            let _ = span.set_parent(cx.clone());
+        }
+    }
+
+    /// The trace id, as 32 hex digits.
+    pub fn trace_id(&self) -> Option<String> {
+        self.0
+            .as_ref()
+            .map(|cx| cx.span().span_context().trace_id().to_string())
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // The propagators produce lowercase ASCII names and printable values; anything
+        // else is left out rather than failing the call.
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
