@@ -57,6 +57,9 @@ pub struct PeerInfo {
     pub client_certificate: bool,
     /// The kiln workload identity in that certificate, if it has one.
     pub workload: Option<WorkloadId>,
+    /// The serial number of that certificate (lowercase hex), to tell a rotated
+    /// certificate from its predecessor in logs and tests.
+    pub certificate_serial: Option<String>,
 }
 
 /// A role of an end user (or an API key), ordered: viewer < user < admin.

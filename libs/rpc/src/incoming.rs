@@ -21,7 +21,7 @@ use tonic::transport::server::Connected;
 
 use crate::identity::PeerInfo;
 use crate::slots::{PeerSlots, Slot};
-use crate::tls::{ReloadingServerConfig, workload_identity};
+use crate::tls::{ReloadingServerConfig, certificate_serial, workload_identity};
 
 /// How long a client gets to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,10 +156,12 @@ async fn handshake(
         .accept(socket)
         .await?;
     let certs = stream.get_ref().1.peer_certificates();
+    let leaf = certs.and_then(|c| c.first());
     let peer = PeerInfo {
         remote_addr: Some(remote_addr),
-        client_certificate: certs.is_some_and(|c| !c.is_empty()),
-        workload: certs.and_then(|c| c.first()).and_then(workload_identity),
+        client_certificate: leaf.is_some(),
+        workload: leaf.and_then(workload_identity),
+        certificate_serial: leaf.and_then(certificate_serial),
     };
     Ok(TlsConnection {
         stream,

@@ -11,7 +11,8 @@
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`identity`]: peers, workload identities, principals, roles;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
-//! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.
+//! - [`client`], [`reloading_client`]: connecting to a kiln endpoint with a CA, client
+//!   certificate and token; certificates from files are followed as they rotate.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ pub mod limit;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub mod reloading_client;
 pub mod remote;
 pub(crate) mod revocation;
 pub mod server;
