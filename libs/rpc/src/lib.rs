@@ -10,6 +10,7 @@
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`identity`]: peers, workload identities, principals, roles;
+//! - [`mesh`]: mesh mode, the caller's identity as the sidecar forwards it;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
 //! - [`client`], [`reloading_client`]: connecting to a kiln endpoint with a CA, client
 //!   certificate and token; certificates from files are followed as they rotate.
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod incoming;
 pub mod layer;
 pub mod limit;
+pub mod mesh;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
