@@ -243,7 +243,7 @@ async fn certificates_rotate_under_a_streaming_build_through_a_ca_rollover() {
     pki.set_bundle(&[&old_ca, &new_ca]);
     tokio::time::sleep(RELOAD * 5).await;
     pki.set_server(&new_ca);
-    let short_lived = pki.set_agent(&new_ca, Duration::from_secs(6));
+    let short_lived = pki.set_agent(&new_ca, Duration::from_secs(10));
     let second = serial(tmp.path(), &short_lived);
     until("new calls present the reissued certificate", || {
         let mut c = c.clone();
