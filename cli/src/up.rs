@@ -19,6 +19,7 @@ use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
 use kiln_rpc::client::ClientConfig;
 use kiln_rpc::pki::ensure_dev_pki;
 use kiln_rpc::ratelimit::RateLimit;
+use kiln_rpc::reloading_client::ClientTlsFiles;
 use kiln_rpc::{KilnServer, ServerSettings, shutdown_signal};
 
 use kiln_proto::agent::agent_service_server::SERVICE_NAME as AGENT_SERVICE;
@@ -347,9 +348,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let addr = server.local_addr();
     // Every service verifies tokens the way a standalone one would: JWKS and API keys
     // from kiln-auth over mTLS (here: this very listener), with the auth workload cert.
-    let read = |p: PathBuf| {
-        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-    };
     let loopback = SocketAddr::new(
         if addr.ip().is_unspecified() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -358,20 +356,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         },
         addr.port(),
     );
+    // The certificate files are followed as they change (see kiln_rpc::reloading_client).
+    let workload_tls = |service: &str| {
+        ClientTlsFiles::new(pki.ca_cert())
+            .identity(pki.workload_cert(service), pki.workload_key(service))
+    };
     let mut authn = AuthnConfig::new(
-        ClientConfig::new(format!("https://{loopback}"))
-            .ca_pem(read(pki.ca_cert())?)
-            .identity(
-                read(pki.workload_cert("auth"))?,
-                read(pki.workload_key("auth"))?,
-            ),
+        ClientConfig::new(format!("https://{loopback}")).tls_files(workload_tls("auth")),
     );
-    let agent_client = ClientConfig::new(format!("https://{loopback}"))
-        .ca_pem(read(pki.ca_cert())?)
-        .identity(
-            read(pki.workload_cert("agent"))?,
-            read(pki.workload_key("agent"))?,
-        );
+    let agent_client =
+        ClientConfig::new(format!("https://{loopback}")).tls_files(workload_tls("agent"));
     build_channel.set(agent_client.connect_lazy()?);
     auth_channel.set(agent_client.connect_lazy()?);
     authn.api_key_ttl = api_key_cache;

@@ -1,6 +1,8 @@
 //! Connecting to a kiln endpoint: TLS with a given CA, an optional client certificate
 //! (workload identity for service-to-service calls), a bearer token and the caller's
-//! W3C trace context on every call.
+//! W3C trace context on every call. Services give the CA and their certificate as files
+//! ([`ClientConfig::tls_files`]), which are re-read when they change (see
+//! [`crate::reloading_client`]).
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::Error;
+use crate::reloading_client::{self, ClientTlsFiles};
 
 /// A channel that attaches the bearer token (if any) and the trace context to every
 /// request. Every kiln client — the CLI, a service's JWKS and API-key calls to kiln-auth,
@@ -61,6 +64,9 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Connect timeout. Default: 5 s.
     pub connect_timeout: Option<Duration>,
+    /// CA and client certificate from files that are followed as they change; when set,
+    /// `ca_pem` and `identity` are not used.
+    pub tls_files: Option<ClientTlsFiles>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -68,6 +74,7 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("endpoint", &self.endpoint)
             .field("client_certificate", &self.identity.is_some())
+            .field("tls_files", &self.tls_files)
             .field("token", &self.token.is_some())
             .finish_non_exhaustive()
     }
@@ -91,12 +98,27 @@ impl ClientConfig {
         self
     }
 
+    /// Takes the CA and client certificate from files, reloaded when they change.
+    pub fn tls_files(mut self, files: ClientTlsFiles) -> Self {
+        self.tls_files = Some(files);
+        self
+    }
+
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
     fn endpoint(&self) -> Result<Endpoint, Error> {
+        self.endpoint_with(self.ca_pem.as_deref(), self.identity.as_ref())
+    }
+
+    /// The endpoint with this TLS material (PEM): fixed, or as the files hold it now.
+    pub(crate) fn endpoint_with(
+        &self,
+        ca_pem: Option<&str>,
+        identity: Option<&(String, String)>,
+    ) -> Result<Endpoint, Error> {
         let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
             .map_err(|e| Error::Client(format!("endpoint {:?}: {e}", self.endpoint)))?
             .connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(5)))
@@ -105,10 +127,10 @@ impl ClientConfig {
             .tcp_nodelay(true);
         if self.endpoint.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &self.ca_pem {
+            if let Some(ca) = ca_pem {
                 tls = tls.ca_certificate(Certificate::from_pem(ca));
             }
-            if let Some((cert, key)) = &self.identity {
+            if let Some((cert, key)) = identity {
                 tls = tls.identity(Identity::from_pem(cert, key));
             }
             endpoint = endpoint
@@ -132,13 +154,19 @@ impl ClientConfig {
 
     /// Connects now; fails if the endpoint cannot be reached or the handshake fails.
     pub async fn connect(&self) -> Result<KilnChannel, Error> {
-        let channel = self.endpoint()?.connect().await.map_err(Error::Transport)?;
+        let channel = match &self.tls_files {
+            Some(files) => reloading_client::connect(self, files).await?,
+            None => self.endpoint()?.connect().await.map_err(Error::Transport)?,
+        };
         Ok(InterceptedService::new(channel, self.interceptor()?))
     }
 
     /// A channel that connects on first use (and reconnects as needed).
     pub fn connect_lazy(&self) -> Result<KilnChannel, Error> {
-        let channel = self.endpoint()?.connect_lazy();
+        let channel = match &self.tls_files {
+            Some(files) => reloading_client::connect_lazy(self, files)?,
+            None => self.endpoint()?.connect_lazy(),
+        };
         Ok(InterceptedService::new(channel, self.interceptor()?))
     }
 }

@@ -57,6 +57,13 @@ pub struct PeerInfo {
     pub client_certificate: bool,
     /// The kiln workload identity in that certificate, if it has one.
     pub workload: Option<WorkloadId>,
+    /// The serial number of that certificate (lowercase hex), to tell a rotated
+    /// certificate from its predecessor in logs and tests.
+    pub certificate_serial: Option<String>,
+    /// Mesh mode: the connection comes from loopback, where the sidecar is, so the
+    /// client certificate it forwards (`x-forwarded-client-cert`) is believed. Set per
+    /// connection; [`crate::mesh`] then fills `workload` per request from the header.
+    pub mesh_sidecar: bool,
 }
 
 /// A role of an end user (or an API key), ordered: viewer < user < admin.

@@ -11,8 +11,10 @@
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`id_prefix`]: ids given by a unique prefix (docker-style), one rule for every service;
 //! - [`identity`]: peers, workload identities, principals, roles;
+//! - [`mesh`]: mesh mode, the caller's identity as the sidecar forwards it;
 //! - [`tls`], [`pki`]: certificates from files (reloaded on change) and a development PKI;
-//! - [`client`]: connecting to a kiln endpoint with a CA, client certificate and token.
+//! - [`client`], [`reloading_client`]: connecting to a kiln endpoint with a CA, client
+//!   certificate and token; certificates from files are followed as they rotate.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,9 +29,11 @@ pub mod identity;
 pub mod incoming;
 pub mod layer;
 pub mod limit;
+pub mod mesh;
 pub mod pki;
 pub mod ratelimit;
 pub mod readiness;
+pub mod reloading_client;
 pub mod remote;
 pub(crate) mod revocation;
 pub mod server;

@@ -107,6 +107,16 @@ impl CertificateAuthority {
 
     /// A workload certificate carrying `spiffe://<trust_domain>/service/<service>`.
     pub fn issue_workload(&self, id: &WorkloadId) -> Result<Issued, Error> {
+        self.issue_workload_for(id, std::time::Duration::from_secs(365 * 24 * 3600))
+    }
+
+    /// [`Self::issue_workload`] valid for `lifetime` from now, as SPIFFE issuers hand
+    /// out (an hour is usual; tests of rotation use seconds).
+    pub fn issue_workload_for(
+        &self,
+        id: &WorkloadId,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, Error> {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(pki_err)?;
         params
             .distinguished_name
@@ -118,7 +128,8 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
-        self.sign(params)
+        let lifetime = time::Duration::try_from(lifetime).map_err(|e| Error::Pki(e.to_string()))?;
+        self.sign_until(params, time::OffsetDateTime::now_utc() + lifetime)
     }
 
     /// A plain client certificate without any workload identity.
@@ -131,10 +142,21 @@ impl CertificateAuthority {
         self.sign(params)
     }
 
-    fn sign(&self, mut params: CertificateParams) -> Result<Issued, Error> {
+    fn sign(&self, params: CertificateParams) -> Result<Issued, Error> {
+        self.sign_until(
+            params,
+            time::OffsetDateTime::now_utc() + time::Duration::days(365),
+        )
+    }
+
+    fn sign_until(
+        &self,
+        mut params: CertificateParams,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Issued, Error> {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(365);
+        params.not_after = not_after;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -17,13 +17,15 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
+use tower::util::MapRequestLayer;
 
 use crate::Error;
 use crate::access::AccessPolicy;
 use crate::identity::{Authenticator, NoTokenVerification};
-use crate::incoming::tls_incoming_limited;
+use crate::incoming::{mesh_incoming_limited, tls_incoming_limited};
 use crate::layer::{Gate, KilnLayer};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
+use crate::mesh::apply_forwarded_identity;
 use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::readiness::{Checks, Readiness};
 use crate::slots::PeerSlots;
@@ -34,8 +36,15 @@ use crate::tls::{ReloadingServerConfig, TlsFiles};
 pub struct ServerSettings {
     /// Address to listen on. `kiln up` default: 127.0.0.1:7443.
     pub listen: SocketAddr,
-    /// Server certificate, key and the trust bundle for client certificates.
+    /// Server certificate, key and the trust bundle for client certificates. Not used in
+    /// mesh mode.
     pub tls: TlsFiles,
+    /// Mesh mode: serve plaintext gRPC on a loopback address behind a sidecar (Envoy)
+    /// that does the mTLS, and take each caller's workload identity from the sidecar's
+    /// `x-forwarded-client-cert` header (see [`crate::mesh`]). Refused on any address
+    /// but loopback. `tls`, `require_client_cert` and `tls_reload_interval` are then
+    /// the sidecar's business. Default: false.
+    pub mesh: bool,
     /// Refuse handshakes without a client certificate. Default: false (end users
     /// authenticate with tokens; SERVICE RPCs still need a workload certificate).
     pub require_client_cert: bool,
@@ -80,6 +89,7 @@ impl ServerSettings {
         Self {
             listen,
             tls,
+            mesh: false,
             require_client_cert: false,
             trust_domain: Self::DEFAULT_TRUST_DOMAIN.to_owned(),
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
@@ -101,6 +111,16 @@ impl ServerSettings {
             return Err(Error::Config {
                 field: "max_message_bytes",
                 message: format!("must be between 1 and {MAX_MESSAGE_BYTES_CEILING}"),
+            });
+        }
+        if self.mesh && !self.listen.ip().is_loopback() {
+            return Err(Error::Config {
+                field: "mesh",
+                message: format!(
+                    "mesh mode serves plaintext and believes the identity its sidecar forwards, \
+                     so it listens on loopback only (127.0.0.1 or ::1), not on {}",
+                    self.listen
+                ),
             });
         }
         if self.trust_domain.is_empty() {
@@ -175,10 +195,14 @@ impl KilnServer {
     /// Validates the settings, loads TLS and binds the socket (port 0 picks a free one).
     pub async fn bind(self) -> Result<BoundServer, Error> {
         self.settings.validate()?;
-        let tls = ReloadingServerConfig::load(
-            self.settings.tls.clone(),
-            self.settings.require_client_cert,
-        )?;
+        let tls = if self.settings.mesh {
+            None
+        } else {
+            Some(ReloadingServerConfig::load(
+                self.settings.tls.clone(),
+                self.settings.require_client_cert,
+            )?)
+        };
         let listener = TcpListener::bind(self.settings.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -206,7 +230,8 @@ pub struct BoundServer {
     inner: KilnServer,
     listener: TcpListener,
     local_addr: SocketAddr,
-    tls: Arc<ReloadingServerConfig>,
+    /// `None` in mesh mode.
+    tls: Option<Arc<ReloadingServerConfig>>,
     policy: AccessPolicy,
 }
 
@@ -286,18 +311,26 @@ impl BoundServer {
             ),
         });
         let _forget = AbortOnDrop(layer.spawn_housekeeping(Duration::from_secs(60)));
-        let _tls_watch = AbortOnDrop(self.tls.watch(settings.tls_reload_interval));
-        let incoming = tls_incoming_limited(
-            self.listener,
-            self.tls,
-            PeerSlots::new(settings.max_connections_per_peer, usize::MAX),
-        );
+        let connections = PeerSlots::new(settings.max_connections_per_peer, usize::MAX);
+        let (incoming, _tls_watch) = match self.tls {
+            Some(tls) => (
+                tls_incoming_limited(self.listener, tls.clone(), connections),
+                Some(AbortOnDrop(tls.watch(settings.tls_reload_interval))),
+            ),
+            None => (mesh_incoming_limited(self.listener, connections), None),
+        };
+        let mesh = settings.mesh;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            // Outermost, so that the chain's span (request id, authentication with its
+            // Outside the trace context: the forwarded identity (mesh mode) is in place before anything
+            // reads the peer, and the header never reaches a handler.
+            .layer(MapRequestLayer::new(move |request| {
+                apply_forwarded_identity::<Body>(mesh, request)
+            }))
+            // Outermost but for the mesh identity, so that the chain's span (request id, authentication with its
             // calls to kiln-auth) and the handler are part of the caller's trace.
             .layer(kiln_telemetry::TraceContextLayer)
             .layer(layer)
@@ -306,7 +339,7 @@ impl BoundServer {
                 let _ = stop_rx.await;
             });
         tokio::pin!(server);
-        tracing::info!(addr = %self.local_addr, services = ?services, "serving");
+        tracing::info!(addr = %self.local_addr, services = ?services, mesh, "serving");
         tokio::select! {
             result = &mut server => return result.map_err(Error::from),
             () = shutdown => {}

@@ -5,10 +5,14 @@
 //! keys are re-read when their files change (SPIFFE-style certificates live an hour), so
 //! new connections get the new ones without a restart; a broken new file is logged and
 //! the previous configuration stays in force.
+//!
+//! "Changed" means changed content, not a newer modification time: a rotation that
+//! writes within the file system's timestamp granularity, or a Kubernetes Secret volume
+//! that swaps a symlink to files with older times, must still be noticed.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -96,18 +100,24 @@ pub fn workload_identity(cert: &CertificateDer<'_>) -> Option<WorkloadId> {
     })
 }
 
+/// The serial number of a certificate, lowercase hex.
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.raw_serial_as_string().replace(':', ""))
+}
+
 /// A server configuration that follows its files.
 #[derive(Debug)]
 pub struct ReloadingServerConfig {
     files: TlsFiles,
     require_client_cert: bool,
-    current: RwLock<(Arc<rustls::ServerConfig>, Option<SystemTime>)>,
+    current: RwLock<(Arc<rustls::ServerConfig>, Fingerprint)>,
 }
 
 impl ReloadingServerConfig {
     pub fn load(files: TlsFiles, require_client_cert: bool) -> Result<Arc<Self>, Error> {
+        let stamp = Fingerprint::of(&files.paths());
         let config = server_config(&files, require_client_cert)?;
-        let stamp = newest_mtime(&files);
         Ok(Arc::new(Self {
             files,
             require_client_cert,
@@ -126,7 +136,7 @@ impl ReloadingServerConfig {
 
     /// Re-reads the files if any changed since the last load. Returns whether it swapped.
     pub fn reload_if_changed(&self) -> bool {
-        let stamp = newest_mtime(&self.files);
+        let stamp = Fingerprint::of(&self.files.paths());
         if stamp == self.current.read().unwrap_or_else(|e| e.into_inner()).1 {
             return false;
         }
@@ -160,11 +170,32 @@ impl ReloadingServerConfig {
     }
 }
 
-fn newest_mtime(files: &TlsFiles) -> Option<SystemTime> {
-    [&files.cert, &files.key, &files.client_ca]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .max()
+impl TlsFiles {
+    fn paths(&self) -> [&Path; 3] {
+        [&self.cert, &self.key, &self.client_ca]
+    }
+}
+
+/// A digest of the contents of some files (a missing file counts as a content of its
+/// own), to tell whether any of them changed. Taken before the files are loaded: a file
+/// replaced between the two is seen as changed at the next check, never missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fingerprint(Vec<u8>);
+
+impl Fingerprint {
+    pub(crate) fn of(paths: &[&Path]) -> Self {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for path in paths {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    digest.update(&(bytes.len() as u64).to_le_bytes());
+                    digest.update(&bytes);
+                }
+                Err(_) => digest.update(&u64::MAX.to_le_bytes()),
+            }
+        }
+        Self(digest.finish().as_ref().to_vec())
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +246,32 @@ mod tests {
             Arc::ptr_eq(&after, &reloading.current()),
             "the working configuration stays"
         );
+    }
+
+    #[test]
+    fn a_new_trust_bundle_alone_is_picked_up_even_with_the_old_modification_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = CertificateAuthority::new("first").expect("ca");
+        let files = write_pair(dir.path(), &first);
+        let reloading = ReloadingServerConfig::load(files.clone(), false).expect("loads");
+        let mtime = std::fs::metadata(&files.client_ca)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        // A CA rollover: the bundle now holds the old and the new CA; the server's own
+        // certificate and key are untouched, and the bundle keeps its old time stamp.
+        let second = CertificateAuthority::new("second").expect("ca");
+        let bundle = format!("{}{}", first.cert_pem(), second.cert_pem());
+        write_file(&files.client_ca, &bundle, false).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&files.client_ca)
+            .and_then(|f| f.set_modified(mtime))
+            .expect("set mtime");
+        assert!(
+            reloading.reload_if_changed(),
+            "the bundle's content changed"
+        );
+        assert!(!reloading.reload_if_changed(), "and only once");
     }
 
     #[test]
