@@ -18,7 +18,7 @@ use crate::context::{
     ClientArgs, ConfigFile, DEFAULT_ENDPOINT, config_dir, config_file_path, dev_ca, read_ca,
     read_config,
 };
-use crate::output::{OutputFormat, print_json};
+use crate::output::{OutputChoice, OutputFormat, print_json};
 
 /// `kiln config …`: the client's settings, and the `kiln up` configuration file.
 #[derive(Debug, clap::Subcommand)]
@@ -87,7 +87,7 @@ pub fn run(args: &ClientArgs, command: ConfigCommand) -> anyhow::Result<i32> {
 
 fn report(args: &ClientArgs, text: &str, key: &str, value: Option<&str>, path: &Path) {
     // Only `-o`/KILN_OUTPUT choose: the file's `output` may be what just changed.
-    if args.output == Some(OutputFormat::Json) {
+    if args.output.map(OutputChoice::apply) == Some(OutputFormat::Json) {
         print_json(&json!({ "key": key, "value": value, "config_file": path }));
     } else {
         println!("{text} (in {})", path.display());
@@ -112,8 +112,8 @@ fn set(file: &mut ConfigFile, key: &str, value: &str) -> anyhow::Result<String> 
             Ok(shown)
         }
         "output" => {
-            let format = OutputFormat::from_str(value, false).map_err(|_| {
-                let known: Vec<String> = OutputFormat::value_variants()
+            let format = OutputChoice::from_str(value, false).map_err(|_| {
+                let known: Vec<String> = OutputChoice::value_variants()
                     .iter()
                     .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
                     .collect();
@@ -209,7 +209,7 @@ fn view(args: &ClientArgs, path: &Path) -> anyhow::Result<()> {
         },
     ];
     let token = std::env::var("KILN_TOKEN").is_ok_and(|t| !t.is_empty());
-    match output {
+    match output.apply() {
         OutputFormat::Json => {
             let settings: serde_json::Map<String, serde_json::Value> = shown
                 .iter()
