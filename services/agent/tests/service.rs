@@ -280,6 +280,70 @@ async fn other_users_tasks_do_not_exist_for_a_user() {
 }
 
 #[tokio::test]
+async fn a_task_is_found_by_a_unique_prefix_of_its_id_by_those_who_may_see_it() {
+    let rig = Rig::start().await;
+    rig.llm.push("/v1/chat/completions", Reply::silent());
+    let task = rig
+        .api
+        .start_task(request("alice", Role::User, python_task("calc")))
+        .await
+        .unwrap()
+        .into_inner();
+    let prefix = task.id[..8].to_owned();
+    let get = |user: &str, role, task_id: &str| {
+        rig.api.get_task(request(
+            user,
+            role,
+            pb::GetTaskRequest {
+                task_id: task_id.to_owned(),
+            },
+        ))
+    };
+    let found = get("alice", Role::User, &prefix)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.id, task.id, "the answer carries the whole id");
+    let upper = prefix.to_uppercase();
+    assert_eq!(
+        get("vera", Role::Viewer, &upper)
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+        task.id
+    );
+    // Another user's task is not matched by a prefix any more than by its id.
+    assert_eq!(
+        get("mallory", Role::User, &prefix)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let short = get("alice", Role::User, &task.id[..3]).await.unwrap_err();
+    assert_eq!(short.code(), Code::InvalidArgument);
+    assert_eq!(reason(&short), "ID_PREFIX_TOO_SHORT");
+    assert_eq!(fields(&short), ["task_id"]);
+    // Cancel by prefix acts on the whole id.
+    let cancelled = rig
+        .api
+        .cancel_task(request(
+            "alice",
+            Role::User,
+            pb::CancelTaskRequest {
+                task_id: prefix.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .expect("the task");
+    assert_eq!(cancelled.id, task.id);
+}
+
+#[tokio::test]
 async fn fixed_steps_must_pass_the_build_policy_at_start() {
     let rig = Rig::start().await;
     let mut req = python_task("calc");
