@@ -2,7 +2,8 @@
 //!
 //! - [`server`]: one listener with TLS, the layer chain, health, reflection (v1 and
 //!   v1alpha), keepalive, message limits and graceful shutdown;
-//! - [`layer`]: request id, access policy, authentication seam, authorization;
+//! - [`layer`]: the layer chain, one tower layer per concern (request id, access
+//!   policy, rate limit, authentication, authorization, message size);
 //! - [`authn`], [`token`]: access-token verification against the JWKS and the revocations
 //!   kiln-auth publishes, API-key resolution;
 //! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and

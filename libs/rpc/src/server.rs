@@ -22,7 +22,10 @@ use crate::Error;
 use crate::access::AccessPolicy;
 use crate::identity::{Authenticator, NoTokenVerification};
 use crate::incoming::tls_incoming_limited;
-use crate::layer::{Gate, KilnLayer};
+use crate::layer::{
+    AccessLayer, AdmissionLayer, Authenticate, Authorize, MessageSizeLayer, RateLimitCheck,
+    RateLimitStage, RequestIdLayer,
+};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
 use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::readiness::{Checks, Readiness};
@@ -273,19 +276,41 @@ impl BoundServer {
                 .map_err(|e| Error::Reflection(e.to_string()))?,
         );
 
-        let rate_limiter = settings.rate_limit.map(RateLimiter::new);
-        let layer = KilnLayer::new(Gate {
-            policy: self.policy,
-            authenticator,
-            trust_domain: settings.trust_domain.clone(),
-            max_message_bytes: settings.max_message_bytes,
-            rate_limiter,
-            open_streams: PeerSlots::new(
-                settings.max_open_streams_per_peer,
-                settings.max_open_streams,
-            ),
+        // The layer chain, outermost first (crate::layer says what each one does).
+        let rate_limiter = settings
+            .rate_limit
+            .map(|limit| Arc::new(RateLimiter::new(limit)));
+        let _forget = rate_limiter.as_ref().map(|limiter| {
+            AbortOnDrop(crate::layer::rate_limit::spawn_housekeeping(
+                limiter,
+                Duration::from_secs(60),
+            ))
         });
-        let _forget = AbortOnDrop(layer.spawn_housekeeping(Duration::from_secs(60)));
+        let rate_limit = |stage| {
+            tower::util::option_layer(
+                rate_limiter
+                    .clone()
+                    .map(|limiter| AdmissionLayer::new(RateLimitCheck::new(limiter, stage))),
+            )
+        };
+        let layers = tower::ServiceBuilder::new()
+            .layer(RequestIdLayer)
+            .layer(AccessLayer::new(
+                self.policy,
+                PeerSlots::new(
+                    settings.max_open_streams_per_peer,
+                    settings.max_open_streams,
+                ),
+            ))
+            .layer(rate_limit(RateLimitStage::BeforeAuthentication))
+            .layer(AdmissionLayer::new(Authenticate::new(
+                authenticator,
+                settings.trust_domain.clone(),
+            )))
+            .layer(rate_limit(RateLimitStage::AfterAuthentication))
+            .layer(AdmissionLayer::new(Authorize))
+            .layer(MessageSizeLayer::new(settings.max_message_bytes))
+            .into_inner();
         let _tls_watch = AbortOnDrop(self.tls.watch(settings.tls_reload_interval));
         let incoming = tls_incoming_limited(
             self.listener,
@@ -297,7 +322,7 @@ impl BoundServer {
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            .layer(layer)
+            .layer(layers)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
