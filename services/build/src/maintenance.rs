@@ -64,6 +64,8 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
                 build_id: b.id,
                 owner: b.owner,
                 workspace_id: b.workspace_id,
+                // Wait is counted from the restart: the old process's clock is gone.
+                queued_at: std::time::Instant::now(),
             },
             false,
         );

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use crate::config::QueueConfig;
+use crate::metrics::BuildMetrics;
 
 /// A queued build, as the scheduler sees it.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct Entry {
     pub build_id: String,
     pub owner: String,
     pub workspace_id: String,
+    /// When it was queued (or re-queued at start-up), for the queue-wait metric.
+    pub queued_at: std::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +41,8 @@ pub struct Queue {
     config: QueueConfig,
     state: Mutex<State>,
     pub wake: tokio::sync::Notify,
+    /// The service's metrics; the queue keeps depth, wait and running up to date.
+    pub metrics: BuildMetrics,
 }
 
 impl Queue {
@@ -46,6 +51,7 @@ impl Queue {
             config,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
+            metrics: BuildMetrics::default(),
         }
     }
 
@@ -93,6 +99,7 @@ impl Queue {
             s.queued.entry(owner.clone()).or_default().push_back(entry);
             position_of(&s, &owner, &id).unwrap_or(1)
         };
+        self.metrics.queued();
         self.wake.notify_one();
         position
     }
@@ -105,7 +112,11 @@ impl Queue {
         };
         let before = q.len();
         q.retain(|e| e.build_id != build_id);
-        before != q.len()
+        let removed = before != q.len();
+        if removed {
+            self.metrics.dequeued();
+        }
+        removed
     }
 
     /// The position a build of `owner` would get if queued now.
@@ -160,6 +171,7 @@ impl Queue {
             s.running += 1;
             *s.running_per_user.entry(user).or_default() += 1;
             s.busy_workspaces.insert(entry.workspace_id.clone());
+            self.metrics.started(entry.queued_at.elapsed());
             return Some((entry, claimed));
         }
         None
@@ -174,6 +186,7 @@ impl Queue {
                 *n = n.saturating_sub(1);
             }
             s.busy_workspaces.remove(&entry.workspace_id);
+            self.metrics.finished();
             // Users with nothing queued and nothing running leave the turn order.
             let owner = entry.owner.clone();
             let idle = !s.queued.contains_key(&owner)
@@ -242,6 +255,7 @@ mod tests {
             build_id: build.into(),
             owner: owner.into(),
             workspace_id: ws.into(),
+            queued_at: std::time::Instant::now(),
         }
     }
 

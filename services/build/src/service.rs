@@ -248,6 +248,7 @@ impl BuildApi {
                 build_id: build.id.clone(),
                 owner: build.owner.clone(),
                 workspace_id: build.workspace_id.clone(),
+                queued_at: std::time::Instant::now(),
             },
             true,
         );

@@ -3,18 +3,20 @@
 //!
 //! 1. [`request_id`]: the request's id (in extensions and on the response) and its
 //!    tracing span;
-//! 2. [`access`]: the RPC's declared access level from the contract — undeclared and
+//! 2. [`metrics`] (when the listener has a registry): requests by method and code,
+//!    latency to the end of the response body, calls in flight — refusals included;
+//! 3. [`access`]: the RPC's declared access level from the contract — undeclared and
 //!    unknown methods are refused here; unauthenticated long-lived streams (health watch,
 //!    reflection) take a slot per peer;
-//! 3. [`rate_limit`] before authentication: PUBLIC calls take from the peer's bucket, a
+//! 4. [`rate_limit`] before authentication: PUBLIC calls take from the peer's bucket, a
 //!    peer whose bucket is empty is refused before its credential is verified;
-//! 4. [`authenticate`]: who is calling (bearer token, API key or workload certificate);
+//! 5. [`authenticate`]: who is calling (bearer token, API key or workload certificate);
 //!    the outcome is left in the extensions, the `authorization` header is left in place
 //!    for handlers that act on the caller's behalf (the agent);
-//! 5. [`rate_limit`] after authentication: a verified caller takes from its own bucket,
+//! 6. [`rate_limit`] after authentication: a verified caller takes from its own bucket,
 //!    a failed one from its peer's (a junk credential does not buy a fresh bucket);
-//! 6. [`authorize`]: refuses failed authentication and a role below the RPC's level;
-//! 7. [`message_size`]: request messages over the limit fail with RESOURCE_EXHAUSTED.
+//! 7. [`authorize`]: refuses failed authentication and a role below the RPC's level;
+//! 8. [`message_size`]: request messages over the limit fail with RESOURCE_EXHAUSTED.
 //!
 //! They are tower layers, not tonic interceptors, because authentication needs I/O (API
 //! key look-ups) and the connection's peer certificate. Each layer reads what the ones
@@ -37,6 +39,7 @@ pub mod access;
 pub mod authenticate;
 pub mod authorize;
 pub mod message_size;
+pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;
 
@@ -44,6 +47,7 @@ pub use access::{AccessLayer, Route};
 pub use authenticate::{Authenticate, AuthenticationFailed};
 pub use authorize::Authorize;
 pub use message_size::MessageSizeLayer;
+pub use metrics::{MetricsLayer, RpcMetrics};
 pub use rate_limit::{RateLimitCheck, RateLimitStage};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer};
 

@@ -17,6 +17,9 @@ use futures::future::BoxFuture;
 use http::Request;
 use tonic::body::Body;
 
+use kiln_metrics::{Counter, Family};
+
+use super::metrics::{MethodLabels, RpcMetrics};
 use super::{Admission, Route};
 use crate::access::Access;
 use crate::error::ApiError;
@@ -35,11 +38,23 @@ pub enum RateLimitStage {
 pub struct RateLimitCheck {
     limiter: Arc<RateLimiter>,
     stage: RateLimitStage,
+    /// Refusals by method, when the listener has metrics.
+    refused: Option<Family<MethodLabels, Counter>>,
 }
 
 impl RateLimitCheck {
     pub fn new(limiter: Arc<RateLimiter>, stage: RateLimitStage) -> Self {
-        Self { limiter, stage }
+        Self {
+            limiter,
+            stage,
+            refused: None,
+        }
+    }
+
+    /// Counts refusals in `metrics` (`kiln_rpc_rate_limited_total`).
+    pub fn with_metrics(mut self, metrics: &RpcMetrics) -> Self {
+        self.refused = Some(metrics.rate_limited.clone());
+        self
     }
 
     fn check(&self, request: &Request<Body>) -> Result<(), ApiError> {
@@ -78,6 +93,14 @@ impl RateLimitCheck {
 impl Admission for RateLimitCheck {
     fn admit<'a>(&'a self, request: &'a mut Request<Body>) -> BoxFuture<'a, Result<(), ApiError>> {
         let checked = self.check(request);
+        if let (Err(err), Some(refused)) = (&checked, &self.refused)
+            && err.reason() == crate::error::reason::RATE_LIMITED
+        {
+            // Only paths the access layer admitted get here: the label set is bounded.
+            refused
+                .get_or_create(&MethodLabels::of_path(request.uri().path()))
+                .inc();
+        }
         Box::pin(async move { checked })
     }
 }
