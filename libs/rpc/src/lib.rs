@@ -8,6 +8,7 @@
 //!   kiln-auth publishes, API-key resolution;
 //! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and
 //!   bounded connections per peer and unauthenticated long-lived streams;
+//! - [`audit`]: the one audit record type every service writes (target `audit`);
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`identity`]: peers, workload identities, principals, roles;
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub mod access;
+pub mod audit;
 pub mod authn;
 pub mod client;
 pub mod error;
