@@ -3,7 +3,8 @@
 //! workload (two logins, one of them failing, and a build); its HTTP API must then
 //! answer the expected series. The exposition passes `promtool check metrics`, the alert
 //! rules `promtool check rules` and their unit tests `promtool test rules`, and every
-//! query of the Grafana dashboard parses and evaluates on the live server.
+//! query of the Grafana dashboard parses and evaluates on the live server; the
+//! workload's audit records are in the log, in the shared schema.
 //!
 //! Prometheus and promtool come from apt (`make prometheus`, a dependency of
 //! `make test`); without them each test prints one line saying so and skips.
@@ -379,4 +380,49 @@ fn prometheus_scrapes_a_known_workload_and_the_dashboard_queries_evaluate() {
         }
     }
     assert!(queries >= 15, "{queries} dashboard queries");
+
+    // The audit records of the workload, in the one schema every service writes.
+    let audit: Vec<serde_json::Value> = suite
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "audit")
+        .map(|l| {
+            if l["fields"].is_object() {
+                l["fields"].clone()
+            } else {
+                l
+            }
+        })
+        .collect();
+    let find = |service: &str, action: &str, outcome: &str| {
+        audit
+            .iter()
+            .find(|r| r["service"] == service && r["action"] == action && r["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {service} {action} {outcome} audit record in {audit:#?}"))
+            .clone()
+    };
+    let failed = find("auth", "login", "failure");
+    assert_eq!(failed["reason"], "INVALID_CREDENTIALS");
+    assert_eq!(failed["actor_username"], "admin");
+    let started = find("build", "build.start", "success");
+    assert_eq!(started["actor_username"], "admin");
+    assert!(
+        started["target_resource"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("build/")),
+        "{started}"
+    );
+    assert!(
+        !started["request_id"].as_str().unwrap_or("").is_empty(),
+        "{started}"
+    );
+    for record in [&failed, &started] {
+        assert_eq!(record["audit_schema"], 1, "{record}");
+        let text = record.to_string();
+        assert!(
+            !text.contains(ADMIN_PASSWORD) && !text.contains("not-the-password"),
+            "{text}"
+        );
+    }
 }
