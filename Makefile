@@ -15,7 +15,7 @@ BUF_VERSION := 1.75.0
 ROTEL_VERSION := 0.0.1a15
 ENVOY_VERSION := 1.40.0
 
-.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm
+.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm prometheus
 
 all: build
 
@@ -33,7 +33,7 @@ run:
 ## test: install the test tools and the local model, check lint and formatting, run every
 ## test, then the model's smoke test and the agent's task against the real model (install,
 ## smoke and task take one to three minutes here).
-test: tools lint llm
+test: tools lint llm prometheus
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
@@ -41,6 +41,15 @@ test: tools lint llm
 	fi
 	$(LLM_SMOKE)
 	$(AGENT_LLM_TEST)
+
+## prometheus: Prometheus and promtool for the metrics, alert-rule and dashboard tests
+## (cli/tests/observability.rs), from apt as root. Without them those tests skip, saying so.
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+			|| echo "prometheus could not be installed from apt: the metrics tests will skip"; \
+	else echo "prometheus is not installed and this is not root: the metrics tests will skip"; fi
 
 ## lint: rustfmt, clippy (warnings are errors), buf lint and buf format.
 lint: $(TOOLS)/bin/buf

@@ -114,6 +114,8 @@ pub struct ServerSection {
     /// 0 turns rate limiting off.
     pub rate_limit_per_second: Option<u32>,
     pub rate_limit_burst: Option<u32>,
+    /// The Prometheus metrics listener (plain HTTP, `/metrics`); none by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -101,6 +101,11 @@ pub struct UpArgs {
     #[arg(long, env = "KILN_RATE_LIMIT_BURST")]
     rate_limit_burst: Option<u32>,
 
+    /// Serve Prometheus metrics on this address (plain HTTP, `GET /metrics`), apart from
+    /// the gRPC listener. Default: off.
+    #[arg(long, env = "KILN_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+
     /// The agent's LLM provider: the base URL of an OpenAI-compatible server (llama.cpp's
     /// server, vLLM, LM Studio, OpenAI; `/v1` at the end is accepted), or of Ollama with
     /// `[agent.provider] kind = "ollama"`. Default: http://127.0.0.1:8080, where
@@ -329,7 +334,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     .await
     .context("opening the agent service")?;
 
+    let metrics_listen = args.metrics_listen.or(server.metrics_listen);
+    let mut registry = kiln_metrics::registry();
     let mut server = KilnServer::new(settings);
+    if metrics_listen.is_some() {
+        server = server.with_metrics(&mut registry);
+        auth.register_metrics(&mut registry);
+        build.register_metrics(&mut registry);
+    }
     for check in auth.readiness() {
         server = server.with_readiness(AUTH_SERVICE, check);
     }
@@ -371,6 +383,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     authn.api_key_ttl = api_key_cache;
     authn.api_key_negative_ttl = authn.api_key_negative_ttl.min(authn.api_key_ttl);
     server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
+    let metrics = match metrics_listen {
+        Some(listen) => {
+            let listener = kiln_metrics::MetricsListener::bind(listen, Arc::new(registry)).await?;
+            let addr = listener.local_addr();
+            Some((addr, AbortOnDrop(listener.spawn())))
+        }
+        None => None,
+    };
     // The first stdout line is the contract with scripts and tests: they wait for it.
     println!("kiln is serving on https://{addr}");
     println!("  services:       {}", server.services().join(", "));
@@ -378,6 +398,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     println!("  data directory: {}", data_dir.display());
     println!("  sandbox:        tier {}", build.sandbox_tier());
     println!("  LLM provider:   {llm_url}");
+    if let Some((addr, _)) = &metrics {
+        println!("  metrics:        http://{addr}/metrics");
+    }
     println!(
         "  try:            grpcurl -cacert {} {addr} list",
         pki.ca_cert().display()
@@ -393,6 +416,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     tracing::info!("build service stopped");
     println!("kiln stopped");
     Ok(0)
+}
+
+/// Stops the metrics listener when `kiln up` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds keys and state.

@@ -2,7 +2,8 @@
 //!
 //! 1. Unary RPC throughput over the same TLS listener code: a bare tonic server vs the
 //!    full kiln chain (request id, access policy, rate limit, JWT authentication from a
-//!    cached verifier, authorization, size limit). Budget (DESIGN §6): chain ≥ 85 % of bare.
+//!    cached verifier, authorization, size limit), without and with metrics (the RPC
+//!    metrics layer counting into a registry). Budget (DESIGN §6): chain ≥ 85 % of bare.
 //! 2. Access-token verification per call: cold (signature + claims every time) and
 //!    cached (what a hot client pays), EdDSA vs ES256.
 //! 3. Login's cost: one Argon2id verification with the OWASP parameters kiln uses.
@@ -180,6 +181,36 @@ fn per_call<F: FnMut()>(iterations: u32, mut f: F) -> Duration {
     started.elapsed() / iterations
 }
 
+/// A kiln listener with the full chain in front of `service`, authenticating against the
+/// JWKS it serves; with metrics when given a registry. Returns its address.
+async fn start_chain(
+    pki: &kiln_rpc::pki::DevPki,
+    ca: &str,
+    service: BenchAuth,
+    registry: Option<&mut kiln_metrics::Registry>,
+) -> std::net::SocketAddr {
+    let mut settings = ServerSettings::new("127.0.0.1:0".parse().expect("addr"), pki.server_tls());
+    settings.rate_limit = None; // one client hammering one method is not abuse here
+    let mut chain = KilnServer::new(settings);
+    if let Some(registry) = registry {
+        chain = chain.with_metrics(registry);
+    }
+    let mut chain = chain.add_service(service).bind().await.expect("bind");
+    let addr = chain.local_addr();
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
+    let authn = AuthnConfig::new(
+        ClientConfig::new(format!("https://{addr}"))
+            .ca_pem(ca.to_owned())
+            .identity(
+                read(pki.workload_cert("auth")),
+                read(pki.workload_key("auth")),
+            ),
+    );
+    chain.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
+    tokio::spawn(chain.serve_until(std::future::pending()));
+    addr
+}
+
 #[tokio::main]
 async fn main() {
     let seconds: u64 = std::env::args()
@@ -208,35 +239,22 @@ async fn main() {
     let bare = tonic::transport::Server::builder().add_service(service.clone());
     tokio::spawn(bare.serve_with_incoming(tls_incoming(listener, tls)));
 
-    // Chain: the full kiln layer, authenticating against the JWKS of the same service.
-    let mut settings = ServerSettings::new("127.0.0.1:0".parse().expect("addr"), pki.server_tls());
-    settings.rate_limit = None; // one client hammering one method is not abuse here
-    let mut chain = KilnServer::new(settings)
-        .add_service(service)
-        .bind()
-        .await
-        .expect("bind");
-    let chain_addr = chain.local_addr();
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
-    let authn = AuthnConfig::new(
-        ClientConfig::new(format!("https://{chain_addr}"))
-            .ca_pem(ca.clone())
-            .identity(
-                read(pki.workload_cert("auth")),
-                read(pki.workload_key("auth")),
-            ),
-    );
-    chain.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
-    tokio::spawn(chain.serve_until(std::future::pending()));
+    // Chain: the full kiln layer, authenticating against the JWKS of the same service;
+    // once without and once with metrics (the RPC metrics layer and its registry).
+    let chain_addr = start_chain(&pki, &ca, service.clone(), None).await;
+    let mut registry = kiln_metrics::registry();
+    let metered_addr = start_chain(&pki, &ca, service, Some(&mut registry)).await;
 
     println!("kiln layer chain benchmark: {seconds} s per case, 2 runs each, best kept\n");
     println!("1. unary WhoAmI over TLS, calls/s (higher is better)");
     for clients in [1usize, 16] {
         let bare_url = format!("https://{bare_addr}");
         let chain_url = format!("https://{chain_addr}");
-        // Warm the chain's JWKS and token caches before measuring.
+        let metered_url = format!("https://{metered_addr}");
+        // Warm the chains' JWKS and token caches before measuring.
         throughput(&chain_url, &ca, &token, 1, Duration::from_millis(200)).await;
-        let mut best = (0.0f64, 0.0f64);
+        throughput(&metered_url, &ca, &token, 1, Duration::from_millis(200)).await;
+        let mut best = (0.0f64, 0.0f64, 0.0f64);
         for _ in 0..2 {
             best.0 = best
                 .0
@@ -244,14 +262,26 @@ async fn main() {
             best.1 = best
                 .1
                 .max(throughput(&chain_url, &ca, &token, clients, duration).await);
+            best.2 = best
+                .2
+                .max(throughput(&metered_url, &ca, &token, clients, duration).await);
         }
         println!(
-            "   {clients:>2} client(s): bare tonic {:>8.0}/s   kiln chain {:>8.0}/s   chain/bare = {:.2}",
+            "   {clients:>2} client(s): bare tonic {:>8.0}/s   kiln chain {:>8.0}/s ({:.2})   with metrics {:>8.0}/s ({:.2} of bare)",
             best.0,
             best.1,
-            best.1 / best.0
+            best.1 / best.0,
+            best.2,
+            best.2 / best.0
         );
     }
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
+    // The registry really counted the measured calls.
+    let exposition = kiln_metrics::render(&registry);
+    assert!(
+        exposition.contains(r#"kiln_rpc_requests_total{service="kiln.auth.v1.AuthService",method="WhoAmI",code="OK"}"#),
+        "the metered chain counted its calls"
+    );
 
     println!("\n2. access-token verification, per call");
     let verifier = TokenVerifier::new(&jwks, "kiln", "kiln");

@@ -106,6 +106,11 @@ impl AccessPolicy {
         Ok(Self { by_path })
     }
 
+    /// The paths of the RPCs this policy knows (declared or not).
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.by_path.keys().map(String::as_str)
+    }
+
     /// Decides what to do with a request for `path`.
     pub fn verdict(&self, path: &str) -> Verdict {
         match self.by_path.get(path) {

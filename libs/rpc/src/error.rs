@@ -77,7 +77,7 @@ pub struct FieldViolation {
 
 /// A gRPC error with kiln's rich details. Convert with `Status::from(err)` or `?` in a
 /// handler returning `Result<_, Status>`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     code: Code,
     reason: &'static str,

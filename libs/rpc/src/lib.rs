@@ -2,11 +2,13 @@
 //!
 //! - [`server`]: one listener with TLS, the layer chain, health, reflection (v1 and
 //!   v1alpha), keepalive, message limits and graceful shutdown;
-//! - [`layer`]: request id, access policy, authentication seam, authorization;
+//! - [`layer`]: the layer chain, one tower layer per concern (request id, access
+//!   policy, rate limit, authentication, authorization, message size);
 //! - [`authn`], [`token`]: access-token verification against the JWKS and the revocations
 //!   kiln-auth publishes, API-key resolution;
 //! - [`ratelimit`], [`slots`]: rate limits by verified identity (else peer address), and
 //!   bounded connections per peer and unauthenticated long-lived streams;
+//! - [`audit`]: the one audit record type every service writes (target `audit`);
 //! - [`error`]: [`ApiError`], the gRPC error with rich details every handler returns;
 //! - [`remote`]: [`RemoteError`], the same details decoded from a `Status` a client got;
 //! - [`id_prefix`]: ids given by a unique prefix (docker-style), one rule for every service;
@@ -20,6 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub mod access;
+pub mod audit;
 pub mod authn;
 pub mod client;
 pub mod error;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use kiln_metrics::{EncodeLabelSet, Family, Gauge, Registry, Unit};
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -23,7 +24,10 @@ use crate::Error;
 use crate::access::AccessPolicy;
 use crate::identity::{Authenticator, NoTokenVerification};
 use crate::incoming::{mesh_incoming_limited, tls_incoming_limited};
-use crate::layer::{Gate, KilnLayer};
+use crate::layer::{
+    AccessLayer, AdmissionLayer, Authenticate, Authorize, MessageSizeLayer, MetricsLayer,
+    RateLimitCheck, RateLimitStage, RequestIdLayer, RpcMetrics,
+};
 use crate::limit::MAX_MESSAGE_BYTES_CEILING;
 use crate::mesh::apply_forwarded_identity;
 use crate::ratelimit::{RateLimit, RateLimiter};
@@ -140,6 +144,22 @@ pub struct KilnServer {
     services: Vec<&'static str>,
     authenticator: Arc<dyn Authenticator>,
     readiness: Checks,
+    /// Set by [`KilnServer::with_metrics`].
+    metrics: Option<ListenerMetrics>,
+}
+
+/// What a listener with a registry measures.
+#[derive(Debug, Clone)]
+struct ListenerMetrics {
+    rpc: RpcMetrics,
+    /// Expiry of the server certificate and of the client CA bundle's first certificate.
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertificateLabels {
+    /// `server` or `client_ca`.
+    certificate: &'static str,
 }
 
 impl std::fmt::Debug for KilnServer {
@@ -159,7 +179,25 @@ impl KilnServer {
             services: Vec::new(),
             authenticator: Arc::new(NoTokenVerification),
             readiness: Checks::new(),
+            metrics: None,
         }
+    }
+
+    /// Measures this listener's calls (`kiln_rpc_…`) and the expiry of its certificates
+    /// (`kiln_tls_certificate_expiry_timestamp_seconds`) into `registry`.
+    pub fn with_metrics(mut self, registry: &mut Registry) -> Self {
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.sub_registry_with_prefix("tls").register_with_unit(
+            "certificate_expiry_timestamp",
+            "When the listener's certificates expire (Unix time); re-read when the files change",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
+        self.metrics = Some(ListenerMetrics {
+            rpc: RpcMetrics::register(registry),
+            certificate_expiry,
+        });
+        self
     }
 
     /// Makes `service`'s health (and the overall health) NOT_SERVING while `check`
@@ -268,6 +306,7 @@ impl BoundServer {
             services,
             authenticator,
             readiness,
+            metrics,
         } = self.inner;
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, &services, ServingStatus::Serving).await;
@@ -298,19 +337,55 @@ impl BoundServer {
                 .map_err(|e| Error::Reflection(e.to_string()))?,
         );
 
-        let rate_limiter = settings.rate_limit.map(RateLimiter::new);
-        let layer = KilnLayer::new(Gate {
-            policy: self.policy,
-            authenticator,
-            trust_domain: settings.trust_domain.clone(),
-            max_message_bytes: settings.max_message_bytes,
-            rate_limiter,
-            open_streams: PeerSlots::new(
-                settings.max_open_streams_per_peer,
-                settings.max_open_streams,
-            ),
+        // The layer chain, outermost first (crate::layer says what each one does).
+        let rate_limiter = settings
+            .rate_limit
+            .map(|limit| Arc::new(RateLimiter::new(limit)));
+        let _forget = rate_limiter.as_ref().map(|limiter| {
+            AbortOnDrop(crate::layer::rate_limit::spawn_housekeeping(
+                limiter,
+                Duration::from_secs(60),
+            ))
         });
-        let _forget = AbortOnDrop(layer.spawn_housekeeping(Duration::from_secs(60)));
+        let rate_limit = |stage| {
+            tower::util::option_layer(rate_limiter.clone().map(|limiter| {
+                let check = RateLimitCheck::new(limiter, stage);
+                AdmissionLayer::new(match &metrics {
+                    Some(m) => check.with_metrics(&m.rpc),
+                    None => check,
+                })
+            }))
+        };
+        let metrics_layer = metrics
+            .as_ref()
+            .map(|m| MetricsLayer::new(m.rpc.clone(), self.policy.paths()));
+        // In mesh mode the sidecar holds the certificates; kiln has none to watch.
+        let _certificate_watch = metrics.as_ref().filter(|_| !settings.mesh).map(|m| {
+            AbortOnDrop(watch_certificate_expiry(
+                settings.tls.clone(),
+                m.certificate_expiry.clone(),
+                settings.tls_reload_interval,
+            ))
+        });
+        let layers = tower::ServiceBuilder::new()
+            .layer(RequestIdLayer)
+            .layer(tower::util::option_layer(metrics_layer))
+            .layer(AccessLayer::new(
+                self.policy,
+                PeerSlots::new(
+                    settings.max_open_streams_per_peer,
+                    settings.max_open_streams,
+                ),
+            ))
+            .layer(rate_limit(RateLimitStage::BeforeAuthentication))
+            .layer(AdmissionLayer::new(Authenticate::new(
+                authenticator,
+                settings.trust_domain.clone(),
+            )))
+            .layer(rate_limit(RateLimitStage::AfterAuthentication))
+            .layer(AdmissionLayer::new(Authorize))
+            .layer(MessageSizeLayer::new(settings.max_message_bytes))
+            .into_inner();
         let connections = PeerSlots::new(settings.max_connections_per_peer, usize::MAX);
         let (incoming, _tls_watch) = match self.tls {
             Some(tls) => (
@@ -333,7 +408,7 @@ impl BoundServer {
             // Outermost but for the mesh identity, so that the chain's span (request id, authentication with its
             // calls to kiln-auth) and the handler are part of the caller's trace.
             .layer(kiln_telemetry::TraceContextLayer)
-            .layer(layer)
+            .layer(layers)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
@@ -364,6 +439,31 @@ async fn set_health(health: &HealthReporter, services: &[&str], status: ServingS
     for name in services {
         health.set_service_status(*name, status).await;
     }
+}
+
+/// Keeps the certificate-expiry gauges current: read now and at every TLS reload
+/// interval (the files are reloaded on change, so the expiry changes with them).
+fn watch_certificate_expiry(
+    tls: TlsFiles,
+    gauge: Family<CertificateLabels, Gauge>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            ticker.tick().await;
+            for (certificate, path) in [("server", &tls.cert), ("client_ca", &tls.client_ca)] {
+                match crate::tls::certificate_not_after(path) {
+                    Ok(at) => {
+                        gauge
+                            .get_or_create(&CertificateLabels { certificate })
+                            .set(at);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read a certificate's expiry"),
+                }
+            }
+        }
+    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

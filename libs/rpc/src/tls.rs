@@ -90,6 +90,17 @@ pub fn server_config(
     Ok(config)
 }
 
+/// When the first (leaf) certificate of a PEM file expires, in seconds since the epoch.
+pub fn certificate_not_after(path: &Path) -> Result<i64, Error> {
+    let certs = read_certs(path)?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Error::tls(path, "holds no certificate"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref())
+        .map_err(|e| Error::tls(path, format!("cannot parse the certificate: {e}")))?;
+    Ok(parsed.validity().not_after.timestamp())
+}
+
 /// The kiln workload identity in a (verified) certificate, if it carries one.
 pub fn workload_identity(cert: &CertificateDer<'_>) -> Option<WorkloadId> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

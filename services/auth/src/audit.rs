@@ -96,19 +96,22 @@ pub async fn record(store: &Store, now: SystemTime, event: Event) {
     insert(store, now, &event).await;
 }
 
+/// The log record, in the schema every service shares (`kiln_rpc::audit`).
 fn trace(event: &Event) {
-    tracing::info!(
-        target: "audit",
-        action = event.action,
-        outcome = outcome(event),
-        reason = event.failure.unwrap_or(""),
-        actor_user_id = %event.actor.user_id,
-        actor_username = %event.actor.username,
-        target_resource = %event.target,
-        peer = %event.peer,
-        details = ?event.details,
-        "auth audit event"
-    );
+    let mut record = kiln_rpc::audit::AuditRecord::new("auth", event.action);
+    record.failure = event.failure;
+    record.actor_user_id = event.actor.user_id.clone();
+    record.actor_username = event.actor.username.clone();
+    record.actor_method = match event.actor.method {
+        pb::AuthMethod::Password => "password",
+        pb::AuthMethod::AccessToken => "token",
+        pb::AuthMethod::ApiKey => "api_key",
+        _ => "",
+    };
+    record.target_resource = event.target.clone();
+    record.peer = event.peer.clone();
+    record.details = event.details.clone();
+    record.emit();
 }
 
 fn outcome(event: &Event) -> &'static str {

@@ -165,7 +165,10 @@ impl KeyRing {
         state.retired.retain(|r| r.retired_at + keep > now);
         state.current = Arc::new(key);
         state.created_at = now;
-        tracing::info!(target: "audit", kid = %kid, retired = %old.kid, "signing key rotated");
+        kiln_rpc::audit::AuditRecord::new("auth", "signing_key.rotate")
+            .target("signing_key", &kid)
+            .detail("retired", old.kid.as_str())
+            .emit();
         Ok(kid)
     }
 

@@ -32,6 +32,7 @@ mod delegation;
 pub mod error;
 mod handlers;
 mod keys;
+mod metrics;
 mod paging;
 mod password;
 mod revocations;
@@ -72,6 +73,7 @@ pub(crate) struct Inner {
     stamps: revocations::Stamps,
     /// The aggregated audit of locked-out logins.
     refusals: audit::RefusalAggregates,
+    metrics: metrics::AuthMetrics,
 }
 
 impl Inner {
@@ -107,6 +109,7 @@ impl AuthApi {
             throttle: LoginThrottle::new(config.throttle.clone()),
             stamps,
             refusals: audit::RefusalAggregates::default(),
+            metrics: metrics::AuthMetrics::default(),
             config,
             store,
             hasher,
@@ -124,6 +127,11 @@ impl AuthApi {
             .keys
             .rotate(&self.inner.store, self.inner.now())
             .await
+    }
+
+    /// Adds this service's metrics (`kiln_auth_…`) to `registry`.
+    pub fn register_metrics(&self, registry: &mut kiln_metrics::Registry) {
+        self.inner.metrics.register(registry);
     }
 
     /// What this service needs in order to serve (its database), for health.

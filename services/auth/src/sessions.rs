@@ -17,6 +17,7 @@ use sqlx::Row;
 use crate::audit::{self, Actor, Event};
 use crate::convert::{role_to_pb, timestamp};
 use crate::error::{AuthError, Result, reason};
+use crate::metrics::LoginOutcome;
 use crate::password::{MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES, check_new_password};
 use crate::secret::{digest, random_token};
 use crate::store::{duration_millis, from_millis, millis};
@@ -59,6 +60,7 @@ impl Inner {
                     .ip
                     .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
                 self.refusals.record(&self.store, now, &peer, event).await;
+                self.metrics.login(LoginOutcome::LockedOut);
                 return Err(AuthError::LoginThrottled { retry_after });
             }
         };
@@ -86,6 +88,7 @@ impl Inner {
                     event = event.detail("disabled", "true");
                 }
                 audit::record(&self.store, now, event).await;
+                self.metrics.login(LoginOutcome::Failure);
                 return Err(AuthError::InvalidCredentials);
             }
         };
@@ -98,6 +101,7 @@ impl Inner {
         )
         .detail("session_id", &issued.principal.session_id);
         audit::record(&self.store, now, event).await;
+        self.metrics.login(LoginOutcome::Success);
         Ok(pb::LoginResponse {
             access_token: issued.access_token,
             refresh_token: issued.refresh_token,

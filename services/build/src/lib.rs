@@ -11,6 +11,7 @@ mod error;
 mod files;
 mod log;
 mod maintenance;
+mod metrics;
 mod outputs;
 mod paths;
 mod queue;
@@ -207,6 +208,11 @@ impl BuildApi {
             shared,
             tasks: Arc::new(Mutex::new(tasks)),
         })
+    }
+
+    /// Adds this service's metrics (`kiln_build_…`) to `registry`.
+    pub fn register_metrics(&self, registry: &mut kiln_metrics::Registry) {
+        self.shared.queue.metrics.register(registry);
     }
 
     /// What this service needs in order to serve, for health: its database, and a

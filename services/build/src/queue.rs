@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use kiln_telemetry::TraceParent;
 
 use crate::config::QueueConfig;
+use crate::metrics::BuildMetrics;
 
 /// A queued build, as the scheduler sees it.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct Entry {
     pub trace: TraceParent,
     /// Open while the build waits; ended when the scheduler hands it out.
     pub queue_wait: tracing::Span,
+    /// When it was queued (or re-queued at start-up), for the queue-wait metric.
+    pub queued_at: std::time::Instant,
 }
 
 impl Entry {
@@ -36,6 +39,7 @@ impl Entry {
             owner,
             workspace_id,
             trace: TraceParent::current(),
+            queued_at: std::time::Instant::now(),
             queue_wait,
         }
     }
@@ -64,6 +68,8 @@ pub struct Queue {
     config: QueueConfig,
     state: Mutex<State>,
     pub wake: tokio::sync::Notify,
+    /// The service's metrics; the queue keeps depth, wait and running up to date.
+    pub metrics: BuildMetrics,
 }
 
 impl Queue {
@@ -72,6 +78,7 @@ impl Queue {
             config,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
+            metrics: BuildMetrics::default(),
         }
     }
 
@@ -119,6 +126,7 @@ impl Queue {
             s.queued.entry(owner.clone()).or_default().push_back(entry);
             position_of(&s, &owner, &id).unwrap_or(1)
         };
+        self.metrics.queued();
         self.wake.notify_one();
         position
     }
@@ -131,7 +139,11 @@ impl Queue {
         };
         let before = q.len();
         q.retain(|e| e.build_id != build_id);
-        before != q.len()
+        let removed = before != q.len();
+        if removed {
+            self.metrics.dequeued();
+        }
+        removed
     }
 
     /// The position a build of `owner` would get if queued now.
@@ -186,6 +198,7 @@ impl Queue {
             s.running += 1;
             *s.running_per_user.entry(user).or_default() += 1;
             s.busy_workspaces.insert(entry.workspace_id.clone());
+            self.metrics.started(entry.queued_at.elapsed());
             return Some((entry, claimed));
         }
         None
@@ -200,6 +213,7 @@ impl Queue {
                 *n = n.saturating_sub(1);
             }
             s.busy_workspaces.remove(&entry.workspace_id);
+            self.metrics.finished();
             // Users with nothing queued and nothing running leave the turn order.
             let owner = entry.owner.clone();
             let idle = !s.queued.contains_key(&owner)

@@ -345,7 +345,14 @@ async fn run_step(
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<StepEnd> {
     let index32 = u32::try_from(index).unwrap_or(u32::MAX);
-    let mut child = match shared.sandbox.spawn(spec).await {
+    let spawn_started = std::time::Instant::now();
+    let spawned = shared.sandbox.spawn(spec).await;
+    let metrics = &shared.queue.metrics;
+    metrics.spawned(
+        spawn_started.elapsed(),
+        crate::metrics::spawn_outcome(&spawned),
+    );
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let finished = pb::StepFinished {
@@ -482,6 +489,7 @@ async fn run_step(
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
     };
+    metrics.step_finished(reason.as_str_name(), outcome.wall_time, delivered);
     let finished = pb::StepFinished {
         step_index: index32,
         exit_code: outcome.status.code(),

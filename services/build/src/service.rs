@@ -9,6 +9,7 @@ use futures::stream::BoxStream;
 use kiln_proto::build as pb;
 use kiln_proto::build::build_service_server::BuildService;
 use kiln_rpc::id_prefix::{self, Lookup};
+use kiln_rpc::audit::AuditRecord;
 use kiln_rpc::{ApiError, Principal};
 use pb::build_event::Event;
 use prost::Message;
@@ -198,7 +199,12 @@ impl BuildApi {
         b
     }
 
-    async fn start(&self, p: &Principal, req: pb::StartBuildRequest) -> Result<pb::Build> {
+    async fn start(
+        &self,
+        p: &Principal,
+        req: pb::StartBuildRequest,
+        audit: AuditRecord,
+    ) -> Result<pb::Build> {
         let shared = &self.shared;
         let valid = validate::start_build(&req, &shared.config.policy, &shared.config.workspace)?;
         let limits = limits_to_proto(&valid.limits);
@@ -268,17 +274,15 @@ impl BuildApi {
             return Err(e);
         }
         // Who started it: for an agent task, "the agent on behalf of the owner".
-        tracing::info!(
-            target: "audit",
-            build_id = %build.id,
-            workspace_id = %build.workspace_id,
-            owner = %build.owner,
-            username = %p.username,
-            actor = p.actor.as_deref().unwrap_or(""),
-            task_id = p.scope.as_ref().map_or("", |s| s.task_id.as_str()),
-            "build started by {}",
-            p.describe()
-        );
+        audit
+            .target("build", &build.id)
+            .detail("workspace_id", build.workspace_id.as_str())
+            .detail("owner", build.owner.as_str())
+            .detail(
+                "task_id",
+                p.scope.as_ref().map_or("", |s| s.task_id.as_str()),
+            )
+            .emit();
         shared.logs.insert(LiveLog::new(
             &build.id,
             1,
@@ -547,7 +551,8 @@ impl BuildService for BuildApi {
         request: Request<pb::StartBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
         let p = principal(&request)?;
-        ok(self.start(&p, request.into_inner()).await)
+        let audit = AuditRecord::for_request("build", "build.start", &request);
+        ok(self.start(&p, request.into_inner(), audit).await)
     }
 
     async fn run_build(
@@ -555,7 +560,8 @@ impl BuildService for BuildApi {
         request: Request<pb::StartBuildRequest>,
     ) -> Result<Response<Self::RunBuildStream>, Status> {
         let p = principal(&request)?;
-        let build = self.start(&p, request.into_inner()).await?;
+        let audit = AuditRecord::for_request("build", "build.start", &request);
+        let build = self.start(&p, request.into_inner(), audit).await?;
         let mut response = Response::new(self.watch_stream(build.id.clone(), 0));
         // The id before any event, so a client whose stream breaks can WatchBuild.
         if let Ok(value) = build.id.parse() {
@@ -600,7 +606,13 @@ impl BuildService for BuildApi {
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::CancelBuildResponse>, Status> {
         let p = principal(&request)?;
+        let audit = AuditRecord::for_request("build", "build.cancel", &request);
         let (build, kill_after) = self.cancel(&p, request.into_inner()).await?;
+        audit
+            .target("build", &build.id)
+            .detail("owner", build.owner.as_str())
+            .detail("state", build.state().as_str_name())
+            .emit();
         Ok(Response::new(pb::CancelBuildResponse {
             build: Some(self.with_position(build)),
             kill_after: kill_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
