@@ -95,7 +95,10 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log_format, default_level);
     // Before any thread exists: every build step starts with a clone of this process.
-    kiln_sandbox::keep_spawns_cheap();
+    // Only where builds run; a client command spawns none.
+    if matches!(cli.command, Command::Up(_)) {
+        kiln_sandbox::keep_spawns_cheap();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
