@@ -238,3 +238,29 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
             source,
         })
 }
+
+/// Runs a service binary's `main` future on a multi-threaded runtime and turns its
+/// outcome into the exit status (`<name>: <error and its causes>` on stderr).
+pub fn block_on<E, F>(name: &str, main: F) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<(), E>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("{name}: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
