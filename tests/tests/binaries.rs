@@ -201,6 +201,29 @@ async fn each_binary_starts_alone_and_the_three_talk_over_mtls_as_themselves() {
         ]),
     );
 
+    // The exec probe of a pod: the service's health over mTLS, as itself.
+    for (name, service, certs) in [
+        ("auth", &auth, &auth_certs),
+        ("build", &build, &build_certs),
+        ("agent", &agent, &agent_certs),
+    ] {
+        let port = service.endpoint.rsplit(':').next().expect("port");
+        let probe = Command::new(binary(&format!("kiln-{name}")))
+            .arg("--probe")
+            .env_remove("KILN_CONFIG")
+            .env("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("KILN_SERVER__TRUST_DOMAIN", TRUST_DOMAIN)
+            .env("KILN_SERVER__TLS__CERT", certs.join("tls.crt"))
+            .env("KILN_SERVER__TLS__KEY", certs.join("tls.key"))
+            .env("KILN_SERVER__TLS__CA", pki.dir.path().join("ca.crt"))
+            .output()
+            .expect("probe runs");
+        assert!(
+            probe.status.success() && String::from_utf8_lossy(&probe.stdout).contains("SERVING"),
+            "kiln-{name} --probe: {probe:?}"
+        );
+    }
+
     // A user: log in at kiln-auth (no client certificate), make an API key.
     let channel = pki
         .client(&auth.endpoint, None)

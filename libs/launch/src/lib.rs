@@ -183,6 +183,12 @@ pub struct ServiceArgs {
     /// Where the state lives (overrides `server.data_dir`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Instead of serving: ask the running service on this host (`server.listen`'s port
+    /// on localhost, over mTLS as this workload) for its grpc.health.v1 status and exit 0
+    /// when SERVING. For Kubernetes exec probes: the kubelet's own gRPC probe speaks no
+    /// TLS.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 impl ServiceArgs {
@@ -263,4 +269,24 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--probe`: the local listener's overall grpc.health.v1 status, as this workload.
+pub async fn probe(server: &ServerConfig, me: &Workload) -> Result<bool, Error> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let endpoint = format!("https://localhost:{}", server.listen.port());
+    let mut client = me.client(&endpoint);
+    client.connect_timeout = Some(std::time::Duration::from_secs(2));
+    let channel = client.connect().await?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map_err(|status| Error::Identity(format!("health check: {}", status.message())))?
+        .into_inner()
+        .status();
+    println!("{}", status.as_str_name());
+    Ok(status == ServingStatus::Serving)
 }

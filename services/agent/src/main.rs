@@ -35,6 +35,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let AgentFile { server, mut agent } =
         AgentFile::load(args.service.config.as_deref(), args.service.overrides())?;
     let me = Workload::from_config("agent", &server)?;
+    if args.service.probe {
+        return match kiln_launch::probe(&server, &me).await? {
+            true => Ok(()),
+            false => anyhow::bail!("not serving"),
+        };
+    }
     let auth_endpoint = kiln_launch::endpoint(&server, "auth")?;
     let build_endpoint = kiln_launch::endpoint(&server, "build")?;
     if agent.provider.api_key_env.is_none()

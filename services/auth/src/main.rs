@@ -36,6 +36,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let AuthFile { server, mut auth } =
         AuthFile::load(args.service.config.as_deref(), args.service.overrides())?;
     let me = Workload::from_config("auth", &server)?;
+    if args.service.probe {
+        return match kiln_launch::probe(&server, &me).await? {
+            true => Ok(()),
+            false => anyhow::bail!("not serving"),
+        };
+    }
     kiln_launch::create_private_dir(&auth.data_dir)?;
     // One process per data directory (kiln-build and kiln-agent hold theirs in open()).
     let _lock = kiln_store::DirLock::acquire(&auth.data_dir)?;

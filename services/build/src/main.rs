@@ -32,6 +32,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let BuildFile { server, build } =
         BuildFile::load(args.service.config.as_deref(), args.service.overrides())?;
     let me = Workload::from_config("build", &server)?;
+    if args.service.probe {
+        return match kiln_launch::probe(&server, &me).await? {
+            true => Ok(()),
+            false => anyhow::bail!("not serving"),
+        };
+    }
     let auth_endpoint = kiln_launch::endpoint(&server, "auth")?;
     kiln_launch::create_private_dir(&build.data_dir)?;
     let api = BuildApi::open(build)
