@@ -167,6 +167,8 @@ fn environment(sections: &[&str]) -> Env {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use std::time::Duration;
 

@@ -39,8 +39,15 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// No certificate configured, or one that is not this service's.
     #[error("{0}")]
     Identity(String),
+    /// A peer this service calls has no configured address.
+    #[error("{0}")]
+    Endpoint(String),
+    /// `--probe` got an error instead of a status.
+    #[error("health check: {0}")]
+    Probe(String),
     #[error("{0}")]
     AdminPassword(String),
 }
@@ -163,7 +170,7 @@ pub fn endpoint(server: &ServerConfig, service: &str) -> Result<String, Error> {
         _ => None,
     };
     value.ok_or_else(|| {
-        Error::Identity(format!(
+        Error::Endpoint(format!(
             "where is kiln-{service}? set [server.endpoints] {service} = \"https://host:port\" (or KILN_SERVER__ENDPOINTS__{})",
             service.to_ascii_uppercase()
         ))
@@ -284,7 +291,7 @@ pub async fn probe(server: &ServerConfig, me: &Workload) -> Result<bool, Error> 
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest::default())
         .await
-        .map_err(|status| Error::Identity(format!("health check: {}", status.message())))?
+        .map_err(|status| Error::Probe(status.message().to_owned()))?
         .into_inner()
         .status();
     println!("{}", status.as_str_name());
