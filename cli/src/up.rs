@@ -4,23 +4,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
-
-use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use kiln_agent::AgentApi;
 use kiln_auth::AuthApi;
 use kiln_build::BuildApi;
 
-use crate::config::ConfigFile;
-use kiln_rpc::authn::{AuthnConfig, SuiteAuthenticator};
-use kiln_rpc::client::ClientConfig;
+use crate::config::SuiteFile;
+use kiln_config::{ConfigFile, Overrides, ServerConfig, TlsPaths};
+use kiln_launch::Workload;
 use kiln_rpc::pki::ensure_dev_pki;
-use kiln_rpc::ratelimit::RateLimit;
-use kiln_rpc::reloading_client::ClientTlsFiles;
-use kiln_rpc::{KilnServer, ServerSettings, shutdown_signal};
+use kiln_rpc::{KilnServer, shutdown_signal};
 
 use kiln_proto::agent::agent_service_server::SERVICE_NAME as AGENT_SERVICE;
 use kiln_proto::auth::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
@@ -28,9 +24,6 @@ use kiln_proto::build::build_service_server::SERVICE_NAME as BUILD_SERVICE;
 
 /// Where the agent's provider API key may come from (named by `api_key_env` otherwise).
 const LLM_API_KEY_ENV: &str = "KILN_LLM_API_KEY";
-
-/// Where `kiln up` listens unless told otherwise.
-const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 
 /// The services `kiln up` runs; each gets a workload certificate with its SPIFFE id.
 const SERVICES: &[&str] = &["auth", "build", "agent"];
@@ -102,7 +95,7 @@ pub struct UpArgs {
     rate_limit_burst: Option<u32>,
 
     /// Serve Prometheus metrics on this address (plain HTTP, `GET /metrics`), apart from
-    /// the gRPC listener. Default: off.
+    /// the gRPC listener. Default: `[server] metrics_listen`, else off.
     #[arg(long, env = "KILN_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
 
@@ -138,7 +131,7 @@ pub fn otlp_endpoint(args: &UpArgs) -> anyhow::Result<Option<String>> {
     .iter()
     .any(|name| std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
     let from_file = match (&args.otlp_endpoint, &args.config, env_set) {
-        (None, Some(path), false) => ConfigFile::load(path)?.telemetry.otlp_endpoint,
+        (None, Some(path), false) => SuiteFile::check_file(path)?.telemetry.otlp_endpoint,
         _ => None,
     };
     let endpoint = args.otlp_endpoint.clone().or(from_file);
@@ -155,9 +148,13 @@ pub fn otlp_endpoint(args: &UpArgs) -> anyhow::Result<Option<String>> {
 /// `kiln config …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a configuration file and print the effective settings (JSON).
+    /// Validate a configuration file and print the effective settings (JSON). Only the
+    /// file counts, not the environment: the answer is about the file.
     Check {
-        /// The TOML file to check.
+        /// Whose file: a per-service binary's (`[server]` and its own section). Default:
+        /// `kiln up`'s (every section).
+        #[arg(long, value_enum)]
+        service: Option<crate::config::FileKind>,
         file: PathBuf,
     },
     /// Print a configuration file with every setting at its default, documented.
@@ -167,35 +164,13 @@ pub enum ConfigCommand {
 /// The example file, kept honest by a test that compares it with the real defaults.
 const EXAMPLE_CONFIG: &str = include_str!("../../examples/kiln.toml");
 
-const DEFAULT_API_KEY_CACHE: Duration = Duration::from_secs(30);
-
 pub fn config(command: ConfigCommand) -> anyhow::Result<i32> {
     match command {
         ConfigCommand::Example => print!("{EXAMPLE_CONFIG}"),
-        ConfigCommand::Check { file } => {
-            let config = ConfigFile::load(&file)?;
-            let data_dir = config
-                .server
-                .data_dir
-                .clone()
-                .unwrap_or_else(default_data_dir);
-            let auth = config.auth(data_dir.join("auth"));
-            let build = config
-                .build(data_dir.join("build"))
+        ConfigCommand::Check { service, file } => {
+            let effective = crate::config::check(&file, service)
                 .with_context(|| format!("in {}", file.display()))?;
-            let agent = config
-                .agent(data_dir.join("agent"))
-                .with_context(|| format!("in {}", file.display()))?;
-            let api_key_cache = config
-                .auth
-                .api_key_cache
-                .map_or(DEFAULT_API_KEY_CACHE, |d| d.0);
-            crate::output::print_json(&crate::config::describe(
-                &auth,
-                &build,
-                &agent,
-                api_key_cache,
-            ));
+            crate::output::print_json(&effective);
             eprintln!("{}: OK", file.display());
         }
     }
@@ -203,119 +178,77 @@ pub fn config(command: ConfigCommand) -> anyhow::Result<i32> {
 }
 
 /// `<data dir>/kiln`, or `./.kiln` where the platform has no data directory.
-/// The environment variable that may carry the bootstrap admin's password.
-const ADMIN_PASSWORD_ENV: &str = "KILN_ADMIN_PASSWORD";
-
-/// The bootstrap admin's password: from `--admin-password-file` or `KILN_ADMIN_PASSWORD`
-/// (not both: which one wins would be a guess), never from a flag's value.
-fn admin_password(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let from_env = std::env::var(ADMIN_PASSWORD_ENV)
-        .ok()
-        .filter(|p| !p.is_empty());
-    let Some(path) = file else {
-        return Ok(from_env);
-    };
-    if from_env.is_some() {
-        anyhow::bail!("set either --admin-password-file or {ADMIN_PASSWORD_ENV}, not both");
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the admin password from {}", path.display()))?;
-    let password = text.lines().next().unwrap_or_default();
-    if password.is_empty() {
-        anyhow::bail!(
-            "{} holds no admin password (its first line is empty)",
-            path.display()
-        );
-    }
-    Ok(Some(password.to_owned()))
+pub fn default_data_dir() -> PathBuf {
+    ServerConfig::default().effective_data_dir()
 }
 
-pub fn default_data_dir() -> PathBuf {
-    dirs::data_dir().map_or_else(|| PathBuf::from(".kiln"), |d| d.join("kiln"))
+/// The flags of `kiln up` as the last layer of its configuration.
+fn overrides(args: &UpArgs) -> Overrides {
+    Overrides::new()
+        .set("server.listen", args.listen)
+        .set("server.data_dir", args.data_dir.clone())
+        .set("server.trust_domain", args.trust_domain.clone())
+        .set("server.max_message_bytes", args.max_message_bytes)
+        .set(
+            "server.shutdown_grace",
+            args.shutdown_grace_secs.map(|s| format!("{s}s")),
+        )
+        .set(
+            "server.require_client_cert",
+            args.require_client_cert.then_some(true),
+        )
+        .set("server.rate_limit_per_second", args.rate_limit_per_second)
+        .set("server.rate_limit_burst", args.rate_limit_burst)
+        .set("server.metrics_listen", args.metrics_listen)
+        .set(
+            "server.api_key_cache",
+            args.api_key_cache_ms.map(|ms| format!("{ms}ms")),
+        )
+        .set(
+            "auth.access_token_ttl",
+            args.access_token_ttl_secs.map(|s| format!("{s}s")),
+        )
+        .set(
+            "auth.refresh_reuse_grace",
+            args.refresh_reuse_grace_ms.map(|ms| format!("{ms}ms")),
+        )
+        .set("agent.provider.base_url", args.llm_url.clone())
+        .set(
+            "agent.default_model",
+            args.llm_model.clone().filter(|m| !m.is_empty()),
+        )
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     // Before anything else, so that a signal during start-up still stops us cleanly.
     let shutdown = shutdown_signal()?;
-    let file = match &args.config {
-        Some(path) => ConfigFile::load(path)?,
-        None => ConfigFile::default(),
-    };
-    let server = &file.server;
-    let data_dir = args
-        .data_dir
-        .or(server.data_dir.clone())
-        .unwrap_or_else(default_data_dir);
-    create_private_dir(&data_dir)?;
+    let SuiteFile {
+        server: server_config,
+        auth: mut auth_config,
+        build: build_config,
+        agent: mut agent_config,
+        telemetry: _,
+    } = SuiteFile::load(args.config.as_deref(), overrides(&args)).with_context(|| {
+        match &args.config {
+            Some(path) => format!("configuration (file {})", path.display()),
+            None => "configuration".to_owned(),
+        }
+    })?;
+    let data_dir = server_config.effective_data_dir();
+    kiln_launch::create_private_dir(&data_dir)?;
     // First of all: a second `kiln up` on this directory must not touch the live
     // suite's state (it would mark its running builds INTERRUPTED). Held until exit.
     let _dir_lock = kiln_store::DirLock::acquire(&data_dir)?;
-    let trust_domain = args
-        .trust_domain
-        .or(server.trust_domain.clone())
-        .unwrap_or_else(|| ServerSettings::DEFAULT_TRUST_DOMAIN.to_owned());
-    let pki = ensure_dev_pki(&data_dir.join("pki"), &trust_domain, SERVICES)
+    let pki = ensure_dev_pki(&data_dir.join("pki"), &server_config.trust_domain, SERVICES)
         .context("creating the development PKI")?;
-
-    let listen = args
-        .listen
-        .or(server.listen)
-        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address"));
-    let mut settings = ServerSettings::new(listen, pki.server_tls());
-    settings.trust_domain = trust_domain;
-    if let Some(bytes) = args.max_message_bytes.or(server.max_message_bytes) {
-        settings.max_message_bytes = bytes;
-    }
-    if let Some(grace) = args
-        .shutdown_grace_secs
-        .map(Duration::from_secs)
-        .or(server.shutdown_grace.map(|d| d.0))
-    {
-        settings.shutdown_grace = grace;
-    }
-    settings.require_client_cert =
-        args.require_client_cert || server.require_client_cert.unwrap_or(false);
-    let default_rate = RateLimit::default();
-    let per_second = args
-        .rate_limit_per_second
-        .or(server.rate_limit_per_second)
-        .unwrap_or(default_rate.per_second.get());
-    let burst = args
-        .rate_limit_burst
-        .or(server.rate_limit_burst)
-        .unwrap_or(default_rate.burst.get());
-    settings.rate_limit = NonZeroU32::new(per_second).map(|per_second| RateLimit {
-        per_second,
-        burst: NonZeroU32::new(burst).unwrap_or(per_second),
-    });
-
-    let mut auth_config = file.auth(data_dir.join("auth"));
-    auth_config.admin_password = admin_password(args.admin_password_file.as_deref())?;
-    if let Some(secs) = args.access_token_ttl_secs {
-        auth_config.access_ttl = Duration::from_secs(secs);
-    }
-    if let Some(ms) = args.refresh_reuse_grace_ms {
-        auth_config.refresh_reuse_grace = Duration::from_millis(ms);
-    }
-    let build_config = file.build(data_dir.join("build"))?;
-    let api_key_cache = args
-        .api_key_cache_ms
-        .map(Duration::from_millis)
-        .or(file.auth.api_key_cache.map(|d| d.0))
-        .unwrap_or(DEFAULT_API_KEY_CACHE);
+    let settings = kiln_launch::server_settings(&server_config, pki.server_tls());
+    auth_config.admin_password = kiln_launch::admin_password(args.admin_password_file.as_deref())?;
     let auth = AuthApi::open(auth_config)
         .await
         .context("opening the auth service")?;
     let build = BuildApi::open(build_config)
         .await
         .context("opening the build service")?;
-    let mut agent_config = file.agent(data_dir.join("agent"))?;
-    if let Some(url) = args.llm_url {
-        agent_config.provider.base_url = Some(url);
-    }
-    if let Some(model) = args.llm_model.filter(|m| !m.is_empty()) {
-        agent_config.default_model = Some(model);
-    }
     if agent_config.provider.api_key_env.is_none()
         && std::env::var_os(LLM_API_KEY_ENV).is_some_and(|k| !k.is_empty())
     {
@@ -334,7 +267,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     .await
     .context("opening the agent service")?;
 
-    let metrics_listen = args.metrics_listen.or(server.metrics_listen);
+    let metrics_listen = server_config.metrics_listen;
     let mut registry = kiln_metrics::registry();
     let mut server = KilnServer::new(settings);
     if metrics_listen.is_some() {
@@ -359,30 +292,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         .await?;
     let addr = server.local_addr();
     // Every service verifies tokens the way a standalone one would: JWKS and API keys
-    // from kiln-auth over mTLS (here: this very listener), with the auth workload cert.
-    let loopback = SocketAddr::new(
-        if addr.ip().is_unspecified() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            addr.ip()
-        },
-        addr.port(),
-    );
-    // The certificate files are followed as they change (see kiln_rpc::reloading_client).
-    let workload_tls = |service: &str| {
-        ClientTlsFiles::new(pki.ca_cert())
-            .identity(pki.workload_cert(service), pki.workload_key(service))
+    // from kiln-auth over mTLS (here: this very listener). One listener has one
+    // verifier, which presents the auth workload's certificate; the agent calls build
+    // and auth as itself (spiffe://…/service/agent).
+    let loopback = format!("https://localhost:{}", addr.port());
+    let workload = |name: &str| {
+        let files = TlsPaths {
+            cert: pki.workload_cert(name),
+            key: pki.workload_key(name),
+            ca: pki.ca_cert(),
+        };
+        Workload::from_files(name, &server_config.trust_domain, &files)
     };
-    let mut authn = AuthnConfig::new(
-        ClientConfig::new(format!("https://{loopback}")).tls_files(workload_tls("auth")),
-    );
-    let agent_client =
-        ClientConfig::new(format!("https://{loopback}")).tls_files(workload_tls("agent"));
+    let agent_client = workload("agent")?.client(&loopback);
     build_channel.set(agent_client.connect_lazy()?);
     auth_channel.set(agent_client.connect_lazy()?);
-    authn.api_key_ttl = api_key_cache;
-    authn.api_key_negative_ttl = authn.api_key_negative_ttl.min(authn.api_key_ttl);
-    server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
+    server.set_authenticator(workload("auth")?.authenticator(&server_config, &loopback));
     let metrics = match metrics_listen {
         Some(listen) => {
             let listener = kiln_metrics::MetricsListener::bind(listen, Arc::new(registry)).await?;
@@ -425,14 +350,4 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Creates `dir` (and parents) readable by the owner only: it holds keys and state.
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating the data directory {}", dir.display()))
 }

@@ -195,7 +195,7 @@ fn a_config_file_sets_the_build_policy_and_flags_override_it() {
     let file = dir.path().join("kiln.toml");
     std::fs::write(
         &file,
-        "[auth]\naccess_token_ttl = \"2m\"\n[build]\nextra_programs = [\"zig\"]\nmax_steps = 3\n[build.queue]\nmax_queued_per_user = 4\n",
+        "[auth]\naccess_token_ttl = \"2m\"\n[build.policy]\nextra_programs = [\"zig\"]\nmax_steps = 3\n[build.queue]\nmax_queued_per_user = 4\n",
     )
     .expect("write");
     // The file says 2 minutes; the flag says 60 s and wins.
@@ -259,7 +259,10 @@ fn config_check_accepts_the_example_and_names_a_typo() {
         String::from_utf8_lossy(&output.stderr)
     );
     let effective: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
-    assert_eq!(effective["build"]["default_limits"]["wall_timeout"], "15m");
+    assert_eq!(
+        effective["build"]["policy"]["default_limits"]["wall_timeout"],
+        "15m"
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");

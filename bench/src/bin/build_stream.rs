@@ -522,7 +522,7 @@ async fn measure(suite: &Suite, runs: usize) {
     assert!(
         max_output >= THROUGHPUT_MIB << 20,
         "the policy's max output ({max_output} bytes) is below {THROUGHPUT_MIB} MiB: \
-         set [build.max_limits] output_bytes in a `kiln up --config` file"
+         set [build.policy.max_limits] output_bytes in a `kiln up --config` file"
     );
     println!("   sandbox: {}\n", policy.sandbox_description);
     let ws = client

@@ -59,7 +59,7 @@ where
     Ok(items)
 }
 
-pub use crate::config::parse_duration;
+pub use kiln_config::parse_duration;
 
 pub fn proto_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {

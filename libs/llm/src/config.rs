@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Serialize};
 
 /// Which API dialect the provider speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// `/v1/chat/completions` with SSE and `/v1/models`: llama.cpp's server, vLLM,
@@ -30,7 +30,7 @@ impl ProviderKind {
 }
 
 /// One provider: its dialect, address, key and robustness settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProviderConfig {
     /// The dialect. Default: `openai`.
@@ -57,20 +57,20 @@ impl ProviderConfig {
 }
 
 /// How long to wait for what.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TimeoutConfig {
     /// Establishing the TCP (and TLS) connection. Default: `5s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub connect: Duration,
     /// One whole call, retries and waits included. Default: `10m` (a long answer from a
     /// small local model on two cores takes minutes).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub request: Duration,
     /// Silence allowed between two chunks of a response, and before the response
     /// headers (some servers send those only when the first token is ready, so prompt
     /// processing counts). Default: `2m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub idle: Duration,
 }
 
@@ -86,22 +86,22 @@ impl Default for TimeoutConfig {
 
 /// When and how often to try again. Retries happen only before any output has been
 /// streamed to the caller, on connection errors, 429 and 5xx.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts in total, the first included; 1 disables retries. Default: `4`.
     pub max_attempts: u32,
     /// The wait before the first retry; it doubles each time, with jitter (a random
     /// point in the upper half of the interval). Default: `500ms`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub initial_backoff: Duration,
     /// The longest backoff between two attempts. Default: `8s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub max_backoff: Duration,
     /// The longest `Retry-After` kiln waits for; a provider asking for more gets a
     /// `RateLimited` error at once rather than a retry that is sure to fail.
     /// Default: `30s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "kiln_config::duration")]
     pub max_retry_after: Duration,
 }
 
@@ -113,47 +113,6 @@ impl Default for RetryConfig {
             max_backoff: Duration::from_secs(8),
             max_retry_after: Duration::from_secs(30),
         }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum DurationText {
-    Seconds(u64),
-    Text(String),
-}
-
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    match DurationText::deserialize(deserializer)? {
-        DurationText::Seconds(s) => Ok(Duration::from_secs(s)),
-        DurationText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-    }
-}
-
-/// Parses `500ms`, `90s`, `15m`, `2h`, `7d` or plain seconds (kiln's config syntax).
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 90s, 15m, 2h or 7d"))?;
-    let seconds = |factor: u64| {
-        n.checked_mul(factor)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{text:?} is too long"))
-    };
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => seconds(60),
-        "h" => seconds(3600),
-        "d" => seconds(86_400),
-        other => Err(format!(
-            "unknown unit {other:?} in {text:?}; use ms, s, m, h or d"
-        )),
     }
 }
 

@@ -115,36 +115,80 @@ pub fn default_read_only_binds() -> Vec<Bind> {
     binds
 }
 
-/// How a [`Sandbox`](crate::Sandbox) isolates its steps.
-#[derive(Debug, Clone)]
+/// How a [`Sandbox`](crate::Sandbox) isolates its steps. In the configuration file it is
+/// `[build.sandbox]`; the fields a host's layout decides (binds, ids, hostname) are not
+/// settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SandboxConfig {
-    /// Use exactly this tier, failing if the host cannot provide it. `None` (default):
-    /// the best tier the probe finds. Tests use `Some(Tier::B)` to exercise tier B on a
-    /// host that allows A.
+    /// Use exactly this tier (`"A"` or `"B"`), failing if the host cannot provide it.
+    /// `None` (default): the best tier the probe finds. Tests use `Some(Tier::B)` to
+    /// exercise tier B on a host that allows A.
+    #[serde(rename = "tier", with = "tier_name")]
     pub force_tier: Option<Tier>,
     /// Run steps without isolation when the host offers neither tier. Default `false`:
     /// [`Sandbox::new`](crate::Sandbox::new) then fails with [`Error::NoIsolation`](crate::Error::NoIsolation).
     pub allow_unsandboxed: bool,
     /// Host paths visible read-only. Default: [`default_read_only_binds`].
+    #[serde(skip)]
     pub read_only_binds: Vec<Bind>,
     /// Host uid and gid the step runs as. Default: 65534:65534 (nobody) when the service
     /// runs as root, else the service's own ids (an unprivileged process cannot switch).
     /// The workspace must be writable by them, see
     /// [`Sandbox::prepare_workspace`](crate::Sandbox::prepare_workspace).
+    #[serde(skip)]
     pub run_as: Option<(u32, u32)>,
     /// Uid and gid the step sees inside the user namespace (tier A). Default 1000:1000.
+    #[serde(skip, default = "default_inner_ids")]
     pub inner_ids: (u32, u32),
     /// Hostname inside the sandbox (tier A). Default `kiln-sandbox`.
+    #[serde(skip, default = "default_hostname")]
     pub hostname: String,
     /// Time between SIGTERM and SIGKILL when a step times out or is cancelled.
     /// Default 2 s.
+    #[serde(with = "kiln_config::duration")]
     pub kill_grace: Duration,
     /// How often the workspace's disk use (and the tree's CPU time, where a cgroup
     /// measures it) is checked. Default 100 ms; the check backs off by itself when
     /// walking the workspace gets expensive.
+    #[serde(with = "kiln_config::duration")]
     pub check_interval: Duration,
     /// Use cgroups when the host lets us. Default `true`.
     pub use_cgroups: bool,
+}
+
+fn default_inner_ids() -> (u32, u32) {
+    (1000, 1000)
+}
+
+fn default_hostname() -> String {
+    "kiln-sandbox".to_owned()
+}
+
+/// `force_tier` in a file: `"A"` or `"B"` (a file cannot ask for no isolation: that is
+/// `allow_unsandboxed`).
+mod tier_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Tier;
+
+    pub fn serialize<S: Serializer>(tier: &Option<Tier>, s: S) -> Result<S::Ok, S::Error> {
+        match tier {
+            Some(t) => s.serialize_some(&t.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tier>, D::Error> {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None => Ok(None),
+            Some("A" | "a") => Ok(Some(Tier::A)),
+            Some("B" | "b") => Ok(Some(Tier::B)),
+            Some(other) => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a tier; use \"A\" or \"B\""
+            ))),
+        }
+    }
 }
 
 impl Default for SandboxConfig {
@@ -154,8 +198,8 @@ impl Default for SandboxConfig {
             allow_unsandboxed: false,
             read_only_binds: default_read_only_binds(),
             run_as: None,
-            inner_ids: (1000, 1000),
-            hostname: "kiln-sandbox".to_owned(),
+            inner_ids: default_inner_ids(),
+            hostname: default_hostname(),
             kill_grace: Duration::from_secs(2),
             check_interval: Duration::from_millis(100),
             use_cgroups: true,

@@ -3,12 +3,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_config::duration;
 use kiln_llm::ProviderConfig;
+use serde::{Deserialize, Serialize};
 
-/// Everything `AgentApi::open` needs besides its two clients.
-#[derive(Debug, Clone)]
+use crate::prompt::ReplyForm;
+
+/// Everything `AgentApi::open` needs besides its two clients: the `[agent]` section of
+/// the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Where `agent.db` lives.
+    /// Where `agent.db` lives. Not a key of its own: `<server.data_dir>/agent`.
+    #[serde(skip)]
     pub data_dir: PathBuf,
     /// The LLM provider. Default: an OpenAI-compatible server at http://127.0.0.1:8080
     /// (llama.cpp's server, as `make llm` runs it).
@@ -23,9 +30,11 @@ pub struct AgentConfig {
     /// (TOO_MANY_TASKS). Default: 8.
     pub max_tasks_per_user: usize,
     /// A task's time budget when the request sets none. Default: 30 minutes.
+    #[serde(with = "duration")]
     pub default_timeout: Duration,
     /// The longest time budget a request may ask for. Default: 2 hours (the longest a
     /// delegated token lives).
+    #[serde(with = "duration")]
     pub max_timeout: Duration,
     /// A task's token budget when the request sets none; 0 means unlimited.
     /// Default: 200 000.
@@ -35,14 +44,17 @@ pub struct AgentConfig {
     /// Sampling temperature of model calls. Default: 0.2 (code wants little variety).
     pub temperature: f32,
     /// Silence after which watchers get a heartbeat. Default: 15 s.
+    #[serde(with = "duration")]
     pub heartbeat: Duration,
     /// Bytes of recent events kept in memory per running task. Default: 1 MiB.
     pub live_window_bytes: usize,
     /// How the model returns files. Default (`None`): chosen from the provider, the
     /// grammar-constrained text form for OpenAI-compatible servers (llama.cpp's server
     /// enforces `grammar`), the JSON schema for Ollama. Set `Json` for OpenAI itself,
-    /// which refuses a `grammar` field.
-    pub reply_form: Option<crate::prompt::ReplyForm>,
+    /// which refuses a `grammar` field. In the file: `reply_format = "auto" | "grammar" |
+    /// "json" | "text"`.
+    #[serde(rename = "reply_format", with = "reply_format")]
+    pub reply_form: Option<ReplyForm>,
 }
 
 impl AgentConfig {
@@ -62,5 +74,80 @@ impl AgentConfig {
             live_window_bytes: 1024 * 1024,
             reply_form: None,
         }
+    }
+}
+
+/// The defaults with no data directory yet (the loader sets it from `[server]`).
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self::new(PathBuf::new())
+    }
+}
+
+impl AgentConfig {
+    /// What a file can get wrong that types cannot express. Run by the loader.
+    pub fn check(&mut self) -> Result<(), kiln_config::Error> {
+        if self.default_model.as_deref().is_some_and(str::is_empty) {
+            self.default_model = None;
+        }
+        if self.default_timeout > self.max_timeout {
+            return Err(kiln_config::Error::rule(
+                "agent.default_timeout",
+                "is longer than agent.max_timeout",
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(kiln_config::Error::rule(
+                "agent.temperature",
+                "must be between 0 and 2",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `reply_form` as the file spells it; `auto` is `None` (chosen from the provider).
+mod reply_format {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::prompt::ReplyForm;
+
+    pub fn serialize<S: Serializer>(form: &Option<ReplyForm>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match form {
+            None => "auto",
+            Some(ReplyForm::GrammarText) => "grammar",
+            Some(ReplyForm::Json) => "json",
+            Some(ReplyForm::PlainText) => "text",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ReplyForm>, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "auto" => Ok(None),
+            "grammar" => Ok(Some(ReplyForm::GrammarText)),
+            "json" => Ok(Some(ReplyForm::Json)),
+            "text" => Ok(Some(ReplyForm::PlainText)),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?}: use auto, grammar, json or text"
+            ))),
+        }
+    }
+}
+
+/// The configuration file of the `kiln-agent` binary: `[server]` (listener, certificates, the
+/// other services' endpoints) and `[agent]`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentFile {
+    pub server: kiln_config::ServerConfig,
+    pub agent: AgentConfig,
+}
+
+impl kiln_config::ConfigFile for AgentFile {
+    const SECTIONS: &'static [&'static str] = &["server", "agent"];
+
+    fn finish(&mut self) -> Result<(), kiln_config::Error> {
+        self.agent.data_dir = self.server.effective_data_dir().join("agent");
+        self.agent.check()
     }
 }

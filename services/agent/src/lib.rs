@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, watch};
 pub use clients::{
     BuildClient, ChannelSlot, Credential, Delegation, Delegator, GrpcBuildClient, GrpcDelegator,
 };
-pub use config::AgentConfig;
+pub use config::{AgentConfig, AgentFile};
 pub use error::AgentError;
 use store::Store;
 use workflow::{Logs, Shared};

@@ -5,12 +5,18 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-/// Settings of the auth service. [`AuthConfig::new`] gives the defaults stated on each
-/// field; `kiln up` layers its configuration file and `KILN_*` environment on top.
-#[derive(Debug, Clone)]
+use kiln_config::duration;
+use serde::{Deserialize, Serialize};
+
+/// Settings of the auth service: the `[auth]` section of the configuration file.
+/// [`AuthConfig::new`] gives the defaults stated on each field; kiln-config layers the
+/// file, `KILN_AUTH__*` variables and flags on top.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Where `auth.db` (and, when generated, `admin-password`) live. Created 0700 if
-    /// missing. No default: the caller chooses.
+    /// missing. Not a key of its own: `<server.data_dir>/auth`.
+    #[serde(skip)]
     pub data_dir: PathBuf,
     /// The `iss` claim of access tokens. Default `kiln`.
     pub issuer: String,
@@ -18,20 +24,26 @@ pub struct AuthConfig {
     pub audience: String,
     /// Lifetime of an access token. Default 15 minutes: short, because access tokens are
     /// verified locally by every service and cannot be revoked before they expire.
+    #[serde(rename = "access_token_ttl", with = "duration")]
     pub access_ttl: Duration,
     /// A refresh token unused for this long expires (idle lifetime). Default 7 days.
+    #[serde(with = "duration")]
     pub refresh_idle_ttl: Duration,
     /// No session outlives this, however often it is refreshed (absolute lifetime).
     /// Default 30 days.
+    #[serde(with = "duration")]
     pub refresh_absolute_ttl: Duration,
     /// A rotated refresh token presented again within this window is taken for a
     /// concurrent refresh (two tabs, a retried request) and answered with new tokens of
     /// the same session instead of revoking it. Default 5 seconds.
+    #[serde(with = "duration")]
     pub refresh_reuse_grace: Duration,
     /// The signing key is replaced when it is older than this. Default 24 hours.
+    #[serde(with = "duration")]
     pub key_rotation_interval: Duration,
     /// How often the background task checks whether the signing key is due. Default 1
     /// minute.
+    #[serde(with = "duration")]
     pub key_rotation_check: Duration,
     /// The longest lifetime of a delegated token (`ExchangeToken`); longer requests are
     /// capped, and a request without a lifetime gets this. Default 2 hours: long enough
@@ -39,18 +51,23 @@ pub struct AuthConfig {
     /// Revocations and retired signing keys are kept for the longest token lifetime
     /// (this or `access_ttl`), so delegated tokens stay revocable and verifiable to
     /// their end.
+    #[serde(with = "duration")]
     pub delegation_max_lifetime: Duration,
     /// The workloads (the `<name>` of `spiffe://<trust-domain>/service/<name>`) that may
     /// call `ExchangeToken`. Default `["agent"]`: only kiln-agent acts for users.
     pub token_exchange_actors: Vec<String>,
     /// Login throttling; see [`ThrottleConfig`].
     pub throttle: ThrottleConfig,
-    /// Argon2id cost; see [`PasswordCost`]. Default: the OWASP parameters.
+    /// Argon2id cost; see [`PasswordCost`]. Default: the OWASP parameters. Not a
+    /// setting: a file must not be able to make password hashes cheap to crack.
+    #[serde(skip)]
     pub password_cost: PasswordCost,
     /// Password of the bootstrap `admin` user, used only when the store is empty. `kiln
     /// up` fills it from `KILN_ADMIN_PASSWORD` or `--admin-password-file`, never from a
     /// flag's value (command lines are world-readable in /proc). Default `None`: a
     /// password is generated and written once to `<data_dir>/admin-password` (mode 0600).
+    /// Never a key of the file either.
+    #[serde(skip)]
     pub admin_password: Option<String>,
     /// Concurrent Argon2 computations. Default: the number of CPU cores, so that hashing
     /// (about 20 ms of one core each) never takes every blocking thread and logins queue
@@ -58,6 +75,7 @@ pub struct AuthConfig {
     pub hashing_concurrency: usize,
     /// The source of the current time. Default: the system clock. Tests use
     /// [`ManualClock`] to expire tokens and lockouts without sleeping.
+    #[serde(skip, default = "system_clock")]
     pub clock: std::sync::Arc<dyn Clock>,
 }
 
@@ -86,9 +104,20 @@ impl AuthConfig {
             password_cost: PasswordCost::OWASP,
             admin_password: None,
             hashing_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            clock: std::sync::Arc::new(SystemClock),
+            clock: system_clock(),
         }
     }
+}
+
+/// The defaults with no data directory yet (the loader sets it from `[server]`).
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self::new(PathBuf::new())
+    }
+}
+
+fn system_clock() -> std::sync::Arc<dyn Clock> {
+    std::sync::Arc::new(SystemClock)
 }
 
 /// Login throttling. Failures are counted per account (the username as typed, whether
@@ -101,7 +130,8 @@ impl AuthConfig {
 /// login clears its account's counter (not the peer's: one valid account must not let an
 /// attacker reset the peer's count). Counters are forgotten after `failure_window`
 /// without failures.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ThrottleConfig {
     /// The number of failures per account that starts the first lockout. Default 5.
     pub account_free_failures: u32,
@@ -109,10 +139,13 @@ pub struct ThrottleConfig {
     /// lockout. Default 20.
     pub peer_free_failures: u32,
     /// The first lockout. Default 30 seconds.
+    #[serde(with = "duration")]
     pub base_lockout: Duration,
     /// The longest lockout. Default 15 minutes.
+    #[serde(with = "duration")]
     pub max_lockout: Duration,
     /// Counters without a failure for this long are dropped. Default 1 hour.
+    #[serde(with = "duration")]
     pub failure_window: Duration,
     /// At most this many counters are kept per kind; when full, expired counters are
     /// dropped first, then the oldest. Default 100 000.
@@ -201,5 +234,23 @@ impl Default for ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The configuration file of the `kiln-auth` binary: `[server]` (listener, certificates, the
+/// other services' endpoints) and `[auth]`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthFile {
+    pub server: kiln_config::ServerConfig,
+    pub auth: AuthConfig,
+}
+
+impl kiln_config::ConfigFile for AuthFile {
+    const SECTIONS: &'static [&'static str] = &["server", "auth"];
+
+    fn finish(&mut self) -> Result<(), kiln_config::Error> {
+        self.auth.data_dir = self.server.effective_data_dir().join("auth");
+        Ok(())
     }
 }

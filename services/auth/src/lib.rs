@@ -43,7 +43,9 @@ mod throttle;
 mod users;
 
 pub use bootstrap::{ADMIN_PASSWORD_FILE, ADMIN_USERNAME};
-pub use config::{AuthConfig, Clock, ManualClock, PasswordCost, SystemClock, ThrottleConfig};
+pub use config::{
+    AuthConfig, AuthFile, Clock, ManualClock, PasswordCost, SystemClock, ThrottleConfig,
+};
 pub use error::{AuthError, reason};
 pub use password::{MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES, MIN_PASSWORD_CHARS};
 pub use store::DB_FILE;

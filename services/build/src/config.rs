@@ -5,14 +5,18 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_config::duration;
 use kiln_sandbox::SandboxConfig;
+use serde::{Deserialize, Serialize};
 
-/// Everything kiln-build needs to run.
-#[derive(Debug, Clone)]
+/// Everything kiln-build needs to run: the `[build]` section of the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BuildConfig {
     /// Where workspaces (`<data_dir>/workspaces/<id>`), staging areas
-    /// (`<data_dir>/staging`) and the store (`<data_dir>/build.db`) live. No default: the
-    /// caller (`kiln up`) chooses.
+    /// (`<data_dir>/staging`) and the store (`<data_dir>/build.db`) live. Not a key of
+    /// its own: `<server.data_dir>/build`.
+    #[serde(skip)]
     pub data_dir: PathBuf,
     /// What builds may run and with which limits.
     pub policy: Policy,
@@ -21,6 +25,7 @@ pub struct BuildConfig {
     /// Size and path limits of workspaces.
     pub workspace: WorkspaceLimits,
     /// A watch stream that saw no event for this long gets a Heartbeat. Default 15 s.
+    #[serde(with = "duration")]
     pub heartbeat_interval: Duration,
     /// How long finished builds and idle workspaces are kept.
     pub retention: Retention,
@@ -30,6 +35,13 @@ pub struct BuildConfig {
     /// How much of a running build's log is kept in memory for live watchers, in bytes of
     /// output; watchers further behind read from the store. Default 16 MiB.
     pub live_window_bytes: usize,
+}
+
+/// The defaults with no data directory yet (the loader sets it from `[server]`).
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self::new(PathBuf::new())
+    }
 }
 
 impl BuildConfig {
@@ -47,6 +59,68 @@ impl BuildConfig {
         }
     }
 
+    /// What a file can get wrong that types cannot express; also adds
+    /// `policy.extra_programs` to the allowlist. Run by the loader, before
+    /// [`BuildApi::open`](crate::BuildApi::open).
+    pub fn check(&mut self) -> Result<(), kiln_config::Error> {
+        let policy = &mut self.policy;
+        policy
+            .allowed_programs
+            .extend(std::mem::take(&mut policy.extra_programs));
+        let (d, m) = (&policy.default_limits, &policy.max_limits);
+        let pairs: [(&str, u128, u128); 7] = [
+            (
+                "wall_timeout",
+                d.wall_timeout.as_millis(),
+                m.wall_timeout.as_millis(),
+            ),
+            ("cpu_time", d.cpu_time.as_millis(), m.cpu_time.as_millis()),
+            ("memory_bytes", d.memory_bytes.into(), m.memory_bytes.into()),
+            ("output_bytes", d.output_bytes.into(), m.output_bytes.into()),
+            ("disk_bytes", d.disk_bytes.into(), m.disk_bytes.into()),
+            ("processes", d.processes.into(), m.processes.into()),
+            ("open_files", d.open_files.into(), m.open_files.into()),
+        ];
+        for (name, default, max) in pairs {
+            let key = format!("build.policy.default_limits.{name}");
+            if default == 0 {
+                return Err(kiln_config::Error::rule(key, "must be above 0"));
+            }
+            if default > max {
+                return Err(kiln_config::Error::rule(
+                    key,
+                    format!("is above build.policy.max_limits.{name}"),
+                ));
+            }
+        }
+        let q = &self.queue;
+        if q.max_running == 0 || q.max_running_per_user == 0 || q.max_queued_per_user == 0 {
+            return Err(kiln_config::Error::rule(
+                "build.queue",
+                "every limit must be at least 1",
+            ));
+        }
+        if policy
+            .allowed_programs
+            .iter()
+            .any(|p| p.contains('/') || p.is_empty())
+        {
+            return Err(kiln_config::Error::rule(
+                "build.policy.allowed_programs",
+                "program names, not paths (they are looked up in the step's PATH)",
+            ));
+        }
+        for shell in ["sh", "bash", "dash", "zsh", "fish", "ksh", "csh", "tcsh"] {
+            if policy.allowed_programs.contains(shell) {
+                tracing::warn!(
+                    shell,
+                    "the build allowlist contains a shell: steps can then run anything"
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn workspaces_dir(&self) -> PathBuf {
         self.data_dir.join("workspaces")
     }
@@ -61,11 +135,14 @@ impl BuildConfig {
 }
 
 /// The limits of one build. In [`Policy`] they are the defaults and the maxima.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BuildLimits {
     /// Wall-clock time of the whole build (queue time not counted).
+    #[serde(with = "duration")]
     pub wall_timeout: Duration,
     /// CPU time of each step's process tree.
+    #[serde(with = "duration")]
     pub cpu_time: Duration,
     /// Memory of each step's process tree.
     pub memory_bytes: u64,
@@ -105,8 +182,10 @@ impl BuildLimits {
     };
 }
 
-/// What a build may run. Enforced by StartBuild and served by GetPolicy.
-#[derive(Debug, Clone)]
+/// What a build may run. Enforced by StartBuild and served by GetPolicy. In the file:
+/// `[build.policy]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Names argv[0] may be (exact match, no `/`). Default: common toolchains and harmless
     /// utilities, no shell and no exec wrapper: see [`Policy::DEFAULT_PROGRAMS`]. A
@@ -116,6 +195,9 @@ pub struct Policy {
     /// friends run anything by design. It keeps honest mistakes and lazy injections out;
     /// the sandbox is what contains a hostile build.
     pub allowed_programs: BTreeSet<String>,
+    /// Added to `allowed_programs` by [`BuildConfig::check`] (handy to keep the defaults
+    /// and add one). Default: none.
+    pub extra_programs: Vec<String>,
     /// Environment variable names a request may set. Default:
     /// [`Policy::DEFAULT_ENV`]. `LD_*`, `KILN_*`, `PATH` and `HOME` are refused even if
     /// listed here.
@@ -128,11 +210,14 @@ pub struct Policy {
     pub max_steps: u32,
     /// The fixed `PATH` of every step. Default `/usr/local/bin:/usr/bin:/bin`, plus the
     /// service user's `$CARGO_HOME/bin` (or `~/.cargo/bin`) when it exists, which the
-    /// sandbox mounts read-only.
+    /// sandbox mounts read-only. Not a setting: it follows the service user's
+    /// toolchains.
+    #[serde(skip)]
     pub path: String,
     /// Other fixed variables of every step, after PATH and HOME. Default: `RUSTUP_HOME`
     /// of the service user when a rustup installation exists (the rustup proxies in
-    /// `~/.cargo/bin` need it, since HOME points into the workspace).
+    /// `~/.cargo/bin` need it, since HOME points into the workspace). Not a setting.
+    #[serde(skip)]
     pub fixed_env: Vec<(String, String)>,
 }
 
@@ -215,6 +300,7 @@ impl Default for Policy {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            extra_programs: Vec::new(),
             allowed_env: Self::DEFAULT_ENV.iter().map(|s| (*s).to_owned()).collect(),
             default_limits: BuildLimits::DEFAULT,
             max_limits: BuildLimits::MAX,
@@ -226,7 +312,8 @@ impl Default for Policy {
 }
 
 /// The queue's limits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Builds running at once on this server. Default: the number of cores.
     pub max_running: usize,
@@ -249,7 +336,8 @@ impl Default for QueueConfig {
 
 /// Limits of workspaces, checked by every API change (builds are bounded by their
 /// disk limit, and by `max_files` as the sandbox's entry limit).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkspaceLimits {
     /// Total apparent size of the files. Default 1 GiB.
     pub max_bytes: u64,
@@ -258,17 +346,22 @@ pub struct WorkspaceLimits {
     pub max_files: u64,
     /// Largest single file. Default 256 MiB.
     pub max_file_bytes: u64,
-    /// Longest path, in bytes. Default 1024 (the contract's rule).
+    /// Longest path, in bytes. Default 1024 (the contract's rule, so not a setting).
+    #[serde(skip)]
     pub max_path_bytes: usize,
-    /// Longest path component, in bytes. Default 255 (the contract's rule).
+    /// Longest path component, in bytes. Default 255 (the contract's rule, so not a
+    /// setting).
+    #[serde(skip)]
     pub max_component_bytes: usize,
     /// Most files (and delete paths) in one request. Default 10 000.
     pub max_files_per_request: usize,
     /// An UploadArchive stream that sends nothing for this long is abandoned
     /// (DEADLINE_EXCEEDED, nothing applied). Default 30 s.
+    #[serde(with = "duration")]
     pub upload_idle_timeout: Duration,
     /// The longest an UploadArchive stream may take, however steadily it sends.
     /// Default 10 min.
+    #[serde(with = "duration")]
     pub upload_timeout: Duration,
 }
 
@@ -288,14 +381,18 @@ impl Default for WorkspaceLimits {
 }
 
 /// How long things are kept, and how often the cleanup runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// Finished builds (and their logs) older than this are deleted. Default 30 days.
+    #[serde(with = "duration")]
     pub finished_builds: Duration,
     /// Workspaces unchanged and unbuilt for this long are deleted (never while a build of
     /// them is queued or running). Default 14 days.
+    #[serde(with = "duration")]
     pub idle_workspaces: Duration,
     /// How often the cleanup runs (also once at start). Default 1 hour.
+    #[serde(with = "duration")]
     pub cleanup_interval: Duration,
 }
 
@@ -306,5 +403,23 @@ impl Default for Retention {
             idle_workspaces: Duration::from_secs(14 * 24 * 3600),
             cleanup_interval: Duration::from_secs(3600),
         }
+    }
+}
+
+/// The configuration file of the `kiln-build` binary: `[server]` (listener, certificates, the
+/// other services' endpoints) and `[build]`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildFile {
+    pub server: kiln_config::ServerConfig,
+    pub build: BuildConfig,
+}
+
+impl kiln_config::ConfigFile for BuildFile {
+    const SECTIONS: &'static [&'static str] = &["server", "build"];
+
+    fn finish(&mut self) -> Result<(), kiln_config::Error> {
+        self.build.data_dir = self.server.effective_data_dir().join("build");
+        self.build.check()
     }
 }

@@ -34,7 +34,9 @@ use kiln_sandbox::Sandbox;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{BuildConfig, BuildLimits, Policy, QueueConfig, Retention, WorkspaceLimits};
+pub use config::{
+    BuildConfig, BuildFile, BuildLimits, Policy, QueueConfig, Retention, WorkspaceLimits,
+};
 pub use error::{BuildError, reason};
 
 use crate::log::Logs;

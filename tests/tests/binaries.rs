@@ -1,0 +1,427 @@
+//! The per-service binaries, each started alone from files a test PKI wrote, talking to
+//! each other over mTLS with their own workload identities:
+//! - a build with an API key through kiln-build, which resolves the key at kiln-auth
+//!   (a SERVICE RPC, as spiffe://…/service/build);
+//! - an agent task started through kiln-agent, which creates its workspace at
+//!   kiln-build (as the user) and gets its delegated token from kiln-auth (a SERVICE
+//!   RPC that only the agent's identity may call);
+//! - identities that are not the caller's own are refused: build's certificate cannot
+//!   exchange tokens, a certificate of another trust domain gets no SERVICE RPC, and a
+//!   binary started with another service's certificate refuses to start.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use kiln_proto::agent::agent_service_client::AgentServiceClient;
+use kiln_proto::auth::auth_service_client::AuthServiceClient;
+use kiln_proto::build::build_service_client::BuildServiceClient;
+use kiln_proto::{agent as agent_pb, auth as auth_pb, build as build_pb};
+use kiln_rpc::client::ClientConfig;
+use kiln_rpc::identity::WorkloadId;
+use kiln_rpc::pki::{CertificateAuthority, write_file};
+
+const TRUST_DOMAIN: &str = "kiln.test";
+const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// A binary of the workspace, built next to this test by `cargo test --workspace`.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --bins` (cargo test --workspace and make test do)",
+        path.display()
+    );
+    path
+}
+
+/// Certificates as cert-manager would leave them in a pod: tls.crt, tls.key, ca.crt.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertificateAuthority,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CertificateAuthority::new("kiln e2e test CA").expect("CA");
+        write_file(&dir.path().join("ca.crt"), ca.cert_pem(), false).expect("write CA");
+        Self { dir, ca }
+    }
+
+    /// Issues `spiffe://<domain>/service/<name>` into `<dir>/<label>/`.
+    fn workload(&self, label: &str, domain: &str, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(label);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let issued = self
+            .ca
+            .issue_workload(&WorkloadId {
+                trust_domain: domain.into(),
+                service: name.into(),
+            })
+            .expect("issue");
+        write_file(&dir.join("tls.crt"), &issued.cert_pem, false).expect("write");
+        write_file(&dir.join("tls.key"), &issued.key_pem, true).expect("write");
+        dir
+    }
+
+    fn ca_pem(&self) -> String {
+        self.ca.cert_pem().to_owned()
+    }
+
+    fn client(&self, endpoint: &str, identity: Option<&Path>) -> ClientConfig {
+        let mut config = ClientConfig::new(endpoint).ca_pem(self.ca_pem());
+        if let Some(dir) = identity {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read");
+            config = config.identity(read("tls.crt"), read("tls.key"));
+        }
+        config
+    }
+}
+
+/// One running binary; killed (and reaped) when dropped.
+struct Service {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kiln-<name>` with the certificate in `certs`, configured only through
+/// `KILN_*` variables (as a pod is), and waits for its "serving" line.
+fn start(name: &str, pki: &Pki, certs: &Path, env: &[(&str, String)]) -> Service {
+    let data = pki.dir.path().join(format!("data-{name}"));
+    let mut command = Command::new(binary(&format!("kiln-{name}")));
+    command
+        .env_remove("KILN_CONFIG")
+        .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
+        .env("KILN_SERVER__DATA_DIR", &data)
+        .env("KILN_SERVER__TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("KILN_SERVER__TLS__CERT", certs.join("tls.crt"))
+        .env("KILN_SERVER__TLS__KEY", certs.join("tls.key"))
+        .env("KILN_SERVER__TLS__CA", pki.dir.path().join("ca.crt"))
+        .env("KILN_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the serving line");
+    let prefix = format!("kiln-{name} is serving on https://");
+    let Some(rest) = line.strip_prefix(&prefix) else {
+        let _ = child.kill();
+        panic!("kiln-{name} did not start: {line:?}");
+    };
+    let port = rest
+        .split_whitespace()
+        .next()
+        .and_then(|addr| addr.rsplit(':').next())
+        .expect("address");
+    assert!(
+        line.contains(&format!("spiffe://{TRUST_DOMAIN}/service/{name}")),
+        "{line}"
+    );
+    Service {
+        child,
+        // The test certificates name `localhost`, as a pod's would name its Service.
+        endpoint: format!("https://localhost:{port}"),
+    }
+}
+
+/// An OpenAI-compatible model server that lists one model: enough for StartTask (the
+/// task's later model calls fail, which this test does not look at).
+fn fake_model_server() -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { break };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let body = r#"{"object":"list","data":[{"id":"e2e-model","object":"model"}]}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, handle)
+}
+
+fn code(err: &tonic::Status) -> tonic::Code {
+    err.code()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_binary_starts_alone_and_the_three_talk_over_mtls_as_themselves() {
+    let pki = Pki::new();
+    let auth_certs = pki.workload("auth", TRUST_DOMAIN, "auth");
+    let build_certs = pki.workload("build", TRUST_DOMAIN, "build");
+    let agent_certs = pki.workload("agent", TRUST_DOMAIN, "agent");
+    let foreign = pki.workload("foreign", "elsewhere.test", "build");
+
+    let auth = start(
+        "auth",
+        &pki,
+        &auth_certs,
+        &[("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD.into())],
+    );
+    let peers = |extra: &[(&'static str, String)]| {
+        let mut env = vec![("KILN_SERVER__ENDPOINTS__AUTH", auth.endpoint.clone())];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    let build = start("build", &pki, &build_certs, &peers(&[]));
+    let (model_url, _model) = fake_model_server();
+    let agent = start(
+        "agent",
+        &pki,
+        &agent_certs,
+        &peers(&[
+            ("KILN_SERVER__ENDPOINTS__BUILD", build.endpoint.clone()),
+            ("KILN_AGENT__PROVIDER__BASE_URL", model_url),
+        ]),
+    );
+
+    // The exec probe of a pod: the service's health over mTLS, as itself.
+    for (name, service, certs) in [
+        ("auth", &auth, &auth_certs),
+        ("build", &build, &build_certs),
+        ("agent", &agent, &agent_certs),
+    ] {
+        let port = service.endpoint.rsplit(':').next().expect("port");
+        let probe = Command::new(binary(&format!("kiln-{name}")))
+            .arg("--probe")
+            .env_remove("KILN_CONFIG")
+            .env("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("KILN_SERVER__TRUST_DOMAIN", TRUST_DOMAIN)
+            .env("KILN_SERVER__TLS__CERT", certs.join("tls.crt"))
+            .env("KILN_SERVER__TLS__KEY", certs.join("tls.key"))
+            .env("KILN_SERVER__TLS__CA", pki.dir.path().join("ca.crt"))
+            .output()
+            .expect("probe runs");
+        assert!(
+            probe.status.success() && String::from_utf8_lossy(&probe.stdout).contains("SERVING"),
+            "kiln-{name} --probe: {probe:?}"
+        );
+    }
+
+    // A user: log in at kiln-auth (no client certificate), make an API key.
+    let channel = pki
+        .client(&auth.endpoint, None)
+        .connect()
+        .await
+        .expect("auth");
+    let login = AuthServiceClient::new(channel)
+        .login(auth_pb::LoginRequest {
+            username: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner();
+    let channel = pki
+        .client(&auth.endpoint, None)
+        .token(login.access_token.clone())
+        .connect()
+        .await
+        .expect("auth");
+    let key = AuthServiceClient::new(channel)
+        .create_api_key(auth_pb::CreateApiKeyRequest {
+            name: "e2e".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create key")
+        .into_inner()
+        .key;
+
+    // A build with the API key: kiln-build asks kiln-auth who the key is, as itself.
+    let channel = pki
+        .client(&build.endpoint, None)
+        .token(key.clone())
+        .connect()
+        .await
+        .expect("build");
+    let mut builds = BuildServiceClient::new(channel);
+    let workspace = builds
+        .create_workspace(build_pb::CreateWorkspaceRequest::default())
+        .await
+        .expect("workspace through an API key resolved at kiln-auth")
+        .into_inner();
+    let mut events = builds
+        .run_build(build_pb::StartBuildRequest {
+            workspace_id: workspace.id.clone(),
+            steps: vec![build_pb::Step {
+                argv: vec!["echo".into(), "hello from kiln-build".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("run build")
+        .into_inner();
+    let mut output = Vec::new();
+    let mut finished = None;
+    while let Some(event) = events.message().await.expect("event") {
+        match event.event {
+            Some(build_pb::build_event::Event::Output(o)) => output.extend(o.data),
+            Some(build_pb::build_event::Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    let finished = finished.expect("a Finished event");
+    assert_eq!(
+        finished.state,
+        build_pb::BuildState::Succeeded as i32,
+        "{finished:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&output), "hello from kiln-build\n");
+
+    // An agent task: kiln-agent creates its workspace at kiln-build as the user and
+    // gets a delegated token from kiln-auth as spiffe://kiln.test/service/agent.
+    let channel = pki
+        .client(&agent.endpoint, None)
+        .token(login.access_token.clone())
+        .connect()
+        .await
+        .expect("agent");
+    let task = AgentServiceClient::new(channel)
+        .start_task(agent_pb::StartTaskRequest {
+            prompt: "print hello".into(),
+            toolchain: "python".into(),
+            model: "e2e-model".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start a task through kiln-agent → kiln-build and kiln-auth")
+        .into_inner();
+    assert!(!task.workspace_id.is_empty(), "{task:?}");
+    let seen = builds
+        .get_workspace(build_pb::GetWorkspaceRequest {
+            workspace_id: task.workspace_id.clone(),
+        })
+        .await
+        .expect("the task's workspace exists at kiln-build")
+        .into_inner();
+    assert_eq!(seen.id, task.workspace_id);
+
+    // Identities are the callers' own. kiln-build's certificate may resolve API keys
+    // but not act for users (ExchangeToken is the agent's alone)…
+    let as_build = pki
+        .client(&auth.endpoint, Some(&build_certs))
+        .connect()
+        .await
+        .expect("auth as build");
+    let mut auth_as_build = AuthServiceClient::new(as_build);
+    let resolved = auth_as_build
+        .authenticate_api_key(auth_pb::AuthenticateApiKeyRequest { key: key.clone() })
+        .await
+        .expect("build may resolve API keys");
+    assert!(resolved.into_inner().principal.is_some());
+    let refused = auth_as_build
+        .exchange_token(auth_pb::ExchangeTokenRequest {
+            subject_token: login.access_token.clone(),
+            audience: "kiln-build".into(),
+            task_id: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("build is not the agent");
+    assert_eq!(code(&refused), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // …a workload of another trust domain (same CA) gets no SERVICE RPC…
+    let foreign_channel = pki
+        .client(&auth.endpoint, Some(&foreign))
+        .connect()
+        .await
+        .expect("TLS itself is fine: the CA is trusted");
+    let refused = AuthServiceClient::new(foreign_channel)
+        .authenticate_api_key(auth_pb::AuthenticateApiKeyRequest { key })
+        .await
+        .expect_err("another trust domain");
+    assert!(
+        matches!(
+            code(&refused),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "{refused:?}"
+    );
+
+    // …and no anonymous caller either.
+    let anonymous = pki
+        .client(&auth.endpoint, None)
+        .connect()
+        .await
+        .expect("auth");
+    let refused = AuthServiceClient::new(anonymous)
+        .authenticate_api_key(auth_pb::AuthenticateApiKeyRequest {
+            key: "kiln_x".into(),
+        })
+        .await
+        .expect_err("no workload certificate");
+    assert!(
+        matches!(
+            code(&refused),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "{refused:?}"
+    );
+    drop((agent, build, auth));
+}
+
+#[test]
+fn a_binary_given_another_services_certificate_refuses_to_start() {
+    let pki = Pki::new();
+    let auth_certs = pki.workload("auth", TRUST_DOMAIN, "auth");
+    let output = Command::new(binary("kiln-build"))
+        .env_remove("KILN_CONFIG")
+        .env("KILN_SERVER__LISTEN", "127.0.0.1:0")
+        .env("KILN_SERVER__DATA_DIR", pki.dir.path().join("data"))
+        .env("KILN_SERVER__TRUST_DOMAIN", TRUST_DOMAIN)
+        .env("KILN_SERVER__TLS__CERT", auth_certs.join("tls.crt"))
+        .env("KILN_SERVER__TLS__KEY", auth_certs.join("tls.key"))
+        .env("KILN_SERVER__TLS__CA", pki.dir.path().join("ca.crt"))
+        .env("KILN_SERVER__ENDPOINTS__AUTH", "https://localhost:1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("spiffe://kiln.test/service/auth")
+            && stderr.contains("spiffe://kiln.test/service/build"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_typo_in_the_environment_is_refused_by_name() {
+    let output = Command::new(binary("kiln-auth"))
+        .env_remove("KILN_CONFIG")
+        .env("KILN_AUTH__ACCESS_TOKEN_TLL", "5m")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("access_token_tll"), "{stderr}");
+}
