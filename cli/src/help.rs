@@ -54,7 +54,10 @@ kiln config set ca_file ./ca.pem
 kiln config set output json",
     ),
     ("config unset", "kiln config unset output"),
-    ("config check", "kiln config check /etc/kiln/kiln.toml"),
+    (
+        "config check",
+        "kiln config check /etc/kiln/kiln.toml\nkiln config check --service build /etc/kiln/build.toml",
+    ),
     ("config example", "kiln config example > kiln.toml"),
     (
         "login",

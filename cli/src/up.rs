@@ -155,6 +155,7 @@ pub enum ConfigCommand {
         /// `kiln up`'s (every section).
         #[arg(long, value_enum)]
         service: Option<crate::config::FileKind>,
+        /// The TOML file to check.
         file: PathBuf,
     },
     /// Print a configuration file with every setting at its default, documented.

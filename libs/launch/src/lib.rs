@@ -6,7 +6,7 @@
 //!   <name>`) read from certificate files, checked against the name it runs as, and the
 //!   mTLS clients and token verifier that present it;
 //! - [`ServiceArgs`]: the flags every service binary has;
-//! - [`admin_password`], [`init_logging`], [`create_private_dir`].
+//! - [`admin_password`], [`create_private_dir`]; [`block_on`] starts logs and traces.
 //!
 //! Certificates are read once at start; reloading the client side on rotation is later
 //! work (the listener already reloads its own files, see `kiln_rpc::tls`).
@@ -22,10 +22,6 @@ use kiln_rpc::client::ClientConfig;
 use kiln_rpc::identity::WorkloadId;
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::tls::TlsFiles;
-
-mod logging;
-
-pub use logging::init_logging;
 
 /// Why a service process could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +267,27 @@ where
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main) {
+    // Logs (JSON off a terminal, `KILN_LOG_FORMAT=text|json` forces one) and traces,
+    // exported only when `OTEL_EXPORTER_OTLP_{TRACES_,}ENDPOINT` is set, as the
+    // OpenTelemetry specification reads the environment. Inside the runtime: the
+    // exporter's connection lives on it.
+    let mut config = kiln_telemetry::TelemetryConfig::new(name, env!("CARGO_PKG_VERSION"));
+    config.log_format = match std::env::var("KILN_LOG_FORMAT").as_deref() {
+        Ok("json") => kiln_telemetry::LogFormat::Json,
+        Ok("text") => kiln_telemetry::LogFormat::Text,
+        _ => kiln_telemetry::LogFormat::Auto,
+    };
+    let mut telemetry = match runtime.block_on(async { kiln_telemetry::init(&config) }) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(main);
+    // Queued spans go out while the runtime is alive (at most the flush timeout).
+    telemetry.shutdown();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{name}: {err:#}");

@@ -26,7 +26,6 @@ const LLM_API_KEY_ENV: &str = "KILN_LLM_API_KEY";
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kiln_launch::init_logging();
     kiln_launch::block_on("kiln-agent", run(args))
 }
 

@@ -27,7 +27,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kiln_launch::init_logging();
     kiln_launch::block_on("kiln-auth", run(args))
 }
 

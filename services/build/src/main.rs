@@ -21,7 +21,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    kiln_launch::init_logging();
     // Before any thread exists: every build step starts with a clone of this process.
     kiln_sandbox::keep_spawns_cheap();
     kiln_launch::block_on("kiln-build", run(args))

@@ -114,9 +114,10 @@ where
                 response
                     .headers_mut()
                     .insert(REQUEST_ID_HEADER, request_id.0);
-                response
-                    .headers_mut()
-                    .insert(VERSION_HEADER, HeaderValue::from_static(env!("CARGO_PKG_VERSION")));
+                response.headers_mut().insert(
+                    VERSION_HEADER,
+                    HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+                );
                 tracing::debug!(
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     grpc_status = response
