@@ -309,14 +309,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     build_channel.set(agent_client.connect_lazy()?);
     auth_channel.set(agent_client.connect_lazy()?);
     server.set_authenticator(workload("auth")?.authenticator(&server_config, &loopback));
-    let metrics = match metrics_listen {
-        Some(listen) => {
-            let listener = kiln_metrics::MetricsListener::bind(listen, Arc::new(registry)).await?;
-            let addr = listener.local_addr();
-            Some((addr, AbortOnDrop(listener.spawn())))
-        }
-        None => None,
-    };
+    let metrics = kiln_launch::serve_metrics(metrics_listen, registry).await?;
     // The first stdout line is the contract with scripts and tests: they wait for it.
     println!("kiln is serving on https://{addr}");
     println!("  services:       {}", server.services().join(", "));
@@ -324,8 +317,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     println!("  data directory: {}", data_dir.display());
     println!("  sandbox:        tier {}", build.sandbox_tier());
     println!("  LLM provider:   {llm_url}");
-    if let Some((addr, _)) = &metrics {
-        println!("  metrics:        http://{addr}/metrics");
+    if let Some(metrics) = &metrics {
+        println!("  metrics:        http://{}/metrics", metrics.addr);
     }
     println!(
         "  try:            grpcurl -cacert {} {addr} list",
@@ -342,13 +335,4 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     tracing::info!("build service stopped");
     println!("kiln stopped");
     Ok(0)
-}
-
-/// Stops the metrics listener when `kiln up` returns.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

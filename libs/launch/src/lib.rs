@@ -46,6 +46,38 @@ pub enum Error {
     Probe(String),
     #[error("{0}")]
     AdminPassword(String),
+    #[error(transparent)]
+    Metrics(#[from] kiln_metrics::Error),
+}
+
+/// The Prometheus listener of `[server] metrics_listen`, running until dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `registry` on `listen` (plain HTTP, `GET /metrics`), or nothing when unset.
+/// Call after every component has registered its metrics.
+pub async fn serve_metrics(
+    listen: Option<std::net::SocketAddr>,
+    registry: prometheus_client::registry::Registry,
+) -> Result<Option<MetricsServer>, Error> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let listener = kiln_metrics::MetricsListener::bind(listen, Arc::new(registry)).await?;
+    let addr = listener.local_addr();
+    Ok(Some(MetricsServer {
+        addr,
+        task: listener.spawn(),
+    }))
 }
 
 /// The `[server]` section as the settings of a listener serving `tls`.

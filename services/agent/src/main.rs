@@ -58,8 +58,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("opening the agent service")?;
 
+    // The RPC metrics; the agent's own (tasks by phase, model calls) are not exported yet.
+    let mut registry = kiln_metrics::registry();
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
         .with_authenticator(me.authenticator(&server, &auth_endpoint));
+    if server.metrics_listen.is_some() {
+        listener = listener.with_metrics(&mut registry);
+    }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
     }
@@ -67,6 +72,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_agent::service(api.clone()))
         .bind()
         .await?;
+    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
         "kiln-agent is serving on https://{} as {}",
         bound.local_addr(),

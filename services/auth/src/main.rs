@@ -49,7 +49,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("opening the auth service")?;
 
+    let mut registry = kiln_metrics::registry();
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()));
+    if server.metrics_listen.is_some() {
+        listener = listener.with_metrics(&mut registry);
+        api.register_metrics(&mut registry);
+    }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
     }
@@ -57,6 +62,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_auth::service(api.clone()))
         .bind()
         .await?;
+    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     // kiln-auth verifies tokens like every service, through its own API: at its
     // configured address, else on loopback (the certificate must name `localhost`).
     let own = server

@@ -43,8 +43,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("opening the build service")?;
 
+    let mut registry = kiln_metrics::registry();
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
         .with_authenticator(me.authenticator(&server, &auth_endpoint));
+    if server.metrics_listen.is_some() {
+        listener = listener.with_metrics(&mut registry);
+        api.register_metrics(&mut registry);
+    }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
     }
@@ -52,6 +57,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_build::service(api.clone()))
         .bind()
         .await?;
+    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
         "kiln-build is serving on https://{} as {} (sandbox tier {})",
         bound.local_addr(),

@@ -242,14 +242,10 @@ impl Store {
         owner: Option<&str>,
         limit: i64,
     ) -> Result<Vec<WorkspaceRow>> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM workspaces WHERE ");
-        push_id_prefix(&mut q, prefix);
-        if let Some(owner) = owner {
-            q.push(" AND owner = ").push_bind(owner.to_owned());
-        }
-        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(limit);
-        let rows = q.build().fetch_all(&self.read).await?;
+        let rows = by_id_prefix("workspaces", prefix, owner, limit)
+            .build()
+            .fetch_all(&self.read)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             out.push(self.workspace_from_row(r).await?);
@@ -450,14 +446,10 @@ impl Store {
         owner: Option<&str>,
         limit: i64,
     ) -> Result<Vec<BuildRow>> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM builds WHERE ");
-        push_id_prefix(&mut q, prefix);
-        if let Some(owner) = owner {
-            q.push(" AND owner = ").push_bind(owner.to_owned());
-        }
-        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(limit);
-        let rows = q.build().fetch_all(&self.read).await?;
+        let rows = by_id_prefix("builds", prefix, owner, limit)
+            .build()
+            .fetch_all(&self.read)
+            .await?;
         rows.iter().map(Self::build_from_row).collect()
     }
 
@@ -565,7 +557,24 @@ fn push_cursor(q: &mut QueryBuilder<Sqlite>, before: &Option<(i64, String)>) {
     }
 }
 
-/// Page tokens: the (created_at, id) of the last item, opaque to clients.
+/// `SELECT * FROM table` where the id starts with `prefix`, of `owner` when given, newest
+/// first, at most `limit`: the one query behind every id-prefix look-up.
+fn by_id_prefix(
+    table: &'static str,
+    prefix: &str,
+    owner: Option<&str>,
+    limit: i64,
+) -> QueryBuilder<Sqlite> {
+    let mut q = QueryBuilder::new(format!("SELECT * FROM {table} WHERE "));
+    push_id_prefix(&mut q, prefix);
+    if let Some(owner) = owner {
+        q.push(" AND owner = ").push_bind(owner.to_owned());
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit);
+    q
+}
+
 /// `id >= prefix AND id < prefix + 1`: a prefix match that uses the primary key's index
 /// (LIKE would not, and would treat `_` and `%` as wildcards).
 fn push_id_prefix(q: &mut QueryBuilder<Sqlite>, prefix: &str) {
