@@ -192,15 +192,15 @@ impl BuildApi {
     }
 
     /// Takes the workspace's lock for an API change, refusing while a build runs on it.
-    async fn lock_for_change(&self, id: &str) -> Result<crate::WorkspaceGuard> {
+    async fn lock_for_change(&self, id: &str) -> Result<crate::control::WorkspaceHold> {
         let shared = self.shared();
-        if shared.queue.workspace_busy(id) {
+        if shared.control.workspace_busy(id).await? {
             return Err(
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
             );
         }
-        let guard = shared.lock_workspace(id).await;
-        if shared.queue.workspace_busy(id) {
+        let guard = shared.control.hold_workspace(id).await?;
+        if shared.control.workspace_busy(id).await? {
             return Err(
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
             );
@@ -379,7 +379,7 @@ impl BuildApi {
         let directory = paths::check("header.directory", &header.directory, &limits, true)
             .map_err(|v| BuildError::from(invalid(reason::INVALID_PATH, vec![v])))?;
         // Fail fast while a build runs; the lock itself is taken only to apply (below).
-        if self.shared().queue.workspace_busy(&ws.id) {
+        if self.shared().control.workspace_busy(&ws.id).await? {
             return Err(
                 busy("a build of this workspace is running; wait for it or cancel it").into(),
             );
@@ -480,7 +480,7 @@ impl BuildApi {
         let dir_id = ws.id.clone();
         blocking(move || disk.remove(&dir_id)).await?;
         // Callers still waiting on the lock find the record gone and answer NOT_FOUND.
-        shared.forget_workspace_lock(&ws.id);
+        shared.control.forget_workspace(&ws.id);
         Ok(pb::DeleteWorkspaceResponse {})
     }
 }

@@ -7,6 +7,7 @@
 mod archive;
 mod beneath;
 mod config;
+mod control;
 mod error;
 mod files;
 mod log;
@@ -23,7 +24,6 @@ mod validate;
 mod workspace;
 mod wrappers;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::Instrument;
@@ -31,7 +31,6 @@ use tracing::Instrument;
 use kiln_proto::build::build_service_server::BuildServiceServer;
 use kiln_rpc::limit::MAX_MESSAGE_BYTES_CEILING;
 use kiln_sandbox::Sandbox;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{
@@ -39,9 +38,9 @@ pub use config::{
 };
 pub use error::{BuildError, reason};
 
+use crate::control::{BuildControl, LocalControl};
 use crate::log::Logs;
-use crate::queue::Queue;
-use crate::runner::Stop;
+use crate::metrics::BuildMetrics;
 use crate::store::Store;
 use crate::workspace::Disk;
 
@@ -52,101 +51,12 @@ pub(crate) struct Shared {
     pub store: Store,
     pub sandbox: Sandbox,
     pub disk: Disk,
-    pub queue: Queue,
+    /// Which builds are queued and running, claims, cancels, workspaces held.
+    pub control: Arc<dyn BuildControl>,
+    pub metrics: BuildMetrics,
     pub logs: Arc<Logs>,
-    /// Stop switches of the builds handed to runners, by build id.
-    runs: Mutex<HashMap<String, watch::Sender<Stop>>>,
-    runs_changed: tokio::sync::Notify,
-    /// One lock per workspace: API changes and builds never overlap.
-    ws_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Held from `open` until `shutdown`: one service per data directory.
     dir_lock: Mutex<Option<kiln_store::DirLock>>,
-}
-
-impl Shared {
-    pub fn workspace_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.ws_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    /// Takes the workspace's lock for an API change. Letting it go wakes the scheduler,
-    /// which skips builds whose workspace is held (see [`scheduler`]).
-    pub async fn lock_workspace(self: &Arc<Self>, id: &str) -> WorkspaceGuard {
-        WorkspaceGuard {
-            guard: Some(self.workspace_lock(id).lock_owned().await),
-            shared: self.clone(),
-        }
-    }
-
-    pub fn forget_workspace_lock(&self, id: &str) {
-        self.ws_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
-    pub fn stop_build(&self, id: &str, stop: Stop) -> bool {
-        match self.runs.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            Some(tx) => {
-                tx.send_replace(stop);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Cancels a build wherever it is: takes it out of the queue (the caller ends it), or
-    /// tells its runner. Under the `runs` lock, which the scheduler also holds from
-    /// taking a build off the queue to registering its runner, so a build is never seen
-    /// in neither place and a cancel is never lost.
-    pub fn cancel_build(&self, owner: &str, id: &str, grace: Duration) -> Cancelled {
-        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        if self.queue.remove(owner, id) {
-            return Cancelled::Dequeued;
-        }
-        match runs.get(id) {
-            Some(tx) => {
-                tx.send_replace(Stop::Cancel(grace));
-                Cancelled::Signalled
-            }
-            None => Cancelled::NotRunning,
-        }
-    }
-
-    pub fn runs_remove(&self, id: &str) {
-        self.runs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.runs_changed.notify_waiters();
-    }
-
-    fn runs_len(&self) -> usize {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-/// A workspace held for an API change; dropping it wakes the scheduler.
-pub(crate) struct WorkspaceGuard {
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for WorkspaceGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WorkspaceGuard")
-    }
-}
-
-impl Drop for WorkspaceGuard {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        self.shared.queue.wake.notify_one();
-    }
 }
 
 /// The build service: implements `kiln.build.v1.BuildService`. Cheap to clone (keep a
@@ -188,16 +98,15 @@ impl BuildApi {
         disk.init()?;
         sandbox.check_reachable(&disk.root)?;
         let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
+        let metrics = BuildMetrics::default();
         let shared = Arc::new(Shared {
-            queue: Queue::new(config.queue),
+            control: Arc::new(LocalControl::new(config.queue, metrics.clone())),
+            metrics,
             config,
             store,
             sandbox,
             disk,
             logs: Arc::new(Logs::default()),
-            runs: Mutex::new(HashMap::new()),
-            runs_changed: tokio::sync::Notify::new(),
-            ws_locks: Mutex::new(HashMap::new()),
             dir_lock: Mutex::new(Some(dir_lock)),
         });
         maintenance::recover(&shared).await?;
@@ -214,7 +123,7 @@ impl BuildApi {
 
     /// Adds this service's metrics (`kiln_build_…`) to `registry`.
     pub fn register_metrics(&self, registry: &mut kiln_metrics::Registry) {
-        self.shared.queue.metrics.register(registry);
+        self.shared.metrics.register(registry);
     }
 
     /// What this service needs in order to serve, for health: its database, and a
@@ -251,32 +160,14 @@ impl BuildApi {
     /// restart. Waits for the runners up to the sandbox's kill grace plus 10 s, then
     /// releases the data directory for the next service to open.
     pub async fn shutdown(&self) {
-        self.shared.queue.close();
-        let ids: Vec<String> = self
-            .shared
-            .runs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for id in &ids {
-            self.shared.stop_build(id, Stop::Interrupt);
-        }
+        let control = &self.shared.control;
+        control.close();
+        control.interrupt_all();
         let deadline = tokio::time::Instant::now()
             + self.shared.config.sandbox.kill_grace
             + Duration::from_secs(10);
-        while self.shared.runs_len() > 0 {
-            let changed = self.shared.runs_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.shared.runs_len() == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                tracing::warn!("shutdown: builds still running; a restart marks them INTERRUPTED");
-                break;
-            }
+        if !control.wait_idle(deadline).await {
+            tracing::warn!("shutdown: builds still running; a restart marks them INTERRUPTED");
         }
         for task in self
             .tasks
@@ -295,36 +186,30 @@ impl BuildApi {
     }
 }
 
-/// Starts queued builds whenever a slot frees up.
-///
-/// A build is handed out only together with its workspace's lock, taken without
-/// waiting: one whose workspace an API change holds (an upload that streams slowly, say)
-/// stays queued and is skipped, so it never occupies a running slot while it waits and
-/// other builds go first. Releasing the lock wakes this loop.
+/// Starts queued builds whenever a slot frees up: each claim comes with its workspace
+/// held, so a build whose workspace an API change holds (an upload that streams slowly,
+/// say) stays queued and is skipped, never occupying a running slot while it waits.
 async fn scheduler(shared: Arc<Shared>) {
+    let control = shared.control.clone();
     loop {
-        let woken = shared.queue.wake.notified();
+        let woken = control.wake().notified();
         loop {
-            // Dequeue and register under one lock: see `Shared::cancel_build`.
-            let mut runs = shared.runs.lock().unwrap_or_else(|p| p.into_inner());
-            let Some((mut entry, workspace)) = shared.queue.next(|entry| {
-                shared
-                    .workspace_lock(&entry.workspace_id)
-                    .try_lock_owned()
-                    .ok()
-            }) else {
-                break;
+            let mut claim = match control.claim().await {
+                Ok(Some(claim)) => claim,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming the next build failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             };
-            let (tx, rx) = watch::channel(Stop::No);
-            runs.insert(entry.build_id.clone(), tx);
-            drop(runs);
-            entry.end_queue_wait();
+            claim.entry.end_queue_wait();
             // A span of the StartBuild call's trace, though that call returned long ago.
-            let span = tracing::info_span!("build.run", build_id = %entry.build_id);
-            entry.trace.adopt(&span);
-            tokio::spawn(runner::run(shared.clone(), entry, workspace, rx).instrument(span));
+            let span = tracing::info_span!("build.run", build_id = %claim.entry.build_id);
+            claim.entry.trace.adopt(&span);
+            tokio::spawn(runner::run(shared.clone(), claim).instrument(span));
         }
-        if shared.queue.is_closed() {
+        if control.is_closed() {
             return;
         }
         woken.await;
@@ -335,15 +220,4 @@ async fn scheduler(shared: Arc<Shared>) {
 /// ceiling because the kiln layer enforces the configured limit first.
 pub fn service(api: BuildApi) -> BuildServiceServer<BuildApi> {
     BuildServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES_CEILING)
-}
-
-/// What [`Shared::cancel_build`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cancelled {
-    /// The build was still queued and was taken out: the caller ends it.
-    Dequeued,
-    /// Its runner was told to stop the step (SIGTERM, SIGKILL after the grace).
-    Signalled,
-    /// Neither queued nor running here (it is ending, or ended).
-    NotRunning,
 }

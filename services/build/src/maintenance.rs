@@ -16,14 +16,11 @@ use crate::store::{BuildUpdate, duration_micros, now_micros};
 pub const INTERRUPTED_MESSAGE: &str =
     "the service stopped while this build was running (crash or kill); its log up to then is kept";
 
-/// Ends builds that were running when the service died (INTERRUPTED, with a Finished
-/// event after their last stored one) and queues the queued ones again, oldest first.
+/// Ends the builds whose runner is gone (INTERRUPTED, with a Finished event after their
+/// last stored one: see [`crate::control::BuildControl::abandoned`]) and makes the queued
+/// ones claimable again, oldest first.
 pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
-    for row in shared
-        .store
-        .builds_in_state(pb::BuildState::Running)
-        .await?
-    {
+    for row in shared.control.abandoned(&shared.store).await? {
         let b = row.build;
         let log = LiveLog::new(
             &b.id,
@@ -59,12 +56,12 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
             shared.config.live_window_bytes,
         );
         shared.logs.insert(log);
-        shared.queue.push(
-            // Queued by a call of an earlier process: its trace is not known, so its
-            // wait and run are a trace of their own.
-            Entry::new(b.id, b.owner, b.workspace_id),
-            false,
-        );
+        // Queued by a call of an earlier process: its trace is not known, so its wait
+        // and run are a trace of their own.
+        shared
+            .control
+            .enqueue(Entry::new(b.id, b.owner, b.workspace_id), None)
+            .await?;
     }
     Ok(())
 }
@@ -114,11 +111,12 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
     }
     let idle_before = now.saturating_sub(duration_micros(retention.idle_workspaces));
     for id in shared.store.idle_workspaces(idle_before, 1000).await? {
-        if shared.queue.workspace_busy(&id) {
+        if shared.control.workspace_busy(&id).await? {
             continue;
         }
-        let Ok(_guard) =
-            tokio::time::timeout(Duration::from_secs(1), shared.lock_workspace(&id)).await
+        let Ok(_held) =
+            tokio::time::timeout(Duration::from_secs(1), shared.control.hold_workspace(&id))
+                .await
         else {
             continue;
         };
@@ -133,7 +131,7 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
         tokio::task::spawn_blocking(move || disk.remove(&dir_id))
             .await
             .map_err(|e| crate::error::BuildError::Config(format!("cleanup task: {e}")))??;
-        shared.forget_workspace_lock(&id);
+        shared.control.forget_workspace(&id);
         tracing::info!(workspace = %id, "idle workspace deleted by retention");
     }
     Ok(())

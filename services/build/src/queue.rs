@@ -1,4 +1,4 @@
-//! The build queue: a global concurrency limit, per-user running and queued limits, and
+//! The fair queue of [`crate::control::LocalControl`]: a global concurrency limit, per-user running and queued limits, and
 //! round-robin between users.
 //!
 //! Users take turns: the scheduler walks the users in turn order and starts the first
@@ -69,16 +69,16 @@ pub struct Queue {
     state: Mutex<State>,
     pub wake: tokio::sync::Notify,
     /// The service's metrics; the queue keeps depth, wait and running up to date.
-    pub metrics: BuildMetrics,
+    metrics: BuildMetrics,
 }
 
 impl Queue {
-    pub fn new(config: QueueConfig) -> Self {
+    pub fn new(config: QueueConfig, metrics: BuildMetrics) -> Self {
         Self {
             config,
             state: Mutex::new(State::default()),
             wake: tokio::sync::Notify::new(),
-            metrics: BuildMetrics::default(),
+            metrics,
         }
     }
 
@@ -283,10 +283,13 @@ mod tests {
 
     #[test]
     fn a_build_whose_workspace_cannot_be_claimed_waits_without_taking_a_slot() {
-        let queue = Queue::new(QueueConfig {
-            max_running: 1,
-            ..QueueConfig::default()
-        });
+        let queue = Queue::new(
+            QueueConfig {
+                max_running: 1,
+                ..QueueConfig::default()
+            },
+            BuildMetrics::default(),
+        );
         queue.push(entry("a1", "alice", "held"), false);
         queue.push(entry("a2", "alice", "free"), false);
         queue.push(entry("b1", "bob", "free-b"), false);

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::config::BuildLimits;
+use crate::control::Claim;
 use crate::error::Result;
 use crate::log::{AppendEvents, LiveLog};
 use crate::queue::Entry;
@@ -44,15 +45,12 @@ struct StepEnd {
     stop_build: Option<(pb::BuildState, String)>,
 }
 
-/// Runs a build the queue handed out, then frees its slot. Never fails: errors end the
-/// build FAILED (or leave it RUNNING for recovery if even that cannot be stored).
-pub async fn run(
-    shared: Arc<Shared>,
-    entry: Entry,
-    workspace: tokio::sync::OwnedMutexGuard<()>,
-    stop: watch::Receiver<Stop>,
-) {
-    if let Err(e) = run_build(&shared, &entry, stop).await {
+/// Runs a build the scheduler claimed, then frees its slot and workspace. Never fails:
+/// errors end the build FAILED (or leave it RUNNING for recovery if even that cannot be
+/// stored).
+pub async fn run(shared: Arc<Shared>, claim: Claim) {
+    let entry = &claim.entry;
+    if let Err(e) = run_build(&shared, entry, claim.stop.clone()).await {
         tracing::error!(build = %entry.build_id, error = %e, "build failed on the server side");
         if let Some(log) = shared.logs.get(&entry.build_id) {
             let finished = Event::Finished(pb::Finished {
@@ -72,9 +70,10 @@ pub async fn run(
         }
     }
     shared.logs.remove(&entry.build_id);
-    shared.runs_remove(&entry.build_id);
-    drop(workspace);
-    shared.queue.finished(&entry);
+    let build_id = entry.build_id.clone();
+    if let Err(e) = shared.control.finish(claim).await {
+        tracing::error!(build = %build_id, error = %e, "freeing a finished build's slot failed");
+    }
 }
 
 fn final_update(state: pb::BuildState, message: &str) -> BuildUpdate {
@@ -347,7 +346,7 @@ async fn run_step(
     let index32 = u32::try_from(index).unwrap_or(u32::MAX);
     let spawn_started = std::time::Instant::now();
     let spawned = shared.sandbox.spawn(spec).await;
-    let metrics = &shared.queue.metrics;
+    let metrics = &shared.metrics;
     metrics.spawned(
         spawn_started.elapsed(),
         crate::metrics::spawn_outcome(&spawned),

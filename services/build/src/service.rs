@@ -23,7 +23,8 @@ use crate::store::{
     timestamp,
 };
 use crate::validate::{self, limits_to_proto};
-use crate::{BuildApi, Cancelled, Shared};
+use crate::control::{Cancelled, QueueFull};
+use crate::{BuildApi, Shared};
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
 
@@ -192,9 +193,9 @@ impl BuildApi {
         Ok(id_prefix::pick("build", "build_id", id, matches)?)
     }
 
-    fn with_position(&self, mut b: pb::Build) -> pb::Build {
+    async fn with_position(&self, mut b: pb::Build) -> pb::Build {
         if b.state == pb::BuildState::Queued as i32 {
-            b.queue_position = self.shared.queue.position(&b.owner, &b.id);
+            b.queue_position = self.shared.control.position(&b.owner, &b.id).await;
         }
         b
     }
@@ -221,21 +222,24 @@ impl BuildApi {
             return same_request(existing.request_hash.as_deref(), &hash, existing.build);
         }
         let ws = self.workspace_for(p, &req.workspace_id, true).await?;
-        if shared.queue.is_closed() {
+        if shared.control.is_closed() {
             return Err(
                 ApiError::unavailable("the build service is shutting down; retry shortly").into(),
             );
         }
-        if let Err(queued) = shared.queue.reserve(&p.subject) {
-            return Err(BuildError::QueueFull {
-                message: format!(
-                    "you have {queued} builds queued, the most allowed is {}; wait for some to start",
-                    shared.queue.config().max_queued_per_user
-                ),
-                retry_after: Duration::from_secs(10),
-            });
-        }
-        let position = shared.queue.peek_position(&p.subject);
+        let reservation = match shared.control.reserve(&p.subject).await {
+            Ok(r) => r,
+            Err(QueueFull { queued }) => {
+                return Err(BuildError::QueueFull {
+                    message: format!(
+                        "you have {queued} builds queued, the most allowed is {}; wait for some to start",
+                        shared.control.config().max_queued_per_user
+                    ),
+                    retry_after: Duration::from_secs(10),
+                });
+            }
+        };
+        let position = shared.control.peek_position(&p.subject).await;
         let now = now_micros();
         let build = pb::Build {
             id: uuid::Uuid::new_v4().to_string(),
@@ -264,7 +268,7 @@ impl BuildApi {
             .insert_build(&build, request_id, Some(&hash), &queued)
             .await
         {
-            shared.queue.release(&p.subject);
+            drop(reservation);
             if let (BuildError::Store(sqlx::Error::Database(db)), Some(rid)) = (&e, request_id)
                 && db.is_unique_violation()
                 && let Some(existing) = shared.store.build_by_request(&p.subject, rid).await?
@@ -289,14 +293,17 @@ impl BuildApi {
             Vec::new(),
             shared.config.live_window_bytes,
         ));
-        shared.queue.push(
-            Entry::new(
-                build.id.clone(),
-                build.owner.clone(),
-                build.workspace_id.clone(),
-            ),
-            true,
-        );
+        shared
+            .control
+            .enqueue(
+                Entry::new(
+                    build.id.clone(),
+                    build.owner.clone(),
+                    build.workspace_id.clone(),
+                ),
+                Some(reservation),
+            )
+            .await?;
         Ok(build)
     }
 
@@ -341,7 +348,7 @@ impl BuildApi {
             return Ok((b, None));
         }
         let shared = &self.shared;
-        let cancelled = shared.cancel_build(&b.owner, &b.id, grace);
+        let cancelled = shared.control.cancel(&b.owner, &b.id, grace).await?;
         if cancelled == Cancelled::Dequeued {
             let log = shared.logs.get(&b.id).unwrap_or_else(|| {
                 LiveLog::new(
@@ -375,7 +382,7 @@ impl BuildApi {
     fn policy(&self) -> pb::GetPolicyResponse {
         let c = &self.shared.config;
         let probe = self.shared.sandbox.probe();
-        let q = self.shared.queue.config();
+        let q = self.shared.control.config();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         pb::GetPolicyResponse {
             allowed_programs: c.policy.allowed_programs.iter().cloned().collect(),
@@ -434,11 +441,12 @@ impl BuildApi {
             ),
             _ => String::new(),
         };
+        let mut builds = Vec::with_capacity(rows.len());
+        for row in rows {
+            builds.push(self.with_position(row.build).await);
+        }
         Ok(pb::ListBuildsResponse {
-            builds: rows
-                .into_iter()
-                .map(|r| self.with_position(r.build))
-                .collect(),
+            builds,
             next_page_token,
         })
     }
@@ -590,7 +598,7 @@ impl BuildService for BuildApi {
         let row = self
             .build_for(&p, &request.get_ref().build_id, false)
             .await?;
-        Ok(Response::new(self.with_position(row.build)))
+        Ok(Response::new(self.with_position(row.build).await))
     }
 
     async fn list_builds(
@@ -614,7 +622,7 @@ impl BuildService for BuildApi {
             .detail("state", build.state().as_str_name())
             .emit();
         Ok(Response::new(pb::CancelBuildResponse {
-            build: Some(self.with_position(build)),
+            build: Some(self.with_position(build).await),
             kill_after: kill_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
         }))
     }
