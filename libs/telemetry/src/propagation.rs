@@ -60,6 +60,31 @@ impl TraceParent {
         }
     }
 
+    /// As a W3C `traceparent` value (empty without a trace), to carry the context through
+    /// a database to the replica that runs the work.
+    pub fn to_traceparent(&self) -> String {
+        let Some(cx) = &self.0 else {
+            return String::new();
+        };
+        let mut fields = std::collections::HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(cx, &mut fields);
+        });
+        fields.remove("traceparent").unwrap_or_default()
+    }
+
+    /// The context a [`Self::to_traceparent`] value carries; none when it is empty or
+    /// malformed.
+    pub fn from_traceparent(value: &str) -> Self {
+        let fields =
+            std::collections::HashMap::from([("traceparent".to_owned(), value.to_owned())]);
+        let cx = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&fields)
+        });
+        let valid = cx.span().span_context().is_valid();
+        Self(valid.then_some(cx))
+    }
+
     /// The trace id, as 32 hex digits.
     pub fn trace_id(&self) -> Option<String> {
         self.0

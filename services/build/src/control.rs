@@ -18,12 +18,19 @@
 //!   so that it must pass the same ones.
 
 mod local;
+// Used by BuildApi::open once the build store runs on Postgres (the db branch).
+#[allow(dead_code)]
+mod postgres;
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 pub(crate) use local::LocalControl;
-use tokio::sync::watch;
+#[allow(unused_imports)] // wired into BuildApi::open with the Postgres build store
+pub(crate) use postgres::PgControl;
+use tokio::sync::{Notify, watch};
 
 use crate::config::QueueConfig;
 use crate::error::Result;
@@ -73,22 +80,25 @@ impl fmt::Debug for WorkspaceHold {
 /// A queue slot promised to a StartBuild call between its limit check and its insert.
 /// Dropped unused (the insert failed), the slot is given back.
 pub(crate) struct Reservation {
+    /// Names the promise where it is stored (Postgres); unique.
+    id: String,
     owner: String,
     give_back: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Reservation {
-    fn new(owner: &str, give_back: impl FnOnce() + Send + Sync + 'static) -> Self {
+    fn new(id: String, owner: &str, give_back: impl FnOnce() + Send + Sync + 'static) -> Self {
         Self {
+            id,
             owner: owner.to_owned(),
             give_back: Some(Box::new(give_back)),
         }
     }
 
-    /// The slot became a queued build: nothing to give back.
+    /// The slot became a queued build: nothing to give back. Returns the id.
     fn used(mut self) -> String {
         self.give_back = None;
-        std::mem::take(&mut self.owner)
+        std::mem::take(&mut self.id)
     }
 }
 
@@ -106,10 +116,14 @@ impl fmt::Debug for Reservation {
     }
 }
 
-/// The per-user queue limit is reached: `queued` builds are queued already.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct QueueFull {
-    pub queued: usize,
+/// The answer when a user's queued builds (and promised slots) reach the limit.
+fn queue_full(queued: usize, limit: usize) -> crate::error::BuildError {
+    crate::error::BuildError::QueueFull {
+        message: format!(
+            "you have {queued} builds queued, the most allowed is {limit}; wait for some to start"
+        ),
+        retry_after: Duration::from_secs(10),
+    }
 }
 
 /// What [`BuildControl::cancel`] did.
@@ -123,6 +137,86 @@ pub(crate) enum Cancelled {
     NotRunning,
 }
 
+/// The stop switches of the builds this process runs, by build id: how a cancel or a
+/// shutdown reaches a runner, whichever implementation decided it.
+#[derive(Debug, Default)]
+struct Runs {
+    switches: Mutex<HashMap<String, watch::Sender<Stop>>>,
+    changed: Notify,
+}
+
+impl Runs {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<Stop>>> {
+        self.switches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new switch for a build handed to a runner.
+    fn start(
+        switches: &mut HashMap<String, watch::Sender<Stop>>,
+        build_id: &str,
+    ) -> watch::Receiver<Stop> {
+        let (tx, rx) = watch::channel(Stop::No);
+        switches.insert(build_id.to_owned(), tx);
+        rx
+    }
+
+    fn remove(&self, build_id: &str) {
+        self.lock().remove(build_id);
+        self.changed.notify_waiters();
+    }
+
+    /// Asks a running build to stop; false when it does not run here. A build asked to
+    /// stop already keeps its first request (a cancel's grace is not shortened), except
+    /// that an interrupt (shutdown, a lost lease) overrides a cancel.
+    fn signal(&self, build_id: &str, stop: Stop) -> bool {
+        let switches = self.lock();
+        let Some(tx) = switches.get(build_id) else {
+            return false;
+        };
+        tx.send_if_modified(|current| {
+            let replace =
+                *current == Stop::No || (stop == Stop::Interrupt && *current != Stop::Interrupt);
+            if replace {
+                *current = stop;
+            }
+            replace
+        });
+        true
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn contains(&self, build_id: &str) -> bool {
+        self.lock().contains_key(build_id)
+    }
+
+    fn interrupt_all(&self) {
+        for id in self.ids() {
+            self.signal(&id, Stop::Interrupt);
+        }
+    }
+
+    async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.len() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.len() == 0;
+            }
+        }
+    }
+}
+
 /// The one owner of build control state. See the module documentation.
 #[tonic::async_trait]
 pub(crate) trait BuildControl: fmt::Debug + Send + Sync {
@@ -131,10 +225,11 @@ pub(crate) trait BuildControl: fmt::Debug + Send + Sync {
 
     /// Notified whenever a build may have become claimable (queued, finished, a
     /// workspace released, closed). The scheduler waits on it between claims.
-    fn wake(&self) -> &tokio::sync::Notify;
+    fn wake(&self) -> &Notify;
 
-    /// A queue slot for a new build of `owner`, or how many it has queued already.
-    async fn reserve(&self, owner: &str) -> std::result::Result<Reservation, QueueFull>;
+    /// A queue slot for a new build of `owner`; at the per-user queued limit,
+    /// [`crate::error::BuildError::QueueFull`] saying how many it has queued.
+    async fn reserve(&self, owner: &str) -> Result<Reservation>;
 
     /// Makes a stored QUEUED build claimable, using `reservation` if it has one (at
     /// recovery it has none). Returns its position (1: next to start).
@@ -162,18 +257,23 @@ pub(crate) trait BuildControl: fmt::Debug + Send + Sync {
     /// Whether a build of the workspace is running now.
     async fn workspace_busy(&self, workspace_id: &str) -> Result<bool>;
 
-    /// Holds the workspace for an API change, waiting for the one in flight. Does not
-    /// check [`Self::workspace_busy`]: a caller that must not wait for a build checks
-    /// before and after.
+    /// Holds the workspace for an API change, waiting for the one in flight; no build
+    /// of it starts while it is held. A build running already may make this wait too
+    /// (in memory) or not (Postgres), so a caller that must not change a workspace under
+    /// a build checks [`Self::workspace_busy`] once it holds it.
     async fn hold_workspace(&self, workspace_id: &str) -> Result<WorkspaceHold>;
 
     /// The workspace was deleted: drop what is kept about it.
     fn forget_workspace(&self, workspace_id: &str);
 
-    /// At start: the RUNNING builds whose runner is gone (the caller ends them
-    /// INTERRUPTED with their logs). Builds queued in `store` are then claimable once
-    /// [`Self::enqueue`]d (a no-op where the queue is the database).
+    /// The unfinished builds whose runner is gone (the caller ends them INTERRUPTED with
+    /// their logs), each returned once. At start, builds queued in `store` are then
+    /// claimable once [`Self::enqueue`]d (a no-op for those the queue holds already).
     async fn abandoned(&self, store: &Store) -> Result<Vec<BuildRow>>;
+
+    /// How often to look for [`Self::abandoned`] builds while serving: where other
+    /// processes run builds of the same queue and may die.
+    fn reclaim_interval(&self) -> Option<Duration>;
 
     /// Stops handing out builds (shutdown); StartBuild answers UNAVAILABLE.
     fn close(&self);

@@ -110,10 +110,16 @@ impl BuildApi {
             dir_lock: Mutex::new(Some(dir_lock)),
         });
         maintenance::recover(&shared).await?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(scheduler(shared.clone())),
             tokio::spawn(maintenance::cleanup_loop(shared.clone())),
         ];
+        if let Some(every) = shared.control.reclaim_interval() {
+            tasks.push(tokio::spawn(maintenance::reclaim_loop(
+                shared.clone(),
+                every,
+            )));
+        }
         tracing::info!(tier = %shared.sandbox.tier(), "kiln-build ready");
         Ok(BuildApi {
             shared,

@@ -20,6 +20,41 @@ pub const INTERRUPTED_MESSAGE: &str =
 /// last stored one: see [`crate::control::BuildControl::abandoned`]) and makes the queued
 /// ones claimable again, oldest first.
 pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
+    end_abandoned(shared).await?;
+    sweep_orphaned_workspaces(shared).await?;
+    for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
+        let b = row.build;
+        let log = LiveLog::new(
+            &b.id,
+            b.last_sequence,
+            Vec::new(),
+            shared.config.live_window_bytes,
+        );
+        shared.logs.insert(log);
+        // Queued by a call of an earlier process: its trace is not known, so its wait
+        // and run are a trace of their own.
+        shared
+            .control
+            .enqueue(Entry::new(b.id, b.owner, b.workspace_id), None)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Looks for abandoned builds every `every` while serving: where several replicas share
+/// the queue, one that died leaves its builds to the others.
+pub async fn reclaim_loop(shared: Arc<Shared>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = end_abandoned(&shared).await {
+            tracing::error!(error = %e, "reclaiming abandoned builds failed");
+        }
+    }
+}
+
+/// Ends every abandoned build INTERRUPTED, with a Finished event after its last stored
+/// one.
+async fn end_abandoned(shared: &Arc<Shared>) -> Result<()> {
     for row in shared.control.abandoned(&shared.store).await? {
         let b = row.build;
         let log = LiveLog::new(
@@ -44,24 +79,7 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
             },
         )
         .await?;
-        tracing::warn!(build = %b.id, "build was running when the service stopped: INTERRUPTED");
-    }
-    sweep_orphaned_workspaces(shared).await?;
-    for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
-        let b = row.build;
-        let log = LiveLog::new(
-            &b.id,
-            b.last_sequence,
-            Vec::new(),
-            shared.config.live_window_bytes,
-        );
-        shared.logs.insert(log);
-        // Queued by a call of an earlier process: its trace is not known, so its wait
-        // and run are a trace of their own.
-        shared
-            .control
-            .enqueue(Entry::new(b.id, b.owner, b.workspace_id), None)
-            .await?;
+        tracing::warn!(build = %b.id, "build was running when its runner stopped (crash, kill or lost lease): INTERRUPTED");
     }
     Ok(())
 }
@@ -115,8 +133,7 @@ pub async fn cleanup(shared: &Arc<Shared>) -> Result<()> {
             continue;
         }
         let Ok(_held) =
-            tokio::time::timeout(Duration::from_secs(1), shared.control.hold_workspace(&id))
-                .await
+            tokio::time::timeout(Duration::from_secs(1), shared.control.hold_workspace(&id)).await
         else {
             continue;
         };

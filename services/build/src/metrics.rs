@@ -96,6 +96,12 @@ impl BuildMetrics {
         self.queue_wait.observe(waited.as_secs_f64());
     }
 
+    /// The queue's depth as counted where the queue is shared (Postgres): builds queued
+    /// through other replicas never pass this one's `queued`.
+    pub fn set_queue_depth(&self, depth: i64) {
+        self.queue_depth.set(depth);
+    }
+
     pub fn finished(&self) {
         self.running.dec();
     }

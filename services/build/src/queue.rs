@@ -257,13 +257,32 @@ fn position_of(s: &State, owner: &str, build_id: &str) -> Option<u32> {
 
 /// Builds ahead of the `index`-th build of `owner` whose turn is `owner_turn`, plus one.
 fn estimate(s: &State, owner: &str, index: usize, owner_turn: usize) -> u32 {
-    let ahead: usize = s
-        .turns
+    let turns: Vec<&str> = s.turns.iter().map(String::as_str).collect();
+    estimate_position(
+        &turns,
+        |user| s.queued.get(user).map_or(0, VecDeque::len),
+        owner,
+        index,
+        owner_turn,
+    )
+}
+
+/// Where the `index`-th queued build of `owner` would start if users took turns one
+/// build per round: `turns` is the turn order, `owner_turn` the owner's place in it (its
+/// length when the owner has no turn yet), `queued` each user's queued builds.
+pub(crate) fn estimate_position(
+    turns: &[&str],
+    queued: impl Fn(&str) -> usize,
+    owner: &str,
+    index: usize,
+    owner_turn: usize,
+) -> u32 {
+    let ahead: usize = turns
         .iter()
         .enumerate()
-        .filter(|(_, user)| user.as_str() != owner)
+        .filter(|(_, user)| **user != owner)
         .map(|(t, user)| {
-            let len = s.queued.get(user).map_or(0, VecDeque::len);
+            let len = queued(user);
             match t.cmp(&owner_turn) {
                 std::cmp::Ordering::Less => len.min(index + 1),
                 _ => len.min(index),

@@ -15,6 +15,7 @@ use pb::build_event::Event;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::control::Cancelled;
 use crate::error::{BuildError, Result, invalid, reason, violation};
 use crate::log::{self, AppendEvents, LiveLog, is_final};
 use crate::queue::Entry;
@@ -23,7 +24,6 @@ use crate::store::{
     timestamp,
 };
 use crate::validate::{self, limits_to_proto};
-use crate::control::{Cancelled, QueueFull};
 use crate::{BuildApi, Shared};
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -227,18 +227,7 @@ impl BuildApi {
                 ApiError::unavailable("the build service is shutting down; retry shortly").into(),
             );
         }
-        let reservation = match shared.control.reserve(&p.subject).await {
-            Ok(r) => r,
-            Err(QueueFull { queued }) => {
-                return Err(BuildError::QueueFull {
-                    message: format!(
-                        "you have {queued} builds queued, the most allowed is {}; wait for some to start",
-                        shared.control.config().max_queued_per_user
-                    ),
-                    retry_after: Duration::from_secs(10),
-                });
-            }
-        };
+        let reservation = shared.control.reserve(&p.subject).await?;
         let position = shared.control.peek_position(&p.subject).await;
         let now = now_micros();
         let build = pb::Build {

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedMutexGuard, watch};
+use tokio::sync::{Notify, OwnedMutexGuard};
 
-use super::{BuildControl, Cancelled, Claim, QueueFull, Reservation, WorkspaceHold};
+use super::{BuildControl, Cancelled, Claim, Reservation, Runs, WorkspaceHold, queue_full};
 use crate::config::QueueConfig;
 use crate::error::Result;
 use crate::metrics::BuildMetrics;
@@ -20,12 +20,10 @@ type WorkspaceLocks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
 #[derive(Debug)]
 pub(crate) struct LocalControl {
     queue: Arc<Queue>,
-    /// Stop switches of the builds handed to runners, by build id. Held from taking a
-    /// build off the queue to registering its switch (in [`Self::claim`]), and by
-    /// [`Self::cancel`] around both of its looks: so a build is never in neither place
-    /// and a cancel is never lost.
-    runs: Mutex<HashMap<String, watch::Sender<Stop>>>,
-    runs_changed: Notify,
+    /// Locked from taking a build off the queue to registering its switch (in
+    /// [`Self::claim`]), and by [`Self::cancel`] around both of its looks: so a build is
+    /// never in neither place and a cancel is never lost.
+    runs: Runs,
     /// One lock per workspace: API changes and builds never overlap.
     workspace_locks: WorkspaceLocks,
 }
@@ -52,8 +50,7 @@ impl LocalControl {
     pub fn new(config: QueueConfig, metrics: BuildMetrics) -> Self {
         Self {
             queue: Arc::new(Queue::new(config, metrics)),
-            runs: Mutex::new(HashMap::new()),
-            runs_changed: Notify::new(),
+            runs: Runs::default(),
             workspace_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -74,10 +71,6 @@ impl LocalControl {
             },
         )
     }
-
-    fn running(&self) -> usize {
-        lock(&self.runs).len()
-    }
 }
 
 #[tonic::async_trait]
@@ -90,13 +83,15 @@ impl BuildControl for LocalControl {
         &self.queue.wake
     }
 
-    async fn reserve(&self, owner: &str) -> std::result::Result<Reservation, QueueFull> {
+    async fn reserve(&self, owner: &str) -> Result<Reservation> {
         self.queue
             .reserve(owner)
-            .map_err(|queued| QueueFull { queued })?;
+            .map_err(|queued| queue_full(queued, self.queue.config().max_queued_per_user))?;
         let queue = self.queue.clone();
         let who = owner.to_owned();
-        Ok(Reservation::new(owner, move || queue.release(&who)))
+        Ok(Reservation::new(String::new(), owner, move || {
+            queue.release(&who);
+        }))
     }
 
     async fn enqueue(&self, entry: Entry, reservation: Option<Reservation>) -> Result<u32> {
@@ -113,7 +108,7 @@ impl BuildControl for LocalControl {
     }
 
     async fn claim(&self) -> Result<Option<Claim>> {
-        let mut runs = lock(&self.runs);
+        let mut switches = self.runs.lock();
         let Some((entry, guard)) = self.queue.next(|entry| {
             self.workspace_lock(&entry.workspace_id)
                 .try_lock_owned()
@@ -121,9 +116,8 @@ impl BuildControl for LocalControl {
         }) else {
             return Ok(None);
         };
-        let (tx, stop) = watch::channel(Stop::No);
-        runs.insert(entry.build_id.clone(), tx);
-        drop(runs);
+        let stop = Runs::start(&mut switches, &entry.build_id);
+        drop(switches);
         let workspace = self.hold(&entry.workspace_id, guard);
         Ok(Some(Claim {
             entry,
@@ -133,17 +127,19 @@ impl BuildControl for LocalControl {
     }
 
     async fn cancel(&self, owner: &str, build_id: &str, grace: Duration) -> Result<Cancelled> {
-        let runs = lock(&self.runs);
+        let switches = self.runs.lock();
         if self.queue.remove(owner, build_id) {
             return Ok(Cancelled::Dequeued);
         }
-        Ok(match runs.get(build_id) {
-            Some(tx) => {
-                tx.send_replace(Stop::Cancel(grace));
+        let running = switches.contains_key(build_id);
+        drop(switches);
+        Ok(
+            if running && self.runs.signal(build_id, Stop::Cancel(grace)) {
                 Cancelled::Signalled
-            }
-            None => Cancelled::NotRunning,
-        })
+            } else {
+                Cancelled::NotRunning
+            },
+        )
     }
 
     async fn finish(&self, claim: Claim) -> Result<()> {
@@ -152,8 +148,7 @@ impl BuildControl for LocalControl {
             stop,
             workspace,
         } = claim;
-        lock(&self.runs).remove(&entry.build_id);
-        self.runs_changed.notify_waiters();
+        self.runs.remove(&entry.build_id);
         drop(stop);
         drop(workspace);
         self.queue.finished(&entry);
@@ -173,11 +168,22 @@ impl BuildControl for LocalControl {
         lock(&self.workspace_locks).remove(workspace_id);
     }
 
-    /// Every RUNNING build: the data directory's lock says no other process runs them.
+    /// The RUNNING builds without a runner here: the data directory's lock says no other
+    /// process runs them. At start that is all of them; later, only one whose runner
+    /// could not store its end.
     async fn abandoned(&self, store: &Store) -> Result<Vec<BuildRow>> {
-        store
+        let rows = store
             .builds_in_state(kiln_proto::build::BuildState::Running)
-            .await
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|row| !self.runs.contains(&row.build.id))
+            .collect())
+    }
+
+    /// Nothing to reclaim while running: no other process shares this queue.
+    fn reclaim_interval(&self) -> Option<Duration> {
+        None
     }
 
     fn close(&self) {
@@ -189,22 +195,10 @@ impl BuildControl for LocalControl {
     }
 
     fn interrupt_all(&self) {
-        for tx in lock(&self.runs).values() {
-            tx.send_replace(Stop::Interrupt);
-        }
+        self.runs.interrupt_all();
     }
 
     async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
-        loop {
-            let changed = self.runs_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.running() == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.running() == 0;
-            }
-        }
+        self.runs.wait_idle(deadline).await
     }
 }
