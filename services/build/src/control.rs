@@ -223,6 +223,10 @@ pub(crate) trait BuildControl: fmt::Debug + Send + Sync {
     /// The limits the queue enforces.
     fn config(&self) -> QueueConfig;
 
+    /// This process's id among the replicas that share the queue; `None` when it runs
+    /// the queue alone (in memory).
+    fn replica_id(&self) -> Option<&str>;
+
     /// Notified whenever a build may have become claimable (queued, finished, a
     /// workspace released, closed). The scheduler waits on it between claims.
     fn wake(&self) -> &Notify;

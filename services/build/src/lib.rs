@@ -76,9 +76,16 @@ impl BuildApi {
     pub async fn open(mut config: BuildConfig) -> Result<BuildApi, BuildError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| BuildError::io("creating the data directory", e))?;
-        // Before anything reads or changes the directory: recovery and the staging sweep
-        // below would destroy the work of another live process using it.
-        let dir_lock = kiln_store::DirLock::acquire(&config.data_dir)?;
+        let metrics = BuildMetrics::default();
+        let control = open_control(&config, metrics.clone()).await?;
+        // Alone, one process per data directory, locked before anything reads or changes
+        // it: recovery and the staging sweep below would destroy the work of another live
+        // process using it. Replicas sharing the queue share the directory (a volume they
+        // all mount) and coordinate through the database instead.
+        let dir_lock = match control.replica_id() {
+            None => Some(kiln_store::DirLock::acquire(&config.data_dir)?),
+            Some(_) => None,
+        };
         config.data_dir = config
             .data_dir
             .canonicalize()
@@ -90,24 +97,32 @@ impl BuildApi {
         if sandbox.tier() == kiln_sandbox::Tier::None && !config.sandbox.allow_unsandboxed {
             return Err(BuildError::Config("the sandbox offers no isolation".into()));
         }
+        // A staging area per replica: each wipes its own at start, never another's
+        // upload in flight; those of replicas gone for an hour are swept.
+        let staging = match control.replica_id() {
+            None => config.staging_dir(),
+            Some(replica) => config.staging_dir().join(format!("replica-{replica}")),
+        };
         let disk = Disk {
             root: config.workspaces_dir(),
-            staging: config.staging_dir(),
+            staging,
             limits: config.workspace,
         };
         disk.init()?;
+        if control.replica_id().is_some() {
+            disk.sweep_stale_staging(&config.staging_dir(), maintenance::STALE_AFTER)?;
+        }
         sandbox.check_reachable(&disk.root)?;
         let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
-        let metrics = BuildMetrics::default();
         let shared = Arc::new(Shared {
-            control: Arc::new(LocalControl::new(config.queue, metrics.clone())),
+            control,
             metrics,
             config,
             store,
             sandbox,
             disk,
             logs: Arc::new(Logs::default()),
-            dir_lock: Mutex::new(Some(dir_lock)),
+            dir_lock: Mutex::new(dir_lock),
         });
         maintenance::recover(&shared).await?;
         let mut tasks = vec![
@@ -190,6 +205,15 @@ impl BuildApi {
             .unwrap_or_else(|p| p.into_inner())
             .take();
     }
+}
+
+/// The build control for this configuration: in memory, for a process that owns its
+/// database alone.
+async fn open_control(
+    config: &BuildConfig,
+    metrics: BuildMetrics,
+) -> Result<Arc<dyn BuildControl>, BuildError> {
+    Ok(Arc::new(LocalControl::new(config.queue, metrics)))
 }
 
 /// Starts queued builds whenever a slot frees up: each claim comes with its workspace

@@ -24,13 +24,15 @@ pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
     sweep_orphaned_workspaces(shared).await?;
     for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
         let b = row.build;
-        let log = LiveLog::new(
-            &b.id,
-            b.last_sequence,
-            Vec::new(),
-            shared.config.live_window_bytes,
-        );
-        shared.logs.insert(log);
+        // As at StartBuild: a live log only where the build will run for sure.
+        if shared.control.replica_id().is_none() {
+            shared.logs.insert(LiveLog::new(
+                &b.id,
+                b.last_sequence,
+                Vec::new(),
+                shared.config.live_window_bytes,
+            ));
+        }
         // Queued by a call of an earlier process: its trace is not known, so its wait
         // and run are a trace of their own.
         shared
@@ -84,8 +86,14 @@ async fn end_abandoned(shared: &Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
+/// How long a directory without a record must be untouched before it counts as left
+/// behind, where other replicas may be creating workspaces right now.
+pub const STALE_AFTER: Duration = Duration::from_secs(3600);
+
 /// Removes workspace directories that have no row: a crash between deleting a row and
-/// its directory, or between creating a directory and its row, leaves one behind.
+/// its directory, or between creating a directory and its row, leaves one behind. With
+/// replicas, another one may be between those two steps: only directories untouched
+/// for [`STALE_AFTER`] go.
 async fn sweep_orphaned_workspaces(shared: &Arc<Shared>) -> Result<()> {
     let disk = shared.disk.clone();
     let on_disk = tokio::task::spawn_blocking(move || disk.workspace_ids())
@@ -93,6 +101,11 @@ async fn sweep_orphaned_workspaces(shared: &Arc<Shared>) -> Result<()> {
         .map_err(|e| crate::error::BuildError::Config(format!("sweep task: {e}")))??;
     for id in on_disk {
         if shared.store.get_workspace(&id).await?.is_some() {
+            continue;
+        }
+        if shared.control.replica_id().is_some()
+            && !crate::workspace::untouched_for(&shared.disk.dir(&id), STALE_AFTER)
+        {
             continue;
         }
         let disk = shared.disk.clone();

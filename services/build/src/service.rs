@@ -276,12 +276,18 @@ impl BuildApi {
                 p.scope.as_ref().map_or("", |s| s.task_id.as_str()),
             )
             .emit();
-        shared.logs.insert(LiveLog::new(
-            &build.id,
-            1,
-            Vec::new(),
-            shared.config.live_window_bytes,
-        ));
+        // A live log lives only in the process that runs the build. Alone, that is this
+        // one, and watchers of the queued build follow it from memory; with replicas it
+        // is whichever claims the build (its runner makes the log), and watchers
+        // elsewhere follow the store.
+        if shared.control.replica_id().is_none() {
+            shared.logs.insert(LiveLog::new(
+                &build.id,
+                1,
+                Vec::new(),
+                shared.config.live_window_bytes,
+            ));
+        }
         shared
             .control
             .enqueue(

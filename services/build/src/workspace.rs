@@ -85,6 +85,23 @@ impl Disk {
         fs::create_dir_all(&self.staging).map_err(|e| BuildError::io("creating staging", e))
     }
 
+    /// Removes the staging areas under `parent` other than this one's that nothing has
+    /// touched for `age`: those of replicas that are gone.
+    pub fn sweep_stale_staging(&self, parent: &Path, age: std::time::Duration) -> Result<()> {
+        let entries =
+            fs::read_dir(parent).map_err(|e| BuildError::io("listing staging areas", e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path == self.staging || !path.is_dir() {
+                continue;
+            }
+            if untouched_for(&path, age) {
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
+        Ok(())
+    }
+
     pub fn create(&self, id: &str) -> Result<()> {
         let dir = self.dir(id);
         fs::create_dir(&dir).map_err(|e| BuildError::io("creating a workspace", e))?;
@@ -543,4 +560,13 @@ fn file_info(rel: RelPath, meta: &Meta, target: &OsStr) -> pb::FileInfo {
         }),
         symlink_target: String::from_utf8_lossy(target.as_bytes()).into_owned(),
     }
+}
+
+/// Whether `path` was last modified at least `age` ago (false when that is unknown).
+pub fn untouched_for(path: &Path, age: std::time::Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed >= age)
 }

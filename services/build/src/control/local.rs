@@ -79,6 +79,10 @@ impl BuildControl for LocalControl {
         self.queue.config()
     }
 
+    fn replica_id(&self) -> Option<&str> {
+        None
+    }
+
     fn wake(&self) -> &Notify {
         &self.queue.wake
     }

@@ -351,6 +351,10 @@ impl BuildControl for PgControl {
         self.inner.config
     }
 
+    fn replica_id(&self) -> Option<&str> {
+        Some(&self.inner.replica)
+    }
+
     fn wake(&self) -> &Notify {
         &self.inner.wake
     }
