@@ -187,7 +187,7 @@ impl BuildApi {
         };
         disk.init()?;
         sandbox.check_reachable(&disk.root)?;
-        let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
+        let store = Store::open(&config.database(), &config.data_dir.join("outputs")).await?;
         let shared = Arc::new(Shared {
             queue: Queue::new(config.queue),
             config,
