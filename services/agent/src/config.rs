@@ -17,6 +17,12 @@ pub struct AgentConfig {
     /// Where `agent.db` lives. Not a key of its own: `<server.data_dir>/agent`.
     #[serde(skip)]
     pub data_dir: PathBuf,
+    /// Where the store is: `sqlite:///path` or `postgres://user@host/db` (tables in
+    /// schema `agent`, so one database can hold all three services). Default: SQLite in
+    /// `<data_dir>/agent.db`. Env `KILN_AGENT__DATABASE_URL`, flag `--database-url`. Shown
+    /// with its password redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<kiln_store::DatabaseUrl>,
     /// The LLM provider. Default: an OpenAI-compatible server at http://127.0.0.1:8080
     /// (llama.cpp's server, as `make llm` runs it).
     pub provider: ProviderConfig,
@@ -58,9 +64,17 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Where the store is: `database_url`, or the SQLite file in `data_dir`.
+    pub fn database(&self) -> kiln_store::DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| kiln_store::DatabaseUrl::sqlite(self.data_dir.join("agent.db")))
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            database_url: None,
             provider: ProviderConfig::default(),
             default_model: None,
             max_running_tasks: 2,

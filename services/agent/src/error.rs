@@ -51,6 +51,10 @@ impl From<AgentError> for ApiError {
     fn from(err: AgentError) -> Self {
         match err {
             AgentError::Api(e) => e,
+            // The database is down or restarting: retry later (the pool reconnects).
+            AgentError::Store(ref e) if kiln_store::is_unavailable(e) => {
+                ApiError::unavailable("the agent store is unavailable; retry later")
+            }
             other => ApiError::internal("serving an agent request", &other),
         }
     }

@@ -58,7 +58,7 @@ impl AgentApi {
             AgentError::Open(format!("creating {}: {e}", config.data_dir.display()))
         })?;
         let dir_lock = kiln_store::DirLock::acquire(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("agent.db")).await?;
+        let store = Store::open(&config.database()).await?;
         let provider =
             kiln_llm::from_config(&config.provider).map_err(|e| AgentError::Open(e.to_string()))?;
         let reply_form = config

@@ -2,25 +2,40 @@
 //! event logs, through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees.
 //! Queries use portable SQL built at run time, as kiln-build's do.
 
-use std::path::Path;
-
 use kiln_eventlog::{EventKind, EventStore};
 use kiln_proto::agent as pb;
+use kiln_store::Sql;
 use pb::task_event::Event;
 use prost::Message as _;
-use sqlx::sqlite::SqlitePool;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 
 use crate::error::{AgentError, Result};
 use crate::task::{TaskRecord, now_micros, timestamp};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The schema of this service's tables on Postgres.
+pub const SCHEMA: &str = "agent";
+
+const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
+    sqlite: &SQLITE,
+    postgres: &POSTGRES,
+};
 
 /// The connections to `agent.db`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    write: SqlitePool,
-    read: SqlitePool,
+    db: kiln_store::Database,
+}
+
+/// `write`, `read` and `backend` of the database.
+impl std::ops::Deref for Store {
+    type Target = kiln_store::Database;
+
+    fn deref(&self) -> &kiln_store::Database {
+        &self.db
+    }
 }
 
 /// A task as loaded: its record, the log's last sequence, and (for the runner only) the
@@ -86,14 +101,15 @@ fn to_i64(v: u64) -> i64 {
 }
 
 impl Store {
-    pub async fn open(path: &Path) -> Result<Self> {
-        let kiln_store::SqlitePools { write, read } =
-            kiln_store::open_sqlite(path, &MIGRATOR).await?;
-        Ok(Self { write, read })
+    /// Opens the store at `url` (SQLite file or Postgres schema `agent`) and runs the
+    /// embedded migrations.
+    pub async fn open(url: &kiln_store::DatabaseUrl) -> Result<Self> {
+        let db = kiln_store::Database::open(url, SCHEMA, MIGRATIONS).await?;
+        Ok(Self { db })
     }
 
     pub async fn ping(&self) -> Result<()> {
-        kiln_store::ping(&self.read, &self.write).await?;
+        self.db.ping().await?;
         Ok(())
     }
 
@@ -108,9 +124,9 @@ impl Store {
         request_hash: Option<&str>,
         max_unfinished: u64,
     ) -> Result<Inserted> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.db.begin().await?;
         let unfinished: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM tasks WHERE owner = ? AND phase NOT IN (?, ?, ?)",
+            "SELECT COUNT(*) FROM tasks WHERE owner = $1 AND phase NOT IN ($2, $3, $4)",
         )
         .bind(&record.owner)
         .bind(pb::Phase::Done as i32)
@@ -124,7 +140,7 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO tasks (id, owner, workspace_id, phase, created_at, updated_at, \
              record, delegated_token, request_id, request_hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
         )
         .bind(&record.id)
         .bind(&record.owner)
@@ -142,7 +158,7 @@ impl Store {
             == 1;
         if inserted {
             for (k, v) in &record.labels {
-                sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES (?, ?, ?)")
+                sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES ($1, $2, $3)")
                     .bind(&record.id)
                     .bind(k)
                     .bind(v)
@@ -158,7 +174,7 @@ impl Store {
         })
     }
 
-    fn row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredTask> {
+    fn row(row: &sqlx::any::AnyRow) -> Result<StoredTask> {
         Ok(StoredTask {
             record: decode_record(row.try_get("record")?)?,
             last_sequence: u64::try_from(row.try_get::<i64, _>("last_sequence")?).unwrap_or(0),
@@ -170,7 +186,7 @@ impl Store {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<StoredTask>> {
-        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM tasks WHERE id = ?"))
+        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM tasks WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.read)
             .await?;
@@ -185,18 +201,17 @@ impl Store {
         owner: Option<&str>,
         limit: i64,
     ) -> Result<Vec<StoredTask>> {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE "));
+        let mut q: Sql = Sql::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE "));
         // A range on the primary key: `~` sorts after every character an id has.
         q.push("t.id >= ")
-            .push_bind(prefix.to_owned())
+            .bind(prefix.to_owned())
             .push(" AND t.id < ")
-            .push_bind(format!("{prefix}~"));
+            .bind(format!("{prefix}~"));
         if let Some(owner) = owner {
-            q.push(" AND t.owner = ").push_bind(owner.to_owned());
+            q.push(" AND t.owner = ").bind(owner.to_owned());
         }
         q.push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
-            .push_bind(limit);
+            .bind(limit);
         let rows = q.build().fetch_all(&self.read).await?;
         rows.iter().map(Self::row).collect()
     }
@@ -205,7 +220,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM tasks WHERE owner = ? AND request_id = ?"
+            " FROM tasks WHERE owner = $1 AND request_id = $2"
         ))
         .bind(owner)
         .bind(request_id)
@@ -219,7 +234,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM tasks WHERE phase NOT IN (?, ?, ?) ORDER BY created_at, id"
+            " FROM tasks WHERE phase NOT IN ($1, $2, $3) ORDER BY created_at, id"
         ))
         .bind(pb::Phase::Done as i32)
         .bind(pb::Phase::Failed as i32)
@@ -232,7 +247,7 @@ impl Store {
     /// Unfinished tasks of `owner`.
     pub async fn count_unfinished(&self, owner: &str) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM tasks WHERE owner = ? AND phase NOT IN (?, ?, ?)",
+            "SELECT COUNT(*) FROM tasks WHERE owner = $1 AND phase NOT IN ($2, $3, $4)",
         )
         .bind(owner)
         .bind(pb::Phase::Done as i32)
@@ -244,40 +259,36 @@ impl Store {
     }
 
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredTask>> {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE 1 = 1"));
+        let mut q: Sql = Sql::new(concat!("SELECT ", columns!(), " FROM tasks t WHERE 1 = 1"));
         if let Some(owner) = &filter.owner {
-            q.push(" AND t.owner = ").push_bind(owner.clone());
+            q.push(" AND t.owner = ").bind(owner.clone());
         }
         if let Some(ws) = &filter.workspace_id {
-            q.push(" AND t.workspace_id = ").push_bind(ws.clone());
+            q.push(" AND t.workspace_id = ").bind(ws.clone());
         }
         if !filter.phases.is_empty() {
             q.push(" AND t.phase IN (");
-            let mut sep = q.separated(", ");
-            for p in &filter.phases {
-                sep.push_bind(*p);
-            }
+            q.bind_list(filter.phases.iter().copied());
             q.push(")");
         }
         for (k, v) in &filter.labels {
             q.push(" AND EXISTS (SELECT 1 FROM task_labels l WHERE l.task_id = t.id AND l.key = ")
-                .push_bind(k.clone())
+                .bind(k.clone())
                 .push(" AND l.value = ")
-                .push_bind(v.clone())
+                .bind(v.clone())
                 .push(")");
         }
         if let Some((created, id)) = &filter.before {
             q.push(" AND (t.created_at < ")
-                .push_bind(*created)
+                .bind(*created)
                 .push(" OR (t.created_at = ")
-                .push_bind(*created)
+                .bind(*created)
                 .push(" AND t.id < ")
-                .push_bind(id.clone())
+                .bind(id.clone())
                 .push("))");
         }
         q.push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
-            .push_bind(filter.limit);
+            .bind(filter.limit);
         let rows = q.build().fetch_all(&self.read).await?;
         rows.iter().map(Self::row).collect()
     }
@@ -329,33 +340,32 @@ impl EventStore for Store {
         let Some(last) = events.last() else {
             return Ok(());
         };
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.db.begin().await?;
         // One multi-row INSERT per batch (every statement is a round trip to sqlx's
         // SQLite worker thread).
         for chunk in events.chunks(200) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO task_events (task_id, sequence, event) ");
+            let mut q: Sql = Sql::new("INSERT INTO task_events (task_id, sequence, event) ");
             q.push_values(chunk, |mut b, e| {
-                b.push_bind(task_id.to_owned())
-                    .push_bind(to_i64(e.sequence))
-                    .push_bind(e.encode_to_vec());
+                b.bind(task_id.to_owned())
+                    .bind(to_i64(e.sequence))
+                    .bind(e.encode_to_vec());
             });
             q.build().execute(&mut *tx).await?;
         }
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE tasks SET last_sequence = ");
-        q.push_bind(to_i64(last.sequence));
+        let mut q: Sql = Sql::new("UPDATE tasks SET last_sequence = ");
+        q.bind(to_i64(last.sequence));
         if let Some(record) = &update.record {
             q.push(", record = ")
-                .push_bind(encode_record(record))
+                .bind(encode_record(record))
                 .push(", phase = ")
-                .push_bind(record.phase)
+                .bind(record.phase)
                 .push(", updated_at = ")
-                .push_bind(record.updated_at);
+                .bind(record.updated_at);
         }
         if let Some(seq) = update.relayed_build_sequence {
-            q.push(", relayed_build_sequence = ").push_bind(to_i64(seq));
+            q.push(", relayed_build_sequence = ").bind(to_i64(seq));
         }
-        q.push(" WHERE id = ").push_bind(task_id.to_owned());
+        q.push(" WHERE id = ").bind(task_id.to_owned());
         q.build().execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
@@ -368,8 +378,8 @@ impl EventStore for Store {
         limit: usize,
     ) -> Result<Vec<pb::TaskEvent>> {
         let rows = sqlx::query(
-            "SELECT event FROM task_events WHERE task_id = ? AND sequence > ? \
-             ORDER BY sequence LIMIT ?",
+            "SELECT event FROM task_events WHERE task_id = $1 AND sequence > $2 \
+             ORDER BY sequence LIMIT $3",
         )
         .bind(task_id)
         .bind(to_i64(after))

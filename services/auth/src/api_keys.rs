@@ -9,8 +9,9 @@ use std::time::SystemTime;
 
 use kiln_proto::auth as pb;
 use kiln_rpc::{Principal, Role};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use kiln_store::Sql;
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
 use crate::audit::{self, Actor, Event};
 use crate::convert::{self, opt_timestamp, role_from_pb, role_to_pb, timestamp};
@@ -44,7 +45,7 @@ struct KeyRow {
 }
 
 impl KeyRow {
-    fn from_row(row: &SqliteRow) -> Result<Self> {
+    fn from_row(row: &AnyRow) -> Result<Self> {
         Ok(Self {
             id: row.try_get("id")?,
             user_id: row.try_get("user_id")?,
@@ -74,8 +75,8 @@ impl KeyRow {
     }
 }
 
-async fn key_by_id(conn: impl sqlx::SqliteExecutor<'_>, id: &str) -> Result<Option<KeyRow>> {
-    let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?")
+async fn key_by_id(conn: impl sqlx::AnyExecutor<'_>, id: &str) -> Result<Option<KeyRow>> {
+    let row = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?;
@@ -84,16 +85,17 @@ async fn key_by_id(conn: impl sqlx::SqliteExecutor<'_>, id: &str) -> Result<Opti
 
 /// Revokes every unrevoked key of `user_id`; returns how many.
 pub async fn revoke_all(
-    conn: impl sqlx::SqliteExecutor<'_>,
+    conn: impl sqlx::AnyExecutor<'_>,
     user_id: &str,
     now: SystemTime,
 ) -> Result<u32> {
-    let done =
-        sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL")
-            .bind(millis(now))
-            .bind(user_id)
-            .execute(conn)
-            .await?;
+    let done = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(millis(now))
+    .bind(user_id)
+    .execute(conn)
+    .await?;
     Ok(u32::try_from(done.rows_affected()).unwrap_or(u32::MAX))
 }
 
@@ -208,7 +210,7 @@ impl Inner {
         let inserted = sqlx::query(
             "INSERT INTO api_keys (id, user_id, name, prefix, secret_hash, role, created_at, \
              expires_at, last_used_at, revoked_at, created_by, request_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, $10)",
         )
         .bind(&row.id)
         .bind(&row.user_id)
@@ -248,7 +250,7 @@ impl Inner {
         created_by: &str,
         request_id: &str,
     ) -> Result<Option<pb::CreateApiKeyResponse>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE created_by = ? AND request_id = ?")
+        let row = sqlx::query("SELECT * FROM api_keys WHERE created_by = $1 AND request_id = $2")
             .bind(created_by)
             .bind(request_id)
             .fetch_optional(&self.store.write)
@@ -271,9 +273,8 @@ impl Inner {
         let size = paging::page_size(req.page_size)?;
         let cursor = paging::decode_token(&req.page_token, 2)?;
         let owner = self.key_owner(principal, req.user_id.as_deref())?;
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT * FROM api_keys WHERE user_id = ");
-        q.push_bind(owner.to_owned());
+        let mut q: Sql = Sql::new("SELECT * FROM api_keys WHERE user_id = ");
+        q.bind(owner.to_owned());
         if !req.include_revoked {
             q.push(" AND revoked_at IS NULL");
         }
@@ -282,15 +283,15 @@ impl Inner {
                 AuthError::invalid("page_token", "is not a token from a previous page")
             })?;
             q.push(" AND (created_at < ")
-                .push_bind(created)
+                .bind(created)
                 .push(" OR (created_at = ")
-                .push_bind(created)
+                .bind(created)
                 .push(" AND id < ")
-                .push_bind(cursor[1].clone())
+                .bind(cursor[1].clone())
                 .push("))");
         }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(size) + 1);
+            .bind(i64::from(size) + 1);
         let rows = q.build().fetch_all(&self.store.read).await?;
         let mut keys = rows
             .iter()
@@ -317,8 +318,8 @@ impl Inner {
             return Ok(key.to_pb());
         }
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
-        sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+        let mut tx = self.store.begin().await?;
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(millis(now))
             .bind(id)
             .execute(&mut *tx)
@@ -363,7 +364,7 @@ impl Inner {
             .last_used_at
             .is_none_or(|at| now - at >= LAST_USED_RESOLUTION_MS)
         {
-            sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE id = ?")
+            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(id)
                 .execute(&self.store.write)

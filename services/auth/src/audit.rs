@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use kiln_proto::auth as pb;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use kiln_store::Sql;
+use sqlx::Row;
 
 use crate::convert::timestamp;
 use crate::error::{AuthError, Result};
@@ -130,7 +131,7 @@ async fn insert(store: &Store, now: SystemTime, event: &Event) -> Option<String>
     let result = sqlx::query(
         "INSERT INTO audit_events (id, time, actor_user_id, actor_username, actor_method, \
          actor_key_id, action, target, peer, outcome, reason, details) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&id)
     .bind(millis(now))
@@ -192,7 +193,7 @@ impl RefusalAggregates {
                 ])
                 .collect::<BTreeMap<_, _>>();
             let details = serde_json::to_string(&details).unwrap_or_else(|_| "{}".into());
-            let result = sqlx::query("UPDATE audit_events SET details = ? WHERE id = ?")
+            let result = sqlx::query("UPDATE audit_events SET details = $1 WHERE id = $2")
                 .bind(details)
                 .bind(id.as_str())
                 .execute(&store.write)
@@ -241,38 +242,38 @@ pub async fn list(
         pb::AuditOutcome::Success => Some("success"),
         pb::AuditOutcome::Failure => Some("failure"),
     };
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM audit_events WHERE 1 = 1");
+    let mut q: Sql = Sql::new("SELECT * FROM audit_events WHERE 1 = 1");
     if let Some(actor) = &request.actor_user_id {
-        q.push(" AND actor_user_id = ").push_bind(actor.clone());
+        q.push(" AND actor_user_id = ").bind(actor.clone());
     }
     if let Some(action) = &request.action {
-        q.push(" AND action = ").push_bind(action.clone());
+        q.push(" AND action = ").bind(action.clone());
     }
     if let Some(outcome) = outcome {
-        q.push(" AND outcome = ").push_bind(outcome);
+        q.push(" AND outcome = ").bind(outcome);
     }
     if let Some(start) = &request.start_time {
         q.push(" AND time >= ")
-            .push_bind(crate::convert::timestamp_millis(start, "start_time")?);
+            .bind(crate::convert::timestamp_millis(start, "start_time")?);
     }
     if let Some(end) = &request.end_time {
         q.push(" AND time < ")
-            .push_bind(crate::convert::timestamp_millis(end, "end_time")?);
+            .bind(crate::convert::timestamp_millis(end, "end_time")?);
     }
     if let Some(cursor) = cursor {
         let time: i64 = cursor[0]
             .parse()
             .map_err(|_| AuthError::invalid("page_token", "is not a token from a previous page"))?;
         q.push(" AND (time < ")
-            .push_bind(time)
+            .bind(time)
             .push(" OR (time = ")
-            .push_bind(time)
+            .bind(time)
             .push(" AND id < ")
-            .push_bind(cursor[1].clone())
+            .bind(cursor[1].clone())
             .push("))");
     }
     q.push(" ORDER BY time DESC, id DESC LIMIT ")
-        .push_bind(i64::from(size) + 1);
+        .bind(i64::from(size) + 1);
     let rows = q.build().fetch_all(&store.read).await?;
     let mut events = rows.iter().map(event_of_row).collect::<Result<Vec<_>>>()?;
     let next_page_token = paging::next_token(&mut events, size, |(time, e)| {
@@ -284,7 +285,7 @@ pub async fn list(
     })
 }
 
-fn event_of_row(row: &sqlx::sqlite::SqliteRow) -> Result<(i64, pb::AuditEvent)> {
+fn event_of_row(row: &sqlx::any::AnyRow) -> Result<(i64, pb::AuditEvent)> {
     let time: i64 = row.try_get("time")?;
     let details: String = row.try_get("details")?;
     let method: String = row.try_get("actor_method")?;

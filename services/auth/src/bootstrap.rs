@@ -2,7 +2,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -46,8 +46,21 @@ pub async fn ensure_admin(
         None => (random_token(24), true),
     };
     let hash = hasher.hash(&password).await?;
-    let admin = users::insert(&store.write, ADMIN_USERNAME, &hash, Role::Admin, None, now).await?;
+    let admin =
+        match users::insert(&store.write, ADMIN_USERNAME, &hash, Role::Admin, None, now).await {
+            Ok(admin) => admin,
+            // Another replica on the same Postgres database made the first admin between
+            // our count and our insert: its admin (and its password) stand.
+            Err(AuthError::AlreadyExists { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
     if generated {
+        // On Postgres nothing else has created the data directory.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| AuthError::io(data_dir, e))?;
         let path = data_dir.join(ADMIN_PASSWORD_FILE);
         write_private(&path, &password)?;
         tracing::warn!(

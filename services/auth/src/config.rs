@@ -18,6 +18,12 @@ pub struct AuthConfig {
     /// missing. Not a key of its own: `<server.data_dir>/auth`.
     #[serde(skip)]
     pub data_dir: PathBuf,
+    /// Where the store is: `sqlite:///path` or `postgres://user@host/db` (tables in
+    /// schema `auth`, so one database can hold all three services). Default: SQLite
+    /// in `<data_dir>/auth.db`. Env `KILN_AUTH__DATABASE_URL`, flag `--database-url`.
+    /// Shown with its password redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<kiln_store::DatabaseUrl>,
     /// The `iss` claim of access tokens. Default `kiln`.
     pub issuer: String,
     /// The `aud` claim of access tokens. Default `kiln`.
@@ -86,10 +92,18 @@ impl AuthConfig {
         self.access_ttl.max(self.delegation_max_lifetime)
     }
 
+    /// Where the store is: `database_url`, or the SQLite file in `data_dir`.
+    pub fn database(&self) -> kiln_store::DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| kiln_store::DatabaseUrl::sqlite(self.data_dir.join(crate::DB_FILE)))
+    }
+
     /// The defaults, with the store in `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            database_url: None,
             issuer: "kiln".into(),
             audience: "kiln".into(),
             access_ttl: Duration::from_secs(15 * 60),

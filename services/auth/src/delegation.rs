@@ -32,7 +32,7 @@ use kiln_proto::auth as pb;
 use kiln_rpc::identity::{BearerToken, WorkloadId};
 use kiln_rpc::token::{AccessClaims, ActorClaim, BUILD_AUDIENCE, TokenVerifier};
 use kiln_rpc::{FieldViolation, Principal, Role};
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use crate::api_keys::KEY_PREFIX;
 use crate::audit::{self, Actor, Event};
@@ -158,16 +158,16 @@ impl Inner {
         if let Some((_, Some(key_expiry))) = &subject.api_key {
             exp = exp.min(crate::unix_secs(*key_expiry));
         }
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         // The first write, so that what follows sees every committed demotion and the
         // stamp orders this token after it (see `revocations`).
-        sqlx::query("DELETE FROM delegations WHERE expires_at < ?")
+        sqlx::query("DELETE FROM delegations WHERE expires_at < $1")
             .bind(millis(now))
             .execute(&mut *tx)
             .await?;
         sqlx::query(
             "INSERT INTO delegations (id, user_id, actor, audience, task_id, workspace_id, \
-             api_key_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             api_key_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&delegation_id)
         .bind(&subject.user_id)
@@ -333,12 +333,12 @@ impl Inner {
 
     /// Inside the exchange's transaction: the subject token is not revoked (a JWT: the
     /// same rule verifiers apply; an API key: not revoked or expired since it was read).
-    async fn still_valid(&self, conn: &mut SqliteConnection, subject: &Subject) -> Result<()> {
+    async fn still_valid(&self, conn: &mut AnyConnection, subject: &Subject) -> Result<()> {
         if let Some((sid, iat_ms)) = &subject.session {
             let revoked = sqlx::query(
-                "SELECT 1 FROM token_revocations WHERE session_id = ?1 OR (user_id = ?2 \
-                 AND session_id IS NULL AND not_before > ?3 \
-                 AND (keep_session_id IS NULL OR keep_session_id != ?1)) LIMIT 1",
+                "SELECT 1 FROM token_revocations WHERE session_id = $1 OR (user_id = $2 \
+                 AND session_id IS NULL AND not_before > $3 \
+                 AND (keep_session_id IS NULL OR keep_session_id != $1)) LIMIT 1",
             )
             .bind(sid)
             .bind(&subject.user_id)
@@ -352,7 +352,7 @@ impl Inner {
         }
         if let Some((key_id, _)) = &subject.api_key {
             let now = millis(self.now());
-            let live = sqlx::query("SELECT revoked_at, expires_at FROM api_keys WHERE id = ?")
+            let live = sqlx::query("SELECT revoked_at, expires_at FROM api_keys WHERE id = $1")
                 .bind(key_id)
                 .fetch_optional(&mut *conn)
                 .await?
@@ -376,13 +376,13 @@ impl Inner {
     /// transaction that revokes the key.
     pub(crate) async fn revoke_key_delegations(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         user_id: &str,
         key_id: &str,
         now: SystemTime,
     ) -> Result<()> {
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM delegations WHERE api_key_id = ? AND expires_at >= ?",
+            "SELECT id FROM delegations WHERE api_key_id = $1 AND expires_at >= $2",
         )
         .bind(key_id)
         .bind(millis(now))

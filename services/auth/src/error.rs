@@ -158,6 +158,7 @@ impl AuthError {
             | Self::FailedPrecondition { reason, .. }
             | Self::AlreadyExists { reason, .. } => reason,
             Self::MissingPrincipal => common::MISSING_CREDENTIALS,
+            Self::Store(e) if kiln_store::is_unavailable(e) => common::UNAVAILABLE,
             Self::Store(_)
             | Self::Migrate(_)
             | Self::Io { .. }
@@ -175,6 +176,7 @@ impl From<kiln_store::Error> for AuthError {
             kiln_store::Error::Io { path, source } => Self::io(path, source),
             kiln_store::Error::Sqlx(e) => Self::Store(e),
             kiln_store::Error::Migrate(e) => Self::Migrate(e),
+            other @ kiln_store::Error::Schema(_) => Self::Config(other.to_string()),
         }
     }
 }
@@ -214,6 +216,11 @@ impl From<AuthError> for ApiError {
             }
             AuthError::AlreadyExists { message, .. } => {
                 ApiError::new(Code::AlreadyExists, reason, message)
+            }
+            // The database is down or restarting: a retry later can succeed, and the
+            // pool reconnects by itself.
+            AuthError::Store(ref e) if kiln_store::is_unavailable(e) => {
+                ApiError::unavailable("the auth store is unavailable; retry later")
             }
             other => ApiError::internal("handling an auth request", &other),
         }

@@ -141,14 +141,14 @@ impl KeyRing {
     pub async fn rotate(&self, store: &Store, now: SystemTime) -> Result<String> {
         let _guard = self.rotating.lock().await;
         let old = Arc::clone(&self.read().current);
-        let mut tx = store.write.begin().await?;
-        sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
+        let mut tx = store.begin().await?;
+        sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
             .bind(millis(now))
             .execute(&mut *tx)
             .await?;
         let key = insert_new_key(&mut *tx, now).await?;
         let kid = key.kid.clone();
-        sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < ?")
+        sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1")
             .bind(millis(now) - duration_millis(self.keep_retired))
             .execute(&mut *tx)
             .await?;
@@ -187,14 +187,11 @@ impl KeyRing {
     }
 }
 
-async fn insert_new_key(
-    conn: impl sqlx::SqliteExecutor<'_>,
-    now: SystemTime,
-) -> Result<SigningKey> {
+async fn insert_new_key(conn: impl sqlx::AnyExecutor<'_>, now: SystemTime) -> Result<SigningKey> {
     let kid = uuid::Uuid::new_v4().simple().to_string();
     let (key, der) = SigningKey::generate(kid.clone())?;
     sqlx::query(
-        "INSERT INTO signing_keys (kid, pkcs8, created_at, retired_at) VALUES (?, ?, ?, NULL)",
+        "INSERT INTO signing_keys (kid, pkcs8, created_at, retired_at) VALUES ($1, $2, $3, NULL)",
     )
     .bind(&kid)
     .bind(STANDARD.encode(der))

@@ -85,14 +85,14 @@ impl Inner {
 }
 
 impl AuthApi {
-    /// Opens (or creates) `<data_dir>/auth.db` — SQLite in WAL mode, file mode 0600 in a
-    /// 0700 directory — runs the embedded migrations, creates the first admin on an
+    /// Opens the store (by default `<data_dir>/auth.db` — SQLite in WAL mode, file mode
+    /// 0600 in a 0700 directory; or `database_url`) — runs the embedded migrations, creates the first admin on an
     /// empty store, loads or creates the signing key (rotating it if it is older than
     /// the rotation interval) and starts the background rotation task. The task stops
     /// when the last clone of the returned `AuthApi` is dropped.
     pub async fn open(config: AuthConfig) -> Result<AuthApi> {
         validate(&config)?;
-        let store = Store::open(&config.data_dir).await?;
+        let store = Store::open(&config.database()).await?;
         let hasher = PasswordHasher::new(config.password_cost, config.hashing_concurrency).await?;
         let now = config.clock.now();
         bootstrap::ensure_admin(

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use kiln_proto::auth as pb;
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use crate::Inner;
 use crate::convert::timestamp;
@@ -61,7 +61,7 @@ impl Stamps {
                 .await?;
         let issued: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(t) FROM (SELECT MAX(created_at) AS t FROM refresh_tokens \
-             UNION ALL SELECT MAX(created_at) AS t FROM delegations)",
+             UNION ALL SELECT MAX(created_at) AS t FROM delegations) AS issued",
         )
         .fetch_one(&store.read)
         .await?;
@@ -93,7 +93,7 @@ impl Inner {
     /// Call after the transaction's first write (see the module doc).
     pub(crate) async fn revoke_user_tokens(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         user_id: &str,
         keep: Option<&str>,
         now: SystemTime,
@@ -106,7 +106,7 @@ impl Inner {
     /// Revokes every token of one session.
     pub(crate) async fn revoke_session_tokens(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         user_id: &str,
         session_id: &str,
         now: SystemTime,
@@ -118,7 +118,7 @@ impl Inner {
 
     async fn insert_revocation(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         user_id: &str,
         session_id: Option<&str>,
         not_before: i64,
@@ -129,7 +129,7 @@ impl Inner {
         // never old. Bounded work: the index on created_at.
         let horizon = millis(now) - duration_millis(self.revocation_retention());
         sqlx::query(
-            "DELETE FROM token_revocations WHERE created_at < ? \
+            "DELETE FROM token_revocations WHERE created_at < $1 \
              AND seq < (SELECT MAX(seq) FROM token_revocations)",
         )
         .bind(horizon)
@@ -138,7 +138,7 @@ impl Inner {
         sqlx::query(
             "INSERT INTO token_revocations (seq, user_id, session_id, not_before, \
              keep_session_id, created_at) \
-             SELECT COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ? FROM token_revocations",
+             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5 FROM token_revocations",
         )
         .bind(user_id)
         .bind(session_id)
@@ -171,7 +171,7 @@ impl Inner {
         let after = if reset { 0 } else { req.after.max(0) };
         let rows = sqlx::query(
             "SELECT seq, user_id, session_id, not_before, keep_session_id \
-             FROM token_revocations WHERE seq > ? AND created_at >= ? ORDER BY seq LIMIT ?",
+             FROM token_revocations WHERE seq > $1 AND created_at >= $2 ORDER BY seq LIMIT $3",
         )
         .bind(after)
         .bind(horizon)

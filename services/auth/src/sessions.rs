@@ -117,10 +117,10 @@ impl Inner {
     async fn start_session(&self, user: &UserRow, peer: &str, now: SystemTime) -> Result<Issued> {
         let session_id = uuid::Uuid::new_v4().to_string();
         let absolute = now + self.config.refresh_absolute_ttl;
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         sqlx::query(
             "INSERT INTO sessions (id, user_id, created_at, absolute_expires_at, revoked_at, \
-             revoked_reason, peer) VALUES (?, ?, ?, ?, NULL, NULL, ?)",
+             revoked_reason, peer) VALUES ($1, $2, $3, $4, NULL, NULL, $5)",
         )
         .bind(&session_id)
         .bind(&user.id)
@@ -137,7 +137,7 @@ impl Inner {
             .filter(|u| !u.disabled && u.password_hash == user.password_hash)
             .ok_or(AuthError::InvalidCredentials)?;
         let stamp = self.stamps.next(now);
-        sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
+        sqlx::query("UPDATE users SET last_login_at = $1 WHERE id = $2")
             .bind(millis(now))
             .bind(&user.id)
             .execute(&mut *tx)
@@ -160,7 +160,7 @@ impl Inner {
     /// past the session's absolute expiry.
     async fn insert_refresh(
         &self,
-        conn: &mut sqlx::SqliteConnection,
+        conn: &mut sqlx::AnyConnection,
         session_id: &str,
         absolute: SystemTime,
         now: SystemTime,
@@ -169,7 +169,7 @@ impl Inner {
         let expires_at = (now + self.config.refresh_idle_ttl).min(absolute);
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at, rotated_at) \
-             VALUES (?, ?, ?, ?, NULL)",
+             VALUES ($1, $2, $3, $4, NULL)",
         )
         .bind(digest(&token))
         .bind(session_id)
@@ -243,11 +243,11 @@ impl Inner {
         let hash = digest(token);
         let now = self.now();
         let at = millis(now);
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         // Claim the token: exactly one refresh wins the rotation.
         let won = sqlx::query(
-            "UPDATE refresh_tokens SET rotated_at = ? \
-             WHERE token_hash = ? AND rotated_at IS NULL AND expires_at > ?",
+            "UPDATE refresh_tokens SET rotated_at = $1 \
+             WHERE token_hash = $2 AND rotated_at IS NULL AND expires_at > $3",
         )
         .bind(at)
         .bind(&hash)
@@ -260,7 +260,7 @@ impl Inner {
             "SELECT t.session_id, t.expires_at, t.rotated_at, s.user_id, \
              s.absolute_expires_at, s.revoked_at \
              FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
-             WHERE t.token_hash = ?",
+             WHERE t.token_hash = $1",
         )
         .bind(&hash)
         .fetch_optional(&mut *tx)
@@ -282,8 +282,8 @@ impl Inner {
             };
             if at - rotated_at > duration_millis(self.config.refresh_reuse_grace) {
                 sqlx::query(
-                    "UPDATE sessions SET revoked_at = ?, revoked_reason = ? \
-                     WHERE id = ? AND revoked_at IS NULL",
+                    "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 \
+                     WHERE id = $3 AND revoked_at IS NULL",
                 )
                 .bind(at)
                 .bind("refresh.reuse_detected")
@@ -346,7 +346,7 @@ impl Inner {
     pub(crate) async fn logout(&self, caller: &Caller, all_sessions: bool) -> Result<u32> {
         let principal = caller.user()?;
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         let revoked = if all_sessions {
             let revoked =
                 users::revoke_sessions(&mut *tx, &principal.subject, None, "logout", now).await?;
@@ -365,8 +365,8 @@ impl Inner {
                             .into(),
                 })?;
             let done = sqlx::query(
-                "UPDATE sessions SET revoked_at = ?, revoked_reason = ? \
-                 WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+                "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 \
+                 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL",
             )
             .bind(millis(now))
             .bind("logout")
@@ -428,8 +428,8 @@ impl Inner {
         }
         let hash = self.hasher.hash(&req.new_password).await?;
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
-        sqlx::query("UPDATE users SET password_hash = ?, password_changed_at = ?, updated_at = ? WHERE id = ?")
+        let mut tx = self.store.begin().await?;
+        sqlx::query("UPDATE users SET password_hash = $1, password_changed_at = $2, updated_at = $3 WHERE id = $4")
             .bind(&hash)
             .bind(millis(now))
             .bind(millis(now))

@@ -1,48 +1,50 @@
-//! The SQLite store `auth.db`, opened the kiln way (`kiln_store`: 0600 file, WAL, one
-//! writer and a few readers, embedded migrations). The SQL itself is portable (no
-//! SQLite-only syntax), so a Postgres store can reuse it with one pool.
+//! kiln-auth's store: SQLite `auth.db` or schema `auth` on Postgres, opened the kiln
+//! way (`kiln_store`: 0600 file, WAL, one writer and a few readers on SQLite; one pool
+//! and a schema of its own on Postgres; embedded migrations per engine). The SQL is
+//! written once for both: `$n` placeholders, integers for times and flags.
 
-use std::path::Path;
+use std::ops::Deref;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::sqlite::SqlitePool;
+use kiln_store::{Database, DatabaseUrl, Migrations};
 
 use crate::error::Result;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The store's file name inside the data directory.
+/// The store's file name inside the data directory (SQLite).
 pub const DB_FILE: &str = "auth.db";
 
-/// The connections to `auth.db`.
+/// The schema of kiln-auth's tables on Postgres.
+pub const SCHEMA: &str = "auth";
+
+/// The connections to the store: `write`, `read` and `backend` through `Deref`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// The one connection that writes.
-    pub write: SqlitePool,
-    /// Connections for reads.
-    pub read: SqlitePool,
+    db: Database,
+}
+
+impl Deref for Store {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.db
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) `<data_dir>/auth.db` and runs the embedded migrations.
+    /// Opens (creating if needed) the store at `url` and runs the embedded migrations.
     ///
-    /// The data directory is created 0700 and the database file 0600 before SQLite
-    /// touches it: it holds password hashes and the private signing keys. SQLite gives
-    /// its `-wal` and `-shm` files the database file's mode.
-    pub async fn open(data_dir: &Path) -> Result<Self> {
-        let kiln_store::SqlitePools { write, read } =
-            kiln_store::open_sqlite(&data_dir.join(DB_FILE), &MIGRATOR).await?;
-        Ok(Self { write, read })
-    }
-
-    /// Whether the database is usable (health).
-    pub async fn ping(&self) -> std::result::Result<(), sqlx::Error> {
-        kiln_store::ping(&self.read, &self.write).await
-    }
-
-    pub async fn close(&self) {
-        self.read.close().await;
-        self.write.close().await;
+    /// A SQLite file is created 0600 in a 0700 directory before SQLite touches it: it
+    /// holds password hashes and the private signing keys.
+    pub async fn open(url: &DatabaseUrl) -> Result<Self> {
+        let migrations = Migrations {
+            sqlite: &SQLITE,
+            postgres: &POSTGRES,
+        };
+        let db = Database::open(url, SCHEMA, migrations).await?;
+        Ok(Self { db })
     }
 }
 
@@ -60,4 +62,9 @@ pub fn from_millis(ms: i64) -> SystemTime {
 /// A duration in milliseconds, saturating.
 pub fn duration_millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A flag as stored: 0 or 1 (`sqlx::Any` cannot decode a SQLite boolean).
+pub fn flag(b: bool) -> i64 {
+    i64::from(b)
 }

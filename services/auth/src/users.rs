@@ -5,14 +5,15 @@ use std::time::SystemTime;
 
 use kiln_proto::auth as pb;
 use kiln_rpc::Role;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use kiln_store::Sql;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
 
 use crate::audit::{self, Actor, Event};
 use crate::convert::{self, opt_timestamp, role_from_pb, role_to_pb, timestamp};
 use crate::error::{AuthError, Result, reason};
 use crate::password::{check_new_password, normalize_username};
-use crate::store::{from_millis, millis};
+use crate::store::{flag, from_millis, millis};
 use crate::{Caller, Inner, paging};
 
 /// A user as stored.
@@ -30,13 +31,13 @@ pub struct UserRow {
 }
 
 impl UserRow {
-    fn from_row(row: &SqliteRow) -> Result<Self> {
+    fn from_row(row: &AnyRow) -> Result<Self> {
         Ok(Self {
             id: row.try_get("id")?,
             username: row.try_get("username")?,
             password_hash: row.try_get("password_hash")?,
             role: convert::stored_role(row.try_get("role")?)?,
-            disabled: row.try_get("disabled")?,
+            disabled: row.try_get::<i64, _>("disabled")? != 0,
             created_at: row.try_get("created_at")?,
             updated_at: row.try_get("updated_at")?,
             password_changed_at: row.try_get("password_changed_at")?,
@@ -58,8 +59,8 @@ impl UserRow {
     }
 }
 
-pub async fn by_id(conn: impl sqlx::SqliteExecutor<'_>, id: &str) -> Result<Option<UserRow>> {
-    let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+pub async fn by_id(conn: impl sqlx::AnyExecutor<'_>, id: &str) -> Result<Option<UserRow>> {
+    let row = sqlx::query("SELECT * FROM users WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?;
@@ -67,17 +68,17 @@ pub async fn by_id(conn: impl sqlx::SqliteExecutor<'_>, id: &str) -> Result<Opti
 }
 
 pub async fn by_username(
-    conn: impl sqlx::SqliteExecutor<'_>,
+    conn: impl sqlx::AnyExecutor<'_>,
     username: &str,
 ) -> Result<Option<UserRow>> {
-    let row = sqlx::query("SELECT * FROM users WHERE username = ?")
+    let row = sqlx::query("SELECT * FROM users WHERE username = $1")
         .bind(username)
         .fetch_optional(conn)
         .await?;
     row.as_ref().map(UserRow::from_row).transpose()
 }
 
-pub async fn count(conn: impl sqlx::SqliteExecutor<'_>) -> Result<i64> {
+pub async fn count(conn: impl sqlx::AnyExecutor<'_>) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(conn)
         .await?)
@@ -86,7 +87,7 @@ pub async fn count(conn: impl sqlx::SqliteExecutor<'_>) -> Result<i64> {
 /// Inserts a user whose password is already hashed. A taken username answers
 /// ALREADY_EXISTS (USERNAME_TAKEN).
 pub async fn insert(
-    conn: impl sqlx::SqliteExecutor<'_>,
+    conn: impl sqlx::AnyExecutor<'_>,
     username: &str,
     password_hash: &str,
     role: Role,
@@ -98,13 +99,13 @@ pub async fn insert(
     let result = sqlx::query(
         "INSERT INTO users (id, username, password_hash, role, disabled, created_at, \
          updated_at, password_changed_at, last_login_at, create_request_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9)",
     )
     .bind(&id)
     .bind(username)
     .bind(password_hash)
     .bind(role.as_str())
-    .bind(false)
+    .bind(flag(false))
     .bind(now)
     .bind(now)
     .bind(now)
@@ -133,15 +134,15 @@ pub async fn insert(
 
 /// Revokes the user's unrevoked sessions, except `keep`; returns how many.
 pub async fn revoke_sessions(
-    conn: impl sqlx::SqliteExecutor<'_>,
+    conn: impl sqlx::AnyExecutor<'_>,
     user_id: &str,
     keep: Option<&str>,
     why: &str,
     now: SystemTime,
 ) -> Result<u32> {
     let done = sqlx::query(
-        "UPDATE sessions SET revoked_at = ?, revoked_reason = ? \
-         WHERE user_id = ? AND revoked_at IS NULL AND id <> ?",
+        "UPDATE sessions SET revoked_at = $1, revoked_reason = $2 \
+         WHERE user_id = $3 AND revoked_at IS NULL AND id <> $4",
     )
     .bind(millis(now))
     .bind(why)
@@ -152,11 +153,11 @@ pub async fn revoke_sessions(
     Ok(u32::try_from(done.rows_affected()).unwrap_or(u32::MAX))
 }
 
-async fn enabled_admins(conn: &mut SqliteConnection) -> Result<i64> {
+async fn enabled_admins(conn: &mut AnyConnection) -> Result<i64> {
     Ok(
-        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = ? AND disabled = ?")
+        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = $1 AND disabled = $2")
             .bind(Role::Admin.as_str())
-            .bind(false)
+            .bind(flag(false))
             .fetch_one(conn)
             .await?,
     )
@@ -234,7 +235,7 @@ impl Inner {
     /// The user an earlier CreateUser with this request id created. Read from the writer,
     /// which sees every commit.
     async fn user_by_request(&self, request_id: &str) -> Result<Option<pb::User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE create_request_id = ?")
+        let row = sqlx::query("SELECT * FROM users WHERE create_request_id = $1")
             .bind(request_id)
             .fetch_optional(&self.store.write)
             .await?;
@@ -264,18 +265,18 @@ impl Inner {
             .transpose()?
             .flatten();
         let cursor = paging::decode_token(&req.page_token, 1)?;
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM users WHERE 1 = 1");
+        let mut q: Sql = Sql::new("SELECT * FROM users WHERE 1 = 1");
         if let Some(role) = role {
-            q.push(" AND role = ").push_bind(role.as_str());
+            q.push(" AND role = ").bind(role.as_str());
         }
         if !req.include_disabled {
-            q.push(" AND disabled = ").push_bind(false);
+            q.push(" AND disabled = ").bind(flag(false));
         }
         if let Some(after) = cursor {
-            q.push(" AND username > ").push_bind(after[0].clone());
+            q.push(" AND username > ").bind(after[0].clone());
         }
         q.push(" ORDER BY username LIMIT ")
-            .push_bind(i64::from(size) + 1);
+            .bind(i64::from(size) + 1);
         let rows = q.build().fetch_all(&self.store.read).await?;
         let mut users = rows
             .iter()
@@ -316,7 +317,7 @@ impl Inner {
             return Ok(user.to_pb());
         }
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         let user = by_id(&mut *tx, &req.user_id)
             .await?
             .ok_or_else(|| AuthError::not_found("user", &req.user_id))?;
@@ -334,11 +335,11 @@ impl Inner {
             user.password_changed_at
         };
         sqlx::query(
-            "UPDATE users SET role = ?, disabled = ?, updated_at = ?, password_hash = ?, \
-             password_changed_at = ? WHERE id = ?",
+            "UPDATE users SET role = $1, disabled = $2, updated_at = $3, password_hash = $4, \
+             password_changed_at = $5 WHERE id = $6",
         )
         .bind(new_role.as_str())
-        .bind(new_disabled)
+        .bind(flag(new_disabled))
         .bind(at)
         .bind(hash.as_deref().unwrap_or(&user.password_hash))
         .bind(password_changed_at)
@@ -378,7 +379,7 @@ impl Inner {
             });
         }
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         let user = by_id(&mut *tx, user_id)
             .await?
             .ok_or_else(|| AuthError::not_found("user", user_id))?;
@@ -386,7 +387,7 @@ impl Inner {
             return Err(last_admin());
         }
         // Sessions, refresh tokens and API keys go with the user (ON DELETE CASCADE).
-        sqlx::query("DELETE FROM users WHERE id = ?")
+        sqlx::query("DELETE FROM users WHERE id = $1")
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
@@ -407,7 +408,7 @@ impl Inner {
         let actor = caller.admin()?;
         non_empty("user_id", &req.user_id)?;
         let now = self.now();
-        let mut tx = self.store.write.begin().await?;
+        let mut tx = self.store.begin().await?;
         by_id(&mut *tx, &req.user_id)
             .await?
             .ok_or_else(|| AuthError::not_found("user", &req.user_id))?;

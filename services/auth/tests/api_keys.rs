@@ -28,6 +28,7 @@ async fn user_session(h: &Harness, name: &str, role: pb::Role) -> Principal {
     h.session(name, &pw).await.1
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_key_role_above_the_owners_is_refused() {
     let h = harness().await;
@@ -55,7 +56,9 @@ async fn a_key_role_above_the_owners_is_refused() {
         .expect("below owner");
     assert_eq!(ok.api_key.expect("key").role(), pb::Role::Viewer);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_viewer_scoped_key_cannot_mint_a_stronger_key() {
     let h = harness().await;
@@ -88,7 +91,9 @@ async fn a_viewer_scoped_key_cannot_mint_a_stronger_key() {
         .expect("default role");
     assert_eq!(default.api_key.expect("k").role(), pb::Role::Viewer);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_secret_is_shown_once_and_authenticates() {
     let h = harness().await;
@@ -129,7 +134,9 @@ async fn the_secret_is_shown_once_and_authenticates() {
     let secret = secret_of(&created);
     assert!(!debug.contains(secret));
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_wrong_or_malformed_secret_is_refused() {
     let h = harness().await;
@@ -153,7 +160,9 @@ async fn a_wrong_or_malformed_secret_is_refused() {
         .expect_err("long");
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_revoked_key_stops_working() {
     let h = harness().await;
@@ -193,7 +202,9 @@ async fn a_revoked_key_stops_working() {
         .expect("key");
     assert_eq!(again.revoked_at, revoked.revoked_at);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_disabled_users_key_stops_working_at_once() {
     let h = harness().await;
@@ -219,7 +230,9 @@ async fn a_disabled_users_key_stops_working_at_once() {
         .expect_err("disabled owner");
     assert_status(&err, Code::Unauthenticated, "INVALID_API_KEY");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_expired_key_stops_working() {
     let h = harness().await;
@@ -243,7 +256,9 @@ async fn an_expired_key_stops_working() {
     let err = h.authenticate_key(&created.key).await.expect_err("expired");
     assert_eq!(reason(&err), "INVALID_API_KEY");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_negative_or_zero_ttl_is_invalid() {
     let h = harness().await;
@@ -265,7 +280,9 @@ async fn a_negative_or_zero_ttl_is_invalid() {
     let err = h.create_key(&admin, named("")).await.expect_err("no name");
     assert_eq!(violations(&err), ["name"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_non_admin_asking_for_another_users_key_gets_not_found() {
     let h = harness().await;
@@ -324,7 +341,9 @@ async fn a_non_admin_asking_for_another_users_key_gets_not_found() {
         .await
         .expect("admin revokes");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_admin_creates_keys_for_others_capped_at_their_role() {
     let h = harness().await;
@@ -365,7 +384,9 @@ async fn an_admin_creates_keys_for_others_capped_at_their_role() {
         .expect_err("unknown owner");
     assert_eq!(err.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_demoted_owner_caps_its_keys() {
     let h = harness().await;
@@ -388,7 +409,9 @@ async fn a_demoted_owner_caps_its_keys() {
     let auth = h.authenticate_key(&created.key).await.expect("still valid");
     assert_eq!(auth.principal.expect("p").role(), pb::Role::Viewer);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_retried_create_with_the_same_request_id_returns_the_first_key_without_secret() {
     let h = harness().await;
@@ -418,7 +441,9 @@ async fn a_retried_create_with_the_same_request_id_returns_the_first_key_without
     assert!(second.key.is_empty());
     assert_eq!(first.api_key.expect("a").id, second.api_key.expect("b").id);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn keys_list_newest_first_in_pages() {
     let h = harness().await;
@@ -459,7 +484,9 @@ async fn keys_list_newest_first_in_pages() {
     }
     assert_eq!(seen, ids);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn key_creation_is_audited() {
     let h = harness().await;
@@ -480,4 +507,5 @@ async fn key_creation_is_audited() {
     assert_eq!(events[0].outcome(), pb::AuditOutcome::Success);
     let dump = format!("{events:?}");
     assert!(!dump.contains(secret_of(&created)));
+}
 }

@@ -9,6 +9,7 @@ use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_server::AuthService;
 use tonic::Code;
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn audit_events_page_newest_first() {
     let h = harness().await;
@@ -52,7 +53,9 @@ async fn audit_events_page_newest_first() {
         ["nobody4", "nobody3", "nobody2", "nobody1", "nobody0"]
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn audit_events_filter_by_time_and_outcome() {
     let h = harness().await;
@@ -79,7 +82,9 @@ async fn audit_events_filter_by_time_and_outcome() {
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].actor.as_ref().expect("a").username, "nobody");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_bad_page_token_is_an_invalid_argument() {
     let h = harness().await;
@@ -98,4 +103,5 @@ async fn a_bad_page_token_is_an_invalid_argument() {
         .expect_err("bad token");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(violations(&err), ["page_token"]);
+}
 }

@@ -16,18 +16,21 @@ fn mode(path: &std::path::Path) -> u32 {
         & 0o777
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_generated_admin_password_is_written_once_0600_and_works() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let clock = Arc::new(ManualClock::new());
-    let mut config = test_config(&data, &clock);
+    let mut config = test_config(&data, &clock).await;
     config.admin_password = None;
     let api = AuthApi::open(config.clone()).await.expect("open");
     let file = data.join(ADMIN_PASSWORD_FILE);
     assert_eq!(mode(&file), 0o600);
     assert_eq!(mode(&data), 0o700);
-    assert_eq!(mode(&data.join(DB_FILE)), 0o600);
+    if kiln_testkit::backend() == kiln_testkit::Backend::Sqlite {
+        assert_eq!(mode(&data.join(DB_FILE)), 0o600);
+    }
     let password = std::fs::read_to_string(&file)
         .expect("read")
         .trim()
@@ -43,7 +46,7 @@ async fn a_generated_admin_password_is_written_once_0600_and_works() {
         api,
         clock,
         dir,
-        config: test_config(&data, &Arc::new(ManualClock::new())),
+        config: test_config(&data, &Arc::new(ManualClock::new())).await,
     };
     let login = h
         .login("admin", &password)
@@ -54,7 +57,9 @@ async fn a_generated_admin_password_is_written_once_0600_and_works() {
         kiln_proto::auth::Role::Admin
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_configured_admin_password_is_used_and_no_file_written() {
     let h = harness().await;
@@ -63,13 +68,16 @@ async fn a_configured_admin_password_is_used_and_no_file_written() {
         .await
         .expect("configured password");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_weak_configured_admin_password_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new());
-    let mut config = test_config(dir.path(), &clock);
+    let mut config = test_config(dir.path(), &clock).await;
     config.admin_password = Some("short".into());
     let err = AuthApi::open(config).await.expect_err("weak");
     assert!(err.to_string().contains("KILN_ADMIN_PASSWORD"), "{err}");
+}
 }

@@ -23,6 +23,7 @@ fn alice(request_id: &str) -> pb::CreateUserRequest {
     }
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rivals_for_one_username_get_one_user_and_already_exists() {
     let h = harness().await;
@@ -41,7 +42,9 @@ async fn rivals_for_one_username_get_one_user_and_already_exists() {
         .await
         .expect("the one alice logs in");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_retries_of_one_create_user_return_the_same_user() {
     let h = harness().await;
@@ -55,7 +58,9 @@ async fn racing_retries_of_one_create_user_return_the_same_user() {
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_retries_of_one_create_api_key_make_one_key_shown_once() {
     let h = harness().await;
@@ -83,7 +88,9 @@ async fn racing_retries_of_one_create_api_key_make_one_key_shown_once() {
         .into_inner();
     assert_eq!(listed.api_keys.len(), 1);
 }
+}
 
+kiln_testkit::both_backends! {
 /// A burst of wrong passwords for one account in parallel: every answer is the usual
 /// refusal, the lockout counts them all, and the right password is then refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,4 +119,5 @@ async fn a_parallel_burst_of_wrong_passwords_is_counted_and_locks_the_account() 
         .expect_err("locked");
     assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
     assert!(retry_after(&s).is_some(), "says when to retry");
+}
 }

@@ -76,6 +76,7 @@ async fn user_token(h: &Harness, name: &str, role: pb::Role) -> (String, String)
     (id, login.access_token)
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_agent_exchanges_a_user_token_for_a_delegated_build_token() {
     let h = harness().await;
@@ -133,7 +134,9 @@ async fn the_agent_exchanges_a_user_token_for_a_delegated_build_token() {
     );
     assert_eq!(event.details.get("delegation_id"), Some(&c.sid));
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn only_the_agent_workload_may_exchange() {
     let h = harness().await;
@@ -166,7 +169,9 @@ async fn only_the_agent_workload_may_exchange() {
         "{refused:?}"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_viewer_cannot_delegate_and_an_admin_delegates_only_as_a_user() {
     let h = harness().await;
@@ -183,7 +188,9 @@ async fn a_viewer_cannot_delegate_and_an_admin_delegates_only_as_a_user() {
         pb::Role::User as i32
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn invalid_expired_revoked_or_delegated_subject_tokens_are_refused() {
     let h = harness().await;
@@ -237,7 +244,9 @@ async fn invalid_expired_revoked_or_delegated_subject_tokens_are_refused() {
         .advance(h.config.access_ttl + Duration::from_secs(1));
     refused(exchange(&h, request(&carol)).await, "expired");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_api_key_delegates_until_it_is_revoked_or_expires() {
     let h = harness().await;
@@ -295,7 +304,9 @@ async fn an_api_key_delegates_until_it_is_revoked_or_expires() {
         .expect_err("revoked key");
     assert_status(&err, Code::Unauthenticated, "INVALID_SUBJECT_TOKEN");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_lifetime_is_capped_and_the_request_validated() {
     let h = harness().await;
@@ -368,7 +379,9 @@ async fn the_lifetime_is_capped_and_the_request_validated() {
         );
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_demotion_ends_the_delegation_and_is_remembered_as_long_as_it_lives() {
     let h = harness().await;
@@ -412,7 +425,9 @@ async fn a_demotion_ends_the_delegation_and_is_remembered_as_long_as_it_lives() 
         + u64::try_from(not_before.nanos).expect("positive") / 1_000_000;
     assert!(iat_ms < not_before_ms, "the delegation is covered");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_delegated_token_keeps_verifying_after_a_key_rotation_until_it_expires() {
     let h = harness().await;
@@ -429,7 +444,9 @@ async fn a_delegated_token_keeps_verifying_after_a_key_rotation_until_it_expires
         "the signing key of a live delegation is still published"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_delegated_token_is_not_an_end_user_at_kiln_auth() {
     let h = harness().await;
@@ -448,4 +465,5 @@ async fn a_delegated_token_is_not_an_end_user_at_kiln_auth() {
         .await
         .expect_err("a delegation must not mint a long-lived key");
     assert_status(&err, Code::Unauthenticated, "TOKEN_AUDIENCE_MISMATCH");
+}
 }

@@ -8,6 +8,7 @@ use kiln_proto::auth::auth_service_server::AuthService;
 use kiln_rpc::Role;
 use tonic::Code;
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn login_returns_tokens_and_the_principal() {
     let h = harness().await;
@@ -42,6 +43,7 @@ async fn login_returns_tokens_and_the_principal() {
     assert!(header.contains("\"kid\""), "{header}");
     assert!(header.contains("EdDSA"), "{header}");
 }
+}
 
 fn jsonwebtoken_header(token: &str) -> String {
     use base64::Engine;
@@ -65,6 +67,7 @@ impl ClockNow for Harness {
     }
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn unknown_user_and_wrong_password_get_the_same_answer() {
     let h = harness().await;
@@ -82,7 +85,9 @@ async fn unknown_user_and_wrong_password_get_the_same_answer() {
     }
     assert_eq!(wrong.message(), unknown.message());
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn disabled_user_cannot_log_in_and_gets_the_same_answer() {
     let h = harness().await;
@@ -103,7 +108,9 @@ async fn disabled_user_cannot_log_in_and_gets_the_same_answer() {
     let err = h.login("alice", &pw).await.expect_err("disabled");
     assert_status(&err, Code::Unauthenticated, "INVALID_CREDENTIALS");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn empty_or_oversized_credentials_are_invalid_arguments() {
     let h = harness().await;
@@ -113,7 +120,9 @@ async fn empty_or_oversized_credentials_are_invalid_arguments() {
     let err = h.login("alice", &"x".repeat(1025)).await.expect_err("long");
     assert_eq!(violations(&err), ["password"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn whoami_returns_the_callers_principal_and_expiry() {
     let h = harness().await;
@@ -133,7 +142,9 @@ async fn whoami_returns_the_callers_principal_and_expiry() {
     assert_eq!(me.expires_at, login.access_expires_at);
     assert_eq!(principal.role, Some(Role::Admin));
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn whoami_without_a_principal_is_unauthenticated() {
     let h = harness().await;
@@ -144,7 +155,9 @@ async fn whoami_without_a_principal_is_unauthenticated() {
         .expect_err("no principal");
     assert_eq!(err.code(), Code::Unauthenticated);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn logins_are_audited_with_outcome_and_peer() {
     let h = harness().await;
@@ -181,4 +194,5 @@ async fn logins_are_audited_with_outcome_and_peer() {
             .iter()
             .any(|e| e.actor.as_ref().expect("a").username == "ghost")
     );
+}
 }

@@ -24,6 +24,7 @@ async fn create(h: &Harness, username: &str, password: &str) -> Result<pb::User,
         .map(|r| r.into_inner())
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn password_of_nine_characters_is_refused_and_ten_accepted() {
     let h = harness().await;
@@ -32,7 +33,9 @@ async fn password_of_nine_characters_is_refused_and_ten_accepted() {
     assert_eq!(violations(&err), ["password"]);
     create(&h, "alice", "1234567890").await.expect("10 chars");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn characters_not_bytes_count_towards_the_minimum() {
     let h = harness().await;
@@ -45,7 +48,9 @@ async fn characters_not_bytes_count_towards_the_minimum() {
         .await
         .expect("10 chars");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn password_of_1024_bytes_is_accepted_and_1025_refused() {
     let h = harness().await;
@@ -61,7 +66,9 @@ async fn password_of_1024_bytes_is_accepted_and_1025_refused() {
         .await
         .expect("long password logs in");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn password_equal_to_the_username_is_refused_in_any_case() {
     let h = harness().await;
@@ -70,7 +77,9 @@ async fn password_equal_to_the_username_is_refused_in_any_case() {
         assert_status(&err, Code::InvalidArgument, "WEAK_PASSWORD");
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn usernames_outside_the_safe_set_are_refused() {
     let h = harness().await;
@@ -92,7 +101,9 @@ async fn usernames_outside_the_safe_set_are_refused() {
         .await
         .expect("64 chars");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn usernames_are_folded_to_lower_case() {
     let h = harness().await;
@@ -104,7 +115,9 @@ async fn usernames_are_folded_to_lower_case() {
         .await
         .expect("login");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn every_bad_field_is_reported_at_once() {
     let h = harness().await;
@@ -131,6 +144,7 @@ async fn every_bad_field_is_reported_at_once() {
             "{field} missing in {fields:?}"
         );
     }
+}
 }
 
 #[tokio::test]

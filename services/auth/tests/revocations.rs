@@ -33,6 +33,7 @@ fn stamp(t: &Option<prost_types::Timestamp>) -> u64 {
         + u64::try_from(t.nanos).expect("positive") / 1_000_000
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_demotion_is_ordered_exactly_between_the_tokens_before_and_after_it() {
     // The manual clock never moves here: ordering must not depend on time passing.
@@ -65,7 +66,9 @@ async fn a_demotion_is_ordered_exactly_between_the_tokens_before_and_after_it() 
     assert!(iat_ms(&h, &after).await > not_before);
     assert_eq!(h.principal(&after).await.role, Some(kiln_rpc::Role::Viewer));
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn logout_password_change_and_the_cursor() {
     let h = harness().await;
@@ -108,4 +111,5 @@ async fn logout_password_change_and_the_cursor() {
     let foreign = revocations(&h, page.cursor + 1000).await;
     assert!(foreign.reset);
     assert!(foreign.revocations.len() >= 2);
+}
 }

@@ -9,6 +9,7 @@ use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_server::AuthService;
 use tonic::Code;
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn refresh_rotates_the_token_in_the_same_session() {
     let h = harness().await;
@@ -28,7 +29,9 @@ async fn refresh_rotates_the_token_in_the_same_session() {
     assert_eq!(claims.sid, sid);
     h.refresh(&next.refresh_token).await.expect("chain goes on");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_refresh_token_used_twice_revokes_the_whole_family() {
     let h = harness_with(|c| c.refresh_reuse_grace = Duration::ZERO).await;
@@ -57,7 +60,9 @@ async fn a_refresh_token_used_twice_revokes_the_whole_family() {
         .await
         .expect("other session");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn reuse_after_the_grace_window_is_theft() {
     let h = harness().await;
@@ -67,7 +72,9 @@ async fn reuse_after_the_grace_window_is_theft() {
     let err = h.refresh(&login.refresh_token).await.expect_err("reuse");
     assert_eq!(reason(&err), "REFRESH_TOKEN_REUSED");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn two_concurrent_refreshes_inside_the_grace_window_both_succeed_in_one_family() {
     let h = harness().await;
@@ -85,7 +92,9 @@ async fn two_concurrent_refreshes_inside_the_grace_window_both_succeed_in_one_fa
     h.refresh(&a.refresh_token).await.expect("a continues");
     h.refresh(&b.refresh_token).await.expect("b continues");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_idle_refresh_token_expires() {
     let h = harness_with(|c| c.refresh_idle_ttl = Duration::from_secs(60)).await;
@@ -95,7 +104,9 @@ async fn an_idle_refresh_token_expires() {
     let err = h.refresh(&next.refresh_token).await.expect_err("idle");
     assert_status(&err, Code::Unauthenticated, "INVALID_REFRESH_TOKEN");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() {
     let h = harness_with(|c| {
@@ -122,7 +133,9 @@ async fn a_session_ends_at_its_absolute_lifetime_however_often_refreshed() {
     let err = h.refresh(&last.refresh_token).await.expect_err("absolute");
     assert_eq!(reason(&err), "INVALID_REFRESH_TOKEN");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn unknown_and_malformed_refresh_tokens_are_refused() {
     let h = harness().await;
@@ -133,7 +146,9 @@ async fn unknown_and_malformed_refresh_tokens_are_refused() {
     let err = h.refresh(&"x".repeat(1025)).await.expect_err("long");
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn logout_revokes_the_calling_session_only() {
     let h = harness().await;
@@ -161,7 +176,9 @@ async fn logout_revokes_the_calling_session_only() {
         .await
         .expect("other session lives");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn logout_of_all_sessions_revokes_every_one() {
     let h = harness().await;
@@ -182,7 +199,9 @@ async fn logout_of_all_sessions_revokes_every_one() {
         h.refresh(token).await.expect_err("revoked");
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn logout_with_an_api_key_needs_all_sessions() {
     let h = harness().await;
@@ -211,7 +230,9 @@ async fn logout_with_an_api_key_needs_all_sessions() {
         .expect_err("no session");
     assert_status(&err, Code::FailedPrecondition, "NO_SESSION");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn change_password_checks_the_old_one_and_revokes_other_sessions() {
     let h = harness().await;
@@ -253,7 +274,9 @@ async fn change_password_checks_the_old_one_and_revokes_other_sessions() {
         .await
         .expect("new password");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn refresh_shows_a_changed_role_and_fails_for_a_disabled_user() {
     let h = harness().await;
@@ -284,4 +307,5 @@ async fn refresh_shows_a_changed_role_and_fails_for_a_disabled_user() {
     let again = h.login("alice", &pw).await.expect("login");
     let next = h.refresh(&again.refresh_token).await.expect("refresh");
     assert_eq!(next.principal.expect("p").role(), pb::Role::Viewer);
+}
 }

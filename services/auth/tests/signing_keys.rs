@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use kiln_rpc::token::TokenError;
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn jwks_serves_the_current_ed25519_key_with_issuer_and_audience() {
     let h = harness().await;
@@ -31,7 +32,9 @@ async fn jwks_serves_the_current_ed25519_key_with_issuer_and_audience() {
     assert_eq!(json["keys"][0]["kid"], key.kid.as_str());
     assert!(json["keys"][0].get("d").is_none(), "no private part");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn rotation_keeps_the_old_key_until_its_tokens_expire() {
     let h = harness().await;
@@ -65,12 +68,14 @@ async fn rotation_keeps_the_old_key_until_its_tokens_expire() {
         Err(TokenError::UnknownKey)
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn keys_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = std::sync::Arc::new(kiln_auth::ManualClock::new());
-    let config = test_config(dir.path(), &clock);
+    let config = test_config(dir.path(), &clock).await;
     let api = kiln_auth::AuthApi::open(config.clone())
         .await
         .expect("open");
@@ -80,12 +85,14 @@ async fn keys_survive_a_restart() {
     let again = kiln_auth::AuthApi::open(config).await.expect("reopen");
     assert_eq!(again.current_key_id(), kid);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_key_older_than_the_interval_is_rotated_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = std::sync::Arc::new(kiln_auth::ManualClock::new());
-    let config = test_config(dir.path(), &clock);
+    let config = test_config(dir.path(), &clock).await;
     let api = kiln_auth::AuthApi::open(config.clone())
         .await
         .expect("open");
@@ -96,7 +103,9 @@ async fn a_key_older_than_the_interval_is_rotated_at_start() {
     let again = kiln_auth::AuthApi::open(config).await.expect("reopen");
     assert_ne!(again.current_key_id(), kid);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_schedule_rotates_a_due_key() {
     let h = harness_with(|c| {
@@ -115,4 +124,5 @@ async fn the_schedule_rotates_a_due_key() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(h.jwks().await.keys.len(), 2);
+}
 }

@@ -18,6 +18,7 @@ async fn fail(h: &Harness, user: &str, times: usize, peer: &str) {
     }
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn brute_force_on_one_account_locks_it_with_retry_info() {
     let h = harness().await;
@@ -39,7 +40,9 @@ async fn brute_force_on_one_account_locks_it_with_retry_info() {
         .await;
     assert_eq!(events.len(), 1);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_unknown_user_is_locked_out_exactly_like_a_known_one() {
     let h = harness().await;
@@ -59,7 +62,9 @@ async fn an_unknown_user_is_locked_out_exactly_like_a_known_one() {
     assert_eq!(known.message(), unknown.message());
     assert_eq!(retry_after(&known), retry_after(&unknown));
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn lockout_grows_with_each_further_failure_and_expires() {
     let h = harness().await;
@@ -78,7 +83,9 @@ async fn lockout_grows_with_each_further_failure_and_expires() {
         .await
         .expect("still below the threshold");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn one_peer_guessing_many_accounts_is_locked_out() {
     let h = harness_with(|c| c.throttle.peer_free_failures = 6).await;
@@ -102,7 +109,9 @@ async fn one_peer_guessing_many_accounts_is_locked_out() {
         .await
         .expect("other peer");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn username_case_does_not_bypass_the_account_counter() {
     let h = harness().await;
@@ -116,7 +125,9 @@ async fn username_case_does_not_bypass_the_account_counter() {
         .expect_err("locked");
     assert_eq!(reason(&err), "LOGIN_THROTTLED");
 }
+}
 
+kiln_testkit::both_backends! {
 /// 60 guesses at once for one account from one peer: the attempts are reserved before
 /// hashing, so at most the account's free failures (5) are evaluated; the rest get the
 /// lockout answer at once, and the account ends locked.
@@ -147,7 +158,9 @@ async fn concurrent_guesses_cannot_outrun_the_lockout() {
         .expect_err("locked");
     assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
 }
+}
 
+kiln_testkit::both_backends! {
 /// A flood of logins from a locked-out peer is audited as one row per peer and minute
 /// that counts the attempts, not as a row per attempt.
 #[tokio::test]
@@ -184,4 +197,5 @@ async fn a_locked_out_flood_adds_a_bounded_number_of_audit_rows() {
         events[0].details.get("attempts").map(String::as_str),
         Some("500")
     );
+}
 }

@@ -28,6 +28,7 @@ async fn update(
         .map(|r| r.into_inner().user.expect("user"))
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn admin_creates_and_gets_a_user() {
     let h = harness().await;
@@ -72,7 +73,9 @@ async fn admin_creates_and_gets_a_user() {
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_taken_username_is_already_exists_but_a_retried_request_id_is_not() {
     let h = harness().await;
@@ -112,7 +115,9 @@ async fn a_taken_username_is_already_exists_but_a_retried_request_id_is_not() {
         .expect_err("taken");
     assert_status(&err, Code::AlreadyExists, "USERNAME_TAKEN");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn users_list_by_name_in_pages_with_filters() {
     let h = harness().await;
@@ -184,7 +189,9 @@ async fn users_list_by_name_in_pages_with_filters() {
         assert_eq!(err.code(), Code::InvalidArgument);
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn disabled_users_are_listed_only_on_request() {
     let h = harness().await;
@@ -214,7 +221,9 @@ async fn disabled_users_are_listed_only_on_request() {
     assert_eq!(list(false).await.expect("l").into_inner().users.len(), 1);
     assert_eq!(list(true).await.expect("l").into_inner().users.len(), 2);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_admin_password_reset_works_and_revokes_sessions() {
     let h = harness().await;
@@ -252,7 +261,9 @@ async fn an_admin_password_reset_works_and_revokes_sessions() {
         .await
         .expect("new password");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_last_enabled_admin_cannot_be_demoted_disabled_or_deleted() {
     let h = harness().await;
@@ -298,7 +309,9 @@ async fn the_last_enabled_admin_cannot_be_demoted_disabled_or_deleted() {
     .await
     .expect("demoted");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn deleting_a_user_removes_its_sessions_and_keys() {
     let h = harness().await;
@@ -336,7 +349,9 @@ async fn deleting_a_user_removes_its_sessions_and_keys() {
         .expect_err("gone");
     assert_eq!(err.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn revoke_user_sessions_optionally_revokes_keys() {
     let h = harness().await;
@@ -387,7 +402,9 @@ async fn revoke_user_sessions_optionally_revokes_keys() {
     assert_eq!(out.revoked_api_keys, 1);
     h.authenticate_key(&key.key).await.expect_err("key revoked");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_non_admin_cannot_manage_users() {
     let h = harness().await;
@@ -410,7 +427,9 @@ async fn a_non_admin_cannot_manage_users() {
         .expect_err("not admin");
     assert_eq!(err.code(), Code::PermissionDenied);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn user_changes_are_audited() {
     let h = harness().await;
@@ -443,4 +462,5 @@ async fn user_changes_are_audited() {
         events[0].actor.as_ref().expect("actor").user_id,
         admin.subject
     );
+}
 }

@@ -18,6 +18,12 @@ pub struct BuildConfig {
     /// its own: `<server.data_dir>/build`.
     #[serde(skip)]
     pub data_dir: PathBuf,
+    /// Where the store is: `sqlite:///path` or `postgres://user@host/db` (tables in
+    /// schema `build`, so one database can hold all three services). Default: SQLite in
+    /// `<data_dir>/build.db`. Env `KILN_BUILD__DATABASE_URL`, flag `--database-url`. Shown
+    /// with its password redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<kiln_store::DatabaseUrl>,
     /// What builds may run and with which limits.
     pub policy: Policy,
     /// How many builds run at once and how many may wait.
@@ -45,10 +51,18 @@ impl Default for BuildConfig {
 }
 
 impl BuildConfig {
+    /// Where the store is: `database_url`, or the SQLite file in `data_dir`.
+    pub fn database(&self) -> kiln_store::DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| kiln_store::DatabaseUrl::sqlite(self.data_dir.join("build.db")))
+    }
+
     /// The defaults, with data under `data_dir`.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            database_url: None,
             policy: Policy::default(),
             queue: QueueConfig::default(),
             workspace: WorkspaceLimits::default(),
@@ -127,10 +141,6 @@ impl BuildConfig {
 
     pub(crate) fn staging_dir(&self) -> PathBuf {
         self.data_dir.join("staging")
-    }
-
-    pub(crate) fn db_path(&self) -> PathBuf {
-        self.data_dir.join("build.db")
     }
 }
 

@@ -130,6 +130,7 @@ impl From<kiln_store::Error> for BuildError {
             kiln_store::Error::Io { path, source } => Self::io(path.display().to_string(), source),
             kiln_store::Error::Sqlx(e) => Self::Store(e),
             kiln_store::Error::Migrate(e) => Self::Migrate(e),
+            other @ kiln_store::Error::Schema(_) => Self::Config(other.to_string()),
         }
     }
 }
@@ -143,6 +144,10 @@ impl From<BuildError> for ApiError {
                 retry_after,
             } => ApiError::new(Code::ResourceExhausted, reason::QUEUE_FULL, message)
                 .with_retry_after(retry_after),
+            // The database is down or restarting: retry later (the pool reconnects).
+            BuildError::Store(ref e) if kiln_store::is_unavailable(e) => {
+                ApiError::unavailable("the build store is unavailable; retry later")
+            }
             other => ApiError::internal("serving a build request", &other),
         }
     }

@@ -113,7 +113,7 @@ impl BuildApi {
             disk.sweep_stale_staging(&config.staging_dir(), maintenance::STALE_AFTER)?;
         }
         sandbox.check_reachable(&disk.root)?;
-        let store = Store::open(&config.db_path(), &config.data_dir.join("outputs")).await?;
+        let store = Store::open(&config.database(), &config.data_dir.join("outputs")).await?;
         let shared = Arc::new(Shared {
             control,
             metrics,

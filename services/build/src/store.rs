@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_proto::build as pb;
 use kiln_rpc::ApiError;
+use kiln_store::Sql;
 use prost::Message;
-use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
 use crate::error::{BuildError, Result};
 use crate::outputs::OutputFiles;
@@ -20,7 +21,16 @@ use crate::outputs::OutputFiles;
 mod build_events;
 use build_events::insert_events;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The schema of this service's tables on Postgres.
+pub const SCHEMA: &str = "build";
+
+const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
+    sqlite: &SQLITE,
+    postgres: &POSTGRES,
+};
 
 /// Unix microseconds, the store's time unit.
 pub fn micros(t: SystemTime) -> i64 {
@@ -46,8 +56,7 @@ pub fn duration_micros(d: Duration) -> i64 {
 /// The connections to `build.db`.
 #[derive(Debug, Clone)]
 pub struct Store {
-    write: SqlitePool,
-    read: SqlitePool,
+    db: kiln_store::Database,
     /// Output bytes, one append-only file per build (see `OutputFiles`).
     outputs: OutputFiles,
 }
@@ -134,22 +143,29 @@ fn decode_results(mut bytes: &[u8]) -> Result<Vec<pb::StepFinished>> {
     Ok(out)
 }
 
+/// `write`, `read` and `backend` of the database.
+impl std::ops::Deref for Store {
+    type Target = kiln_store::Database;
+
+    fn deref(&self) -> &kiln_store::Database {
+        &self.db
+    }
+}
+
 impl Store {
     /// Opens (creating) the database and runs the embedded migrations; output bytes go
     /// to files under `outputs_dir`.
-    pub async fn open(path: &Path, outputs_dir: &Path) -> Result<Self> {
-        let kiln_store::SqlitePools { write, read } =
-            kiln_store::open_sqlite(path, &MIGRATOR).await?;
+    pub async fn open(url: &kiln_store::DatabaseUrl, outputs_dir: &Path) -> Result<Self> {
+        let db = kiln_store::Database::open(url, SCHEMA, MIGRATIONS).await?;
         Ok(Self {
-            write,
-            read,
+            db,
             outputs: OutputFiles::new(outputs_dir)?,
         })
     }
 
     /// Whether the database is usable (health).
     pub async fn ping(&self) -> std::result::Result<(), sqlx::Error> {
-        kiln_store::ping(&self.read, &self.write).await
+        self.db.ping().await
     }
 
     // ---- workspaces ----
@@ -159,10 +175,10 @@ impl Store {
         row: &WorkspaceRow,
         request_id: Option<&str>,
     ) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.db.begin().await?;
         sqlx::query(
             "INSERT INTO workspaces (id, owner, size_bytes, file_count, created_at, updated_at, \
-             last_used_at, request_id, request_hash, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             last_used_at, request_id, request_hash, name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&row.id)
         .bind(&row.owner)
@@ -177,20 +193,22 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for (k, v) in &row.labels {
-            sqlx::query("INSERT INTO workspace_labels (workspace_id, key, value) VALUES (?, ?, ?)")
-                .bind(&row.id)
-                .bind(k)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO workspace_labels (workspace_id, key, value) VALUES ($1, $2, $3)",
+            )
+            .bind(&row.id)
+            .bind(k)
+            .bind(v)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    async fn workspace_from_row(&self, row: &SqliteRow) -> Result<WorkspaceRow> {
+    async fn workspace_from_row(&self, row: &AnyRow) -> Result<WorkspaceRow> {
         let id: String = row.try_get("id")?;
-        let labels = sqlx::query("SELECT key, value FROM workspace_labels WHERE workspace_id = ?")
+        let labels = sqlx::query("SELECT key, value FROM workspace_labels WHERE workspace_id = $1")
             .bind(&id)
             .fetch_all(&self.read)
             .await?
@@ -211,7 +229,7 @@ impl Store {
     }
 
     pub async fn get_workspace(&self, id: &str) -> Result<Option<WorkspaceRow>> {
-        let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM workspaces WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.write)
             .await?;
@@ -223,7 +241,7 @@ impl Store {
 
     /// The workspace `owner` named `name`, if any.
     pub async fn workspace_by_name(&self, owner: &str, name: &str) -> Result<Option<WorkspaceRow>> {
-        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = ? AND name = ?")
+        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = $1 AND name = $2")
             .bind(owner)
             .bind(name)
             .fetch_optional(&self.write)
@@ -258,7 +276,7 @@ impl Store {
         owner: &str,
         request_id: &str,
     ) -> Result<Option<WorkspaceRow>> {
-        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = ? AND request_id = ?")
+        let row = sqlx::query("SELECT * FROM workspaces WHERE owner = $1 AND request_id = $2")
             .bind(owner)
             .bind(request_id)
             .fetch_optional(&self.write)
@@ -270,9 +288,9 @@ impl Store {
     }
 
     pub async fn list_workspaces(&self, f: &ListFilter) -> Result<Vec<WorkspaceRow>> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM workspaces WHERE 1 = 1");
+        let mut q: Sql = Sql::new("SELECT * FROM workspaces WHERE 1 = 1");
         if let Some(owner) = &f.owner {
-            q.push(" AND owner = ").push_bind(owner.clone());
+            q.push(" AND owner = ").bind(owner.clone());
         }
         push_labels(
             &mut q,
@@ -283,7 +301,7 @@ impl Store {
         );
         push_cursor(&mut q, &f.before);
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(f.limit);
+            .bind(f.limit);
         let rows = q.build().fetch_all(&self.read).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -303,9 +321,9 @@ impl Store {
     ) -> Result<()> {
         let now = now_micros();
         let sql = if changed {
-            "UPDATE workspaces SET size_bytes = ?, file_count = ?, last_used_at = ?, updated_at = ? WHERE id = ?"
+            "UPDATE workspaces SET size_bytes = $1, file_count = $2, last_used_at = $3, updated_at = $4 WHERE id = $5"
         } else {
-            "UPDATE workspaces SET size_bytes = ?, file_count = ?, last_used_at = ?, updated_at = updated_at + ? WHERE id = ?"
+            "UPDATE workspaces SET size_bytes = $1, file_count = $2, last_used_at = $3, updated_at = updated_at + $4 WHERE id = $5"
         };
         sqlx::query(sql)
             .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
@@ -323,8 +341,8 @@ impl Store {
     /// Returns whether it was deleted.
     pub async fn delete_workspace(&self, id: &str) -> Result<bool> {
         let done = sqlx::query(
-            "DELETE FROM workspaces WHERE id = ? AND NOT EXISTS \
-             (SELECT 1 FROM builds WHERE workspace_id = ? AND state IN (?, ?))",
+            "DELETE FROM workspaces WHERE id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM builds WHERE workspace_id = $2 AND state IN ($3, $4))",
         )
         .bind(id)
         .bind(id)
@@ -338,7 +356,7 @@ impl Store {
     /// Workspaces not used since `before`, oldest first.
     pub async fn idle_workspaces(&self, before: i64, limit: i64) -> Result<Vec<String>> {
         let rows = sqlx::query(
-            "SELECT id FROM workspaces WHERE last_used_at < ? ORDER BY last_used_at LIMIT ?",
+            "SELECT id FROM workspaces WHERE last_used_at < $1 ORDER BY last_used_at LIMIT $2",
         )
         .bind(before)
         .bind(limit)
@@ -370,11 +388,11 @@ impl Store {
         let created = build
             .created_at
             .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.db.begin().await?;
         // In the same transaction as the insert: a DeleteWorkspace that committed first
         // leaves nothing to update, and the build is refused instead of queued for a
         // workspace that is gone (the single writer serializes the two).
-        let touched = sqlx::query("UPDATE workspaces SET last_used_at = ? WHERE id = ?")
+        let touched = sqlx::query("UPDATE workspaces SET last_used_at = $1 WHERE id = $2")
             .bind(created)
             .bind(&build.workspace_id)
             .execute(&mut *tx)
@@ -384,7 +402,7 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO builds (id, workspace_id, owner, state, spec, created_at, last_sequence, \
-             step_results, request_id, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             step_results, request_id, request_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&build.id)
         .bind(&build.workspace_id)
@@ -399,7 +417,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for (k, v) in &build.labels {
-            sqlx::query("INSERT INTO build_labels (build_id, key, value) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO build_labels (build_id, key, value) VALUES ($1, $2, $3)")
                 .bind(&build.id)
                 .bind(k)
                 .bind(v)
@@ -411,7 +429,7 @@ impl Store {
         Ok(())
     }
 
-    fn build_from_row(row: &SqliteRow) -> Result<BuildRow> {
+    fn build_from_row(row: &AnyRow) -> Result<BuildRow> {
         let spec: Vec<u8> = row.try_get("spec")?;
         let mut build = pb::Build::decode(spec.as_slice())
             .map_err(|e| BuildError::Corrupt(format!("build spec: {e}")))?;
@@ -432,7 +450,7 @@ impl Store {
     }
 
     pub async fn get_build(&self, id: &str) -> Result<Option<BuildRow>> {
-        let row = sqlx::query("SELECT * FROM builds WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM builds WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.read)
             .await?;
@@ -458,7 +476,7 @@ impl Store {
         owner: &str,
         request_id: &str,
     ) -> Result<Option<BuildRow>> {
-        let row = sqlx::query("SELECT * FROM builds WHERE owner = ? AND request_id = ?")
+        let row = sqlx::query("SELECT * FROM builds WHERE owner = $1 AND request_id = $2")
             .bind(owner)
             .bind(request_id)
             .fetch_optional(&self.write)
@@ -467,32 +485,29 @@ impl Store {
     }
 
     pub async fn list_builds(&self, f: &ListFilter) -> Result<Vec<BuildRow>> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM builds WHERE 1 = 1");
+        let mut q: Sql = Sql::new("SELECT * FROM builds WHERE 1 = 1");
         if let Some(owner) = &f.owner {
-            q.push(" AND owner = ").push_bind(owner.clone());
+            q.push(" AND owner = ").bind(owner.clone());
         }
         if let Some(ws) = &f.workspace_id {
-            q.push(" AND workspace_id = ").push_bind(ws.clone());
+            q.push(" AND workspace_id = ").bind(ws.clone());
         }
         if !f.states.is_empty() {
             q.push(" AND state IN (");
-            let mut sep = q.separated(", ");
-            for s in &f.states {
-                sep.push_bind(*s);
-            }
+            q.bind_list(f.states.iter().copied());
             q.push(")");
         }
         push_labels(&mut q, "build_labels", "build_id", "builds", &f.labels);
         push_cursor(&mut q, &f.before);
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(f.limit);
+            .bind(f.limit);
         let rows = q.build().fetch_all(&self.read).await?;
         rows.iter().map(Self::build_from_row).collect()
     }
 
     /// Ids of builds in `state`, oldest first (recovery).
     pub async fn builds_in_state(&self, state: pb::BuildState) -> Result<Vec<BuildRow>> {
-        let rows = sqlx::query("SELECT * FROM builds WHERE state = ? ORDER BY created_at, id")
+        let rows = sqlx::query("SELECT * FROM builds WHERE state = $1 ORDER BY created_at, id")
             .bind(state as i32)
             .fetch_all(&self.write)
             .await?;
@@ -502,7 +517,7 @@ impl Store {
     /// Deletes builds (with their logs and labels) that finished before `before`.
     pub async fn delete_finished_builds(&self, before: i64, limit: i64) -> Result<u64> {
         let ids: Vec<String> = sqlx::query(
-            "SELECT id FROM builds WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
+            "SELECT id FROM builds WHERE finished_at IS NOT NULL AND finished_at < $1 LIMIT $2",
         )
         .bind(before)
         .bind(limit)
@@ -512,11 +527,11 @@ impl Store {
         .map(|r| r.try_get("id"))
         .collect::<Result<_, _>>()?;
         for id in &ids {
-            let mut tx = self.write.begin().await?;
+            let mut tx = self.db.begin().await?;
             for sql in [
-                "DELETE FROM build_events WHERE build_id = ?",
-                "DELETE FROM build_labels WHERE build_id = ?",
-                "DELETE FROM builds WHERE id = ?",
+                "DELETE FROM build_events WHERE build_id = $1",
+                "DELETE FROM build_labels WHERE build_id = $1",
+                "DELETE FROM builds WHERE id = $1",
             ] {
                 sqlx::query(sql).bind(id).execute(&mut *tx).await?;
             }
@@ -528,7 +543,7 @@ impl Store {
 }
 
 fn push_labels(
-    q: &mut QueryBuilder<Sqlite>,
+    q: &mut Sql,
     table: &'static str,
     column: &'static str,
     parent: &'static str,
@@ -538,50 +553,45 @@ fn push_labels(
         q.push(format!(
             " AND EXISTS (SELECT 1 FROM {table} l WHERE l.{column} = {parent}.id AND l.key = "
         ));
-        q.push_bind(k.clone())
+        q.bind(k.clone())
             .push(" AND l.value = ")
-            .push_bind(v.clone())
+            .bind(v.clone())
             .push(")");
     }
 }
 
-fn push_cursor(q: &mut QueryBuilder<Sqlite>, before: &Option<(i64, String)>) {
+fn push_cursor(q: &mut Sql, before: &Option<(i64, String)>) {
     if let Some((t, id)) = before {
         q.push(" AND (created_at < ")
-            .push_bind(*t)
+            .bind(*t)
             .push(" OR (created_at = ")
-            .push_bind(*t)
+            .bind(*t)
             .push(" AND id < ")
-            .push_bind(id.clone())
+            .bind(id.clone())
             .push("))");
     }
 }
 
 /// `SELECT * FROM table` where the id starts with `prefix`, of `owner` when given, newest
 /// first, at most `limit`: the one query behind every id-prefix look-up.
-fn by_id_prefix(
-    table: &'static str,
-    prefix: &str,
-    owner: Option<&str>,
-    limit: i64,
-) -> QueryBuilder<Sqlite> {
-    let mut q = QueryBuilder::new(format!("SELECT * FROM {table} WHERE "));
+fn by_id_prefix(table: &'static str, prefix: &str, owner: Option<&str>, limit: i64) -> Sql {
+    let mut q = Sql::new(format!("SELECT * FROM {table} WHERE "));
     push_id_prefix(&mut q, prefix);
     if let Some(owner) = owner {
-        q.push(" AND owner = ").push_bind(owner.to_owned());
+        q.push(" AND owner = ").bind(owner.to_owned());
     }
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(limit);
+        .bind(limit);
     q
 }
 
 /// `id >= prefix AND id < prefix + 1`: a prefix match that uses the primary key's index
 /// (LIKE would not, and would treat `_` and `%` as wildcards).
-fn push_id_prefix(q: &mut QueryBuilder<Sqlite>, prefix: &str) {
-    q.push("id >= ").push_bind(prefix.to_owned());
+fn push_id_prefix(q: &mut Sql, prefix: &str) {
+    q.push("id >= ").bind(prefix.to_owned());
     // `~` sorts after every character an id has, so `prefix~` is above every id that
     // starts with `prefix` and below every other id above `prefix`.
-    q.push(" AND id < ").push_bind(format!("{prefix}~"));
+    q.push(" AND id < ").bind(format!("{prefix}~"));
 }
 
 pub fn page_token(created_at: i64, id: &str) -> String {

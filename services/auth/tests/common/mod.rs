@@ -1,4 +1,5 @@
-//! A kiln-auth service on a real SQLite store in a temporary directory, called the way
+//! A kiln-auth service on a real store — SQLite in a temporary directory, or a fresh
+//! Postgres database in the Postgres half of a `kiln_testkit::both_backends!` test — called the way
 //! the kiln layer calls it: with the caller's `Principal` and `PeerInfo` in the request
 //! extensions. Principals of access tokens are made by verifying the token against the
 //! service's own JWKS, as the layer does.
@@ -29,12 +30,13 @@ pub struct Harness {
 }
 
 /// Test settings: cheap Argon2 (the OWASP cost is checked separately), a manual clock,
-/// a known admin password.
-pub fn test_config(dir: &std::path::Path, clock: &Arc<ManualClock>) -> AuthConfig {
+/// a known admin password; the store on the current test's backend.
+pub async fn test_config(dir: &std::path::Path, clock: &Arc<ManualClock>) -> AuthConfig {
     let mut config = AuthConfig::new(dir.to_path_buf());
     config.password_cost = PasswordCost::INSECURE_FOR_TESTS;
     config.admin_password = Some(ADMIN_PASSWORD.into());
     config.clock = clock.clone();
+    config.database_url = kiln_testkit::database_url().await;
     config
 }
 
@@ -45,7 +47,7 @@ pub async fn harness() -> Harness {
 pub async fn harness_with(tweak: impl FnOnce(&mut AuthConfig)) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new());
-    let mut config = test_config(&dir.path().join("data"), &clock);
+    let mut config = test_config(&dir.path().join("data"), &clock).await;
     tweak(&mut config);
     let api = AuthApi::open(config.clone())
         .await

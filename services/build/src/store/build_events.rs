@@ -2,8 +2,9 @@
 
 use kiln_eventlog::EventStore;
 use kiln_proto::build as pb;
+use kiln_store::Sql;
 use prost::Message;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 
 use super::{BuildUpdate, Store, encode_results};
 use crate::error::{BuildError, Result};
@@ -35,28 +36,27 @@ impl EventStore for Store {
         for chunk in events.chunks(EVENTS_PER_INSERT) {
             insert_events(&mut tx, build_id, chunk).await?;
         }
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE builds SET last_sequence = ");
-        q.push_bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
+        let mut q: Sql = Sql::new("UPDATE builds SET last_sequence = ");
+        q.bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
         if let Some(state) = update.state {
-            q.push(", state = ").push_bind(state as i32);
+            q.push(", state = ").bind(state as i32);
         }
         if let Some(t) = update.started_at {
-            q.push(", started_at = ").push_bind(t);
+            q.push(", started_at = ").bind(t);
         }
         if let Some(t) = update.finished_at {
-            q.push(", finished_at = ").push_bind(t);
+            q.push(", finished_at = ").bind(t);
         }
         if let Some(m) = &update.failure_message {
-            q.push(", failure_message = ").push_bind(m.clone());
+            q.push(", failure_message = ").bind(m.clone());
         }
         if let Some(step) = update.current_step {
-            q.push(", current_step = ").push_bind(step.map(i64::from));
+            q.push(", current_step = ").bind(step.map(i64::from));
         }
         if let Some(results) = &update.step_results {
-            q.push(", step_results = ")
-                .push_bind(encode_results(results));
+            q.push(", step_results = ").bind(encode_results(results));
         }
-        q.push(" WHERE id = ").push_bind(build_id.to_owned());
+        q.push(" WHERE id = ").bind(build_id.to_owned());
         q.build().execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
@@ -71,7 +71,7 @@ impl EventStore for Store {
     ) -> Result<Vec<pb::BuildEvent>> {
         let rows = sqlx::query(
             "SELECT event, data_offset, data_len FROM build_events \
-             WHERE build_id = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+             WHERE build_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
         )
         .bind(build_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
@@ -106,23 +106,23 @@ impl EventStore for Store {
 const EVENTS_PER_INSERT: usize = 256;
 
 pub(super) async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     build_id: &str,
     events: &[StoredEvent],
 ) -> Result<()> {
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+    let mut q: Sql = Sql::new(
         "INSERT INTO build_events (build_id, sequence, time, event, data_offset, data_len) ",
     );
     q.push_values(events, |mut row, (event, range)| {
         let time = event
             .time
             .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
-        row.push_bind(build_id.to_owned())
-            .push_bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            .push_bind(time)
-            .push_bind(event.encode_to_vec())
-            .push_bind(range.map(|r| r.0))
-            .push_bind(range.map(|r| r.1));
+        row.bind(build_id.to_owned())
+            .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+            .bind(time)
+            .bind(event.encode_to_vec())
+            .bind(range.map(|r| r.0))
+            .bind(range.map(|r| r.1));
     });
     q.build().execute(&mut **tx).await?;
     Ok(())
