@@ -12,14 +12,11 @@
 //!   process owning its database (SQLite, `kiln up`): the data directory's lock
 //!   guarantees no other process runs its builds, so at start every RUNNING build is
 //!   abandoned and every QUEUED one is this process's to run.
-//! - A Postgres implementation for several replicas on one database (claims with
-//!   `FOR UPDATE SKIP LOCKED`, leases, persisted cancel requests) is the next step of
-//!   issue 14; the contract tests at the end of this file are written against the trait
-//!   so that it must pass the same ones.
+//! - [`PgControl`]: shared by every replica on one Postgres database (claims with
+//!   `FOR UPDATE SKIP LOCKED`, leases, persisted cancel requests), used whenever the build
+//!   store is on Postgres. Both pass the contract tests of `control/contract_tests.rs`.
 
 mod local;
-// Used by BuildApi::open once the build store runs on Postgres (the db branch).
-#[allow(dead_code)]
 mod postgres;
 
 use std::collections::HashMap;
@@ -28,7 +25,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 pub(crate) use local::LocalControl;
-#[allow(unused_imports)] // wired into BuildApi::open with the Postgres build store
 pub(crate) use postgres::PgControl;
 use tokio::sync::{Notify, watch};
 

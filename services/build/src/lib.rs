@@ -38,7 +38,7 @@ pub use config::{
 };
 pub use error::{BuildError, reason};
 
-use crate::control::{BuildControl, LocalControl};
+use crate::control::{BuildControl, LocalControl, PgControl};
 use crate::log::Logs;
 use crate::metrics::BuildMetrics;
 use crate::store::Store;
@@ -207,13 +207,19 @@ impl BuildApi {
     }
 }
 
-/// The build control for this configuration: in memory, for a process that owns its
-/// database alone.
+/// The build control for this configuration: in memory for a process that owns its
+/// SQLite database alone; shared through the database with every other replica when the
+/// store is on Postgres.
 async fn open_control(
     config: &BuildConfig,
     metrics: BuildMetrics,
 ) -> Result<Arc<dyn BuildControl>, BuildError> {
-    Ok(Arc::new(LocalControl::new(config.queue, metrics)))
+    Ok(match config.database() {
+        url @ kiln_store::DatabaseUrl::Postgres(_) => {
+            Arc::new(PgControl::open(&url.expose(), config.queue, metrics).await?)
+        }
+        kiln_store::DatabaseUrl::Sqlite(_) => Arc::new(LocalControl::new(config.queue, metrics)),
+    })
 }
 
 /// Starts queued builds whenever a slot frees up: each claim comes with its workspace

@@ -1,7 +1,7 @@
 //! What every [`BuildControl`] must do, written against the trait: each case is a
 //! function of a way to make controls with given limits, and `contract!` runs them all
 //! for each implementation: [`LocalControl`], and [`PgControl`] on a fresh Postgres
-//! database (`KILN_TEST_POSTGRES_URL`; skipped, saying so, without one).
+//! database (`kiln_testkit`: skipped, saying so, without a server).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,14 +23,9 @@ fn local(config: QueueConfig) -> BoxFuture<'static, Option<Arc<dyn BuildControl>
 fn postgres(config: QueueConfig) -> BoxFuture<'static, Option<Arc<dyn BuildControl>>> {
     Box::pin(async move {
         let url = pg::fresh_database().await?;
-        let control = PgControl::open(
-            &url,
-            config,
-            BuildMetrics::default(),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("build control on Postgres");
+        let control = PgControl::open(&url, config, BuildMetrics::default())
+            .await
+            .expect("build control on Postgres");
         Some(Arc::new(control) as Arc<dyn BuildControl>)
     })
 }
@@ -56,6 +51,7 @@ fn limits(max_running: usize, per_user: usize, queued_per_user: usize) -> QueueC
         max_running,
         max_running_per_user: per_user,
         max_queued_per_user: queued_per_user,
+        lease: Duration::from_secs(10),
     }
 }
 
@@ -279,47 +275,17 @@ async fn a_closed_control_hands_out_nothing_and_shutdown_interrupts_and_waits(ma
     finisher.await.expect("finisher");
 }
 
-/// A database of its own per test on the server `KILN_TEST_POSTGRES_URL` names.
+/// A database of its own per test, on the test process's Postgres server
+/// (`kiln_testkit`); `None`, saying why, without one.
 pub(super) mod pg {
-    use sqlx::Executor;
-
     pub async fn fresh_database() -> Option<String> {
-        let Ok(server) = std::env::var("KILN_TEST_POSTGRES_URL") else {
-            eprintln!("skipped: KILN_TEST_POSTGRES_URL is not set (make test starts a server)");
-            return None;
-        };
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&server).await.expect("test server");
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .expect("create database");
-        admin.close().await;
-        Some(with_database(&server, &name))
-    }
-
-    /// `server` (a postgres:// URL) naming the database `name` instead of its own.
-    fn with_database(server: &str, name: &str) -> String {
-        let (base, query) = server.split_once('?').unwrap_or((server, ""));
-        let host_start = base.find("://").map_or(0, |i| i + 3);
-        let host_end = base[host_start..]
-            .find('/')
-            .map_or(base.len(), |i| host_start + i);
-        let mut url = format!("{}/{name}", &base[..host_end]);
-        if !query.is_empty() {
-            url.push('?');
-            url.push_str(query);
+        match kiln_testkit::postgres() {
+            Ok(server) => Some(server.fresh_database().await.expose()),
+            Err(why) => {
+                eprintln!("skipped on Postgres: {why}");
+                None
+            }
         }
-        url
-    }
-
-    #[test]
-    fn the_database_name_replaces_the_servers() {
-        assert_eq!(
-            with_database("postgres://u@127.0.0.1:5/postgres?sslmode=disable", "t_1"),
-            "postgres://u@127.0.0.1:5/t_1?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://h:5", "t"), "postgres://h:5/t");
     }
 }
 

@@ -65,10 +65,6 @@ const RESERVATION_SECONDS: f64 = 120.0;
 /// whatever the notifications say.
 const POLL: Duration = Duration::from_secs(1);
 
-/// The default lease of a claimed build: a dead replica's builds end INTERRUPTED within
-/// about this long.
-pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
-
 #[derive(Debug)]
 pub(crate) struct PgControl {
     inner: Arc<Inner>,
@@ -103,12 +99,8 @@ fn workspace_key(id: &str) -> String {
 impl PgControl {
     /// Connects to the database at `url`, creates the schema and runs its migrations,
     /// and starts the tasks that listen, renew leases and look for cancels.
-    pub async fn open(
-        url: &str,
-        config: QueueConfig,
-        metrics: BuildMetrics,
-        lease: Duration,
-    ) -> Result<Self> {
+    pub async fn open(url: &str, config: QueueConfig, metrics: BuildMetrics) -> Result<Self> {
+        let lease = config.lease;
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -695,16 +687,20 @@ mod replica_tests {
     use super::*;
     use crate::control::contract_tests::pg::fresh_database;
 
+    const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
     fn limits(max_running: usize, per_user: usize) -> QueueConfig {
         QueueConfig {
             max_running,
             max_running_per_user: per_user,
             max_queued_per_user: 1000,
+            lease: DEFAULT_LEASE,
         }
     }
 
-    async fn replica(url: &str, config: QueueConfig, lease: Duration) -> PgControl {
-        PgControl::open(url, config, BuildMetrics::default(), lease)
+    async fn replica(url: &str, mut config: QueueConfig, lease: Duration) -> PgControl {
+        config.lease = lease;
+        PgControl::open(url, config, BuildMetrics::default())
             .await
             .expect("replica")
     }
@@ -757,9 +753,12 @@ mod replica_tests {
             return;
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("build.db"), &dir.path().join("outputs"))
-            .await
-            .expect("store");
+        let store = Store::open(
+            &kiln_store::DatabaseUrl::sqlite(dir.path().join("build.db")),
+            &dir.path().join("outputs"),
+        )
+        .await
+        .expect("store");
         for (build, workspace) in [("dead-1", "w1"), ("live-1", "w2")] {
             store
                 .insert_workspace(
