@@ -58,12 +58,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("opening the agent service")?;
 
-    // The RPC metrics; the agent's own (tasks by phase, model calls) are not exported yet.
     let mut registry = kiln_metrics::registry();
+    let authenticator = me.authenticator(&server, &auth_endpoint);
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
-        .with_authenticator(me.authenticator(&server, &auth_endpoint));
+        .with_authenticator(authenticator.clone());
     if server.metrics_listen.is_some() {
         listener = listener.with_metrics(&mut registry);
+        api.register_metrics(&mut registry);
+        authenticator.register_metrics(&mut registry);
     }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);

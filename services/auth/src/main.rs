@@ -62,7 +62,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_auth::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     // kiln-auth verifies tokens like every service, through its own API: at its
     // configured address, else on loopback (the certificate must name `localhost`).
     let own = server
@@ -70,7 +69,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .auth
         .clone()
         .unwrap_or_else(|| format!("https://localhost:{}", bound.local_addr().port()));
-    bound.set_authenticator(me.authenticator(&server, &own));
+    let authenticator = me.authenticator(&server, &own);
+    if server.metrics_listen.is_some() {
+        authenticator.register_metrics(&mut registry);
+    }
+    bound.set_authenticator(authenticator);
+    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     // The first stdout line is the contract with scripts and tests.
     println!(
         "kiln-auth is serving on https://{} as {}",

@@ -44,11 +44,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("opening the build service")?;
 
     let mut registry = kiln_metrics::registry();
+    let authenticator = me.authenticator(&server, &auth_endpoint);
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
-        .with_authenticator(me.authenticator(&server, &auth_endpoint));
+        .with_authenticator(authenticator.clone());
     if server.metrics_listen.is_some() {
         listener = listener.with_metrics(&mut registry);
         api.register_metrics(&mut registry);
+        authenticator.register_metrics(&mut registry);
     }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
