@@ -74,12 +74,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_agent::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
+    let metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
-        "kiln-agent is serving on https://{} as {}",
+        "kiln-agent is serving on {}://{} as {}",
+        me.scheme(),
         bound.local_addr(),
         me.id
     );
+    kiln_launch::announce_metrics(metrics.as_ref());
     bound.serve_until(shutdown).await?;
     // Tasks stay as persisted and continue at the next start.
     api.shutdown(Duration::from_secs(5)).await;

@@ -59,13 +59,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_build::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
+    let metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
-        "kiln-build is serving on https://{} as {} (sandbox tier {})",
+        "kiln-build is serving on {}://{} as {} (sandbox tier {})",
+        me.scheme(),
         bound.local_addr(),
         me.id,
         api.sandbox_tier()
     );
+    kiln_launch::announce_metrics(metrics.as_ref());
     bound.serve_until(shutdown).await?;
     // Builds still running after the grace period end INTERRUPTED (logs kept); queued
     // builds run at the next start.
