@@ -460,3 +460,72 @@ pub async fn probe(server: &ServerConfig, me: &Workload) -> Result<bool, Error> 
     println!("{}", status.as_str_name());
     Ok(status == ServingStatus::Serving)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh_server(listen: &str) -> ServerConfig {
+        ServerConfig {
+            listen: listen.parse().expect("addr"),
+            mesh: true,
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_are_mtls_outside_the_mesh_and_the_local_sidecar_inside() {
+        for ok in ["https://kiln-auth:7443", "https://10.0.0.1:7443"] {
+            assert!(check_endpoint(false, "auth", ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://kiln-auth:7443",
+            "http://127.0.0.1:15101",
+            "kiln-auth:7443",
+        ] {
+            let err = check_endpoint(false, "auth", refused).expect_err(refused);
+            assert!(err.to_string().contains("https://"), "{err}");
+        }
+        for ok in [
+            "http://127.0.0.1:15101",
+            "http://localhost:15101",
+            "http://[::1]:15101",
+        ] {
+            assert!(check_endpoint(true, "auth", ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "https://127.0.0.1:15101",
+            "http://kiln-auth:7443",
+            "http://10.0.0.1:15101",
+            "http://127.0.0.1.evil.example:80",
+            "http://127.0.0.1",
+        ] {
+            let err = check_endpoint(true, "auth", refused).expect_err(refused);
+            assert!(err.to_string().contains("sidecar"), "{refused}: {err}");
+        }
+    }
+
+    #[test]
+    fn mesh_mode_needs_loopback_and_no_certificate() {
+        for exposed in ["0.0.0.0:7443", "[::]:7443", "10.1.2.3:7443"] {
+            let err = Workload::from_config("build", &mesh_server(exposed))
+                .expect_err(exposed)
+                .to_string();
+            assert!(err.contains("loopback") && err.contains(exposed), "{err}");
+        }
+        let me = Workload::from_config("build", &mesh_server("127.0.0.1:7444")).expect("mesh");
+        assert!(me.in_mesh());
+        assert_eq!(me.scheme(), "http");
+        assert_eq!(me.id.uri(), "spiffe://kiln.local/service/build");
+        // The sidecar presents the identity: the client has no TLS files of its own.
+        assert!(me.client("http://127.0.0.1:15101").tls_files.is_none());
+    }
+
+    #[test]
+    fn outside_the_mesh_a_certificate_is_required() {
+        let err = Workload::from_config("build", &ServerConfig::default())
+            .expect_err("no [server.tls]")
+            .to_string();
+        assert!(err.contains("[server.tls]"), "{err}");
+    }
+}
