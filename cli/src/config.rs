@@ -33,6 +33,12 @@ impl ConfigFile for SuiteFile {
                 "kiln up makes its own development PKI; certificates are for the per-service binaries (kiln-auth, kiln-build, kiln-agent)",
             ));
         }
+        if self.server.mesh {
+            return Err(Error::rule(
+                "server.mesh",
+                "kiln up calls itself over mTLS with its own development PKI; mesh mode is for the per-service binaries behind a sidecar",
+            ));
+        }
         if self.server.endpoints != Default::default() {
             return Err(Error::rule(
                 "server.endpoints",
@@ -132,6 +138,12 @@ mod tests {
             .expect_err("kiln up makes its own")
             .to_string();
         assert!(err.contains("server.tls"), "{err}");
+
+        let (_d, mesh) = file("[server]\nmesh = true\n");
+        let err = check(&mesh, None)
+            .expect_err("kiln up has no sidecar")
+            .to_string();
+        assert!(err.contains("server.mesh"), "{err}");
     }
 
     #[test]

@@ -275,6 +275,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
         server = server.with_metrics(&mut registry);
         auth.register_metrics(&mut registry);
         build.register_metrics(&mut registry);
+        agent.register_metrics(&mut registry);
     }
     for check in auth.readiness() {
         server = server.with_readiness(AUTH_SERVICE, check);
@@ -308,7 +309,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<i32> {
     let agent_client = workload("agent")?.client(&loopback);
     build_channel.set(agent_client.connect_lazy()?);
     auth_channel.set(agent_client.connect_lazy()?);
-    server.set_authenticator(workload("auth")?.authenticator(&server_config, &loopback));
+    let authenticator = workload("auth")?.authenticator(&server_config, &loopback);
+    if metrics_listen.is_some() {
+        authenticator.register_metrics(&mut registry);
+    }
+    server.set_authenticator(authenticator);
     let metrics = kiln_launch::serve_metrics(metrics_listen, registry).await?;
     // The first stdout line is the contract with scripts and tests: they wait for it.
     println!("kiln is serving on https://{addr}");

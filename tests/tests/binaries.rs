@@ -7,12 +7,16 @@
 //!   RPC that only the agent's identity may call);
 //! - identities that are not the caller's own are refused: build's certificate cannot
 //!   exchange tokens, a certificate of another trust domain gets no SERVICE RPC, and a
-//!   binary started with another service's certificate refuses to start.
+//!   binary started with another service's certificate refuses to start;
+//! - each binary serves `[server] metrics_listen`: scraped after the build and the task,
+//!   with the series the workload must have moved, and linted by `promtool check
+//!   metrics` when promtool is installed.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use kiln_proto::agent::agent_service_client::AgentServiceClient;
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
@@ -25,19 +29,7 @@ use kiln_rpc::pki::{CertificateAuthority, write_file};
 const TRUST_DOMAIN: &str = "kiln.test";
 const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
-/// A binary of the workspace, built next to this test by `cargo test --workspace`.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --bins` (cargo test --workspace and make test do)",
-        path.display()
-    );
-    path
-}
+use kiln_e2e::tools::workspace_binary as binary;
 
 /// Certificates as cert-manager would leave them in a pod: tls.crt, tls.key, ca.crt.
 struct Pki {
@@ -87,6 +79,8 @@ impl Pki {
 struct Service {
     child: Child,
     endpoint: String,
+    /// The metrics listener, when `KILN_SERVER__METRICS_LISTEN` was set.
+    metrics: Option<SocketAddr>,
 }
 
 impl Drop for Service {
@@ -118,9 +112,8 @@ fn start(name: &str, pki: &Pki, certs: &Path, env: &[(&str, String)]) -> Service
     }
     let mut child = command.spawn().expect("spawn");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the serving line");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    stdout.read_line(&mut line).expect("read the serving line");
     let prefix = format!("kiln-{name} is serving on https://");
     let Some(rest) = line.strip_prefix(&prefix) else {
         let _ = child.kill();
@@ -135,11 +128,58 @@ fn start(name: &str, pki: &Pki, certs: &Path, env: &[(&str, String)]) -> Service
         line.contains(&format!("spiffe://{TRUST_DOMAIN}/service/{name}")),
         "{line}"
     );
+    // With metrics on, the next line says where (the port was 0).
+    let metrics = env
+        .iter()
+        .any(|(k, _)| *k == "KILN_SERVER__METRICS_LISTEN")
+        .then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read the metrics line");
+            line.trim()
+                .strip_prefix("metrics: http://")
+                .and_then(|rest| rest.strip_suffix("/metrics"))
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("kiln-{name}: not a metrics line: {line:?}"))
+        });
     Service {
         child,
         // The test certificates name `localhost`, as a pod's would name its Service.
         endpoint: format!("https://localhost:{port}"),
+        metrics,
     }
+}
+
+/// `GET /metrics` of `service`, as a scraper sends it: the exposition.
+fn scrape(service: &Service) -> String {
+    let addr = service.metrics.expect("metrics are on");
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    if let Some(lint) = kiln_e2e::promtool::check_metrics(body) {
+        lint.unwrap_or_else(|problems| panic!("promtool check metrics: {problems}\n{body}"));
+    }
+    body.to_owned()
+}
+
+/// The value of one series (`name{labels}` as exposed); `None` when absent.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+}
+
+fn expect_sample(text: &str, series: &str, value: f64) {
+    assert_eq!(sample(text, series), Some(value), "{series} in:\n{text}");
 }
 
 /// An OpenAI-compatible model server that lists one model: enough for StartTask (the
@@ -178,14 +218,21 @@ async fn each_binary_starts_alone_and_the_three_talk_over_mtls_as_themselves() {
     let agent_certs = pki.workload("agent", TRUST_DOMAIN, "agent");
     let foreign = pki.workload("foreign", "elsewhere.test", "build");
 
+    let metrics_on = ("KILN_SERVER__METRICS_LISTEN", "127.0.0.1:0".to_owned());
     let auth = start(
         "auth",
         &pki,
         &auth_certs,
-        &[("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD.into())],
+        &[
+            ("KILN_ADMIN_PASSWORD", ADMIN_PASSWORD.into()),
+            metrics_on.clone(),
+        ],
     );
     let peers = |extra: &[(&'static str, String)]| {
-        let mut env = vec![("KILN_SERVER__ENDPOINTS__AUTH", auth.endpoint.clone())];
+        let mut env = vec![
+            ("KILN_SERVER__ENDPOINTS__AUTH", auth.endpoint.clone()),
+            metrics_on.clone(),
+        ];
         env.extend(extra.iter().cloned());
         env
     };
@@ -296,6 +343,45 @@ async fn each_binary_starts_alone_and_the_three_talk_over_mtls_as_themselves() {
     );
     assert_eq!(String::from_utf8_lossy(&output), "hello from kiln-build\n");
 
+    // The build as kiln-build's metrics tell it: one RunBuild, one sandbox spawn, the
+    // key resolved once at kiln-auth (CreateWorkspace) and then from the cache (RunBuild).
+    let text = scrape(&build);
+    expect_sample(
+        &text,
+        r#"kiln_rpc_requests_total{service="kiln.build.v1.BuildService",method="RunBuild",code="OK"}"#,
+        1.0,
+    );
+    expect_sample(
+        &text,
+        r#"kiln_build_sandbox_spawns_total{outcome="ok"}"#,
+        1.0,
+    );
+    expect_sample(&text, "kiln_build_running", 0.0);
+    expect_sample(&text, "kiln_build_output_bytes_total", 22.0);
+    expect_sample(
+        &text,
+        r#"kiln_authn_cache_lookups_total{kind="api_key",result="miss"}"#,
+        1.0,
+    );
+    expect_sample(
+        &text,
+        r#"kiln_authn_cache_lookups_total{kind="api_key",result="hit"}"#,
+        1.0,
+    );
+    // kiln-auth: the login, and the key resolved for kiln-build.
+    let text = scrape(&auth);
+    expect_sample(&text, r#"kiln_auth_logins_total{outcome="success"}"#, 1.0);
+    expect_sample(
+        &text,
+        r#"kiln_rpc_requests_total{service="kiln.auth.v1.AuthService",method="AuthenticateApiKey",code="OK"}"#,
+        1.0,
+    );
+    expect_sample(
+        &text,
+        r#"kiln_authn_cache_lookups_total{kind="token",result="miss"}"#,
+        1.0,
+    );
+
     // An agent task: kiln-agent creates its workspace at kiln-build as the user and
     // gets a delegated token from kiln-auth as spiffe://kiln.test/service/agent.
     let channel = pki
@@ -323,6 +409,37 @@ async fn each_binary_starts_alone_and_the_three_talk_over_mtls_as_themselves() {
         .expect("the task's workspace exists at kiln-build")
         .into_inner();
     assert_eq!(seen.id, task.workspace_id);
+
+    // kiln-agent's metrics: the StartTask call, and the task, which ends FAILED at its
+    // first model call (this model server answers every path with the model list).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape(&agent);
+        let finished = sample(
+            &text,
+            r#"kiln_agent_tasks_finished_total{phase="FAILED",reason="PROVIDER_ERROR"}"#,
+        );
+        if finished.is_some() || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    expect_sample(
+        &text,
+        r#"kiln_agent_tasks_finished_total{phase="FAILED",reason="PROVIDER_ERROR"}"#,
+        1.0,
+    );
+    expect_sample(
+        &text,
+        r#"kiln_agent_model_calls_total{phase="PLAN",outcome="error"}"#,
+        1.0,
+    );
+    expect_sample(&text, r#"kiln_agent_tasks{phase="PLAN"}"#, 0.0);
+    expect_sample(
+        &text,
+        r#"kiln_rpc_requests_total{service="kiln.agent.v1.AgentService",method="StartTask",code="OK"}"#,
+        1.0,
+    );
 
     // Identities are the callers' own. kiln-build's certificate may resolve API keys
     // but not act for users (ExchangeToken is the agent's alone)…

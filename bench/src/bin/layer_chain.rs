@@ -4,6 +4,10 @@
 //!    full kiln chain (request id, access policy, rate limit, JWT authentication from a
 //!    cached verifier, authorization, size limit), without and with metrics (the RPC
 //!    metrics layer counting into a registry). Budget (DESIGN §6): chain ≥ 85 % of bare.
+//!    Then **telemetry on** (case 4, last, because it installs the process's subscriber):
+//!    kiln-telemetry's `init` exporting spans over OTLP to a local `rotel` collector
+//!    (`.tools/bin/rotel`, `make tools`; the case is skipped, saying so, without it),
+//!    the chain with metrics against bare tonic again, in the same run.
 //! 2. Access-token verification per call: cold (signature + claims every time) and
 //!    cached (what a hot client pays), EdDSA vs ES256.
 //! 3. Login's cost: one Argon2id verification with the OWASP parameters kiln uses.
@@ -360,6 +364,111 @@ async fn main() {
         "   {:.1} ms per login (hashing runs on a bounded blocking pool)",
         login.as_secs_f64() * 1e3
     );
+
+    let bare_url = format!("https://{bare_addr}");
+    let metered_url = format!("https://{metered_addr}");
+    telemetry_on(&bare_url, &metered_url, &ca, &token, duration).await;
+}
+
+/// A rotel collector on loopback that accepts OTLP gRPC and drops what it gets
+/// (`--exporter blackhole`): the export path is real up to the collector. Killed (it is
+/// this process's own child) when dropped.
+struct Rotel {
+    child: std::process::Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Rotel {
+    fn binary() -> Option<std::path::PathBuf> {
+        let path =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.tools/bin/rotel"));
+        path.exists().then_some(path)
+    }
+
+    async fn start(binary: &std::path::Path) -> Self {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        };
+        let (grpc, http) = (free(), free());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(binary)
+            .args(["start", "--otlp-grpc-endpoint", &grpc.to_string()])
+            .args(["--otlp-http-endpoint", &http.to_string()])
+            .args(["--exporter", "blackhole"])
+            .arg("--pid-file")
+            .arg(dir.path().join("rotel.pid"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rotel starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(grpc).await.is_err() {
+            assert!(Instant::now() < deadline, "rotel did not listen on {grpc}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            endpoint: format!("http://{grpc}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Rotel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Case 4: the metered chain and bare tonic again, with kiln-telemetry exporting every
+/// span over OTLP to rotel (the batch processor's default queue, as a service runs it).
+async fn telemetry_on(
+    bare_url: &str,
+    metered_url: &str,
+    ca: &str,
+    token: &str,
+    duration: Duration,
+) {
+    println!("\n4. telemetry on: OTLP span export to a local rotel collector + metrics");
+    let Some(binary) = Rotel::binary() else {
+        println!("   skipped: rotel is not installed (`make tools` installs it into .tools/)");
+        return;
+    };
+    let rotel = Rotel::start(&binary).await;
+    let mut config = kiln_telemetry::TelemetryConfig::new("kiln-bench", env!("CARGO_PKG_VERSION"));
+    config.otlp_endpoint = Some(rotel.endpoint.clone());
+    config.default_log_level = "warn".into();
+    let mut telemetry = kiln_telemetry::init(&config).expect("telemetry");
+    for clients in [1usize, 16] {
+        throughput(metered_url, ca, token, 1, Duration::from_millis(200)).await;
+        let mut best = (0.0f64, 0.0f64);
+        for _ in 0..2 {
+            best.0 = best
+                .0
+                .max(throughput(bare_url, ca, token, clients, duration).await);
+            best.1 = best
+                .1
+                .max(throughput(metered_url, ca, token, clients, duration).await);
+        }
+        println!(
+            "   {clients:>2} client(s): bare tonic {:>8.0}/s   chain + metrics + OTLP {:>8.0}/s ({:.2} of bare)",
+            best.0,
+            best.1,
+            best.1 / best.0
+        );
+    }
+    telemetry.shutdown();
+    println!(
+        "   spans exported {}, dropped {} (a full export queue drops spans rather than slow a call)",
+        telemetry.exported_spans(),
+        telemetry.dropped_spans()
+    );
+    drop(rotel);
 }
 
 /// Verification and signing cost of RS256 (key from the `openssl` command, which ring

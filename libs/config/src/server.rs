@@ -47,6 +47,12 @@ pub struct ServerConfig {
     /// Serve Prometheus metrics here (plain HTTP, `GET /metrics`), apart from the gRPC
     /// listener. Default: none (off).
     pub metrics_listen: Option<SocketAddr>,
+    /// Mesh mode (per-service binaries): plaintext gRPC on a loopback `listen` behind a
+    /// sidecar that does the mTLS, the caller's workload identity taken from the
+    /// sidecar's `x-forwarded-client-cert`; calls to the other services go plaintext to
+    /// the sidecar's outbound listeners (`[server.endpoints]` = `http://127.0.0.1:PORT`)
+    /// and `[server.tls]` is not used. Refused on a non-loopback `listen`. Default `false`.
+    pub mesh: bool,
 }
 
 impl ServerConfig {
@@ -79,6 +85,7 @@ impl Default for ServerConfig {
             tls: None,
             endpoints: Endpoints::default(),
             metrics_listen: None,
+            mesh: false,
         }
     }
 }

@@ -8,8 +8,16 @@
 //! - [`ServiceArgs`]: the flags every service binary has;
 //! - [`admin_password`], [`create_private_dir`]; [`block_on`] starts logs and traces.
 //!
-//! Certificates are read once at start; reloading the client side on rotation is later
-//! work (the listener already reloads its own files, see `kiln_rpc::tls`).
+//! Certificates are followed as they change on both sides (the listener's in
+//! `kiln_rpc::tls`, the clients' in `kiln_rpc::reloading_client`).
+//!
+//! **Mesh mode** (`[server] mesh = true`, `KILN_SERVER__MESH`, `--mesh`): the sidecar
+//! holds the certificates and does the mTLS. The listener serves plaintext on loopback
+//! (anything else is refused at start) and believes the identity the sidecar forwards;
+//! the process has no certificate of its own ([`Workload`] without files) and calls the
+//! other services in plaintext at their `[server.endpoints]`, which must then be the
+//! sidecar's outbound listeners on loopback (`http://127.0.0.1:PORT`). Outside mesh mode
+//! an endpoint must be `https://`: tokens never travel in plaintext between pods.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -48,6 +56,9 @@ pub enum Error {
     AdminPassword(String),
     #[error(transparent)]
     Metrics(#[from] kiln_metrics::Error),
+    /// Mesh mode where it cannot be sound.
+    #[error("{0}")]
+    Mesh(String),
 }
 
 /// The Prometheus listener of `[server] metrics_listen`, running until dropped.
@@ -80,6 +91,15 @@ pub async fn serve_metrics(
     }))
 }
 
+/// Prints where metrics are served (`  metrics: http://<addr>/metrics`), as the line
+/// after a binary's "serving" line: with `metrics_listen = "…:0"` it is the only way to
+/// learn the port (tests, and scripts that pick free ports).
+pub fn announce_metrics(metrics: Option<&MetricsServer>) {
+    if let Some(metrics) = metrics {
+        println!("  metrics: http://{}/metrics", metrics.addr);
+    }
+}
+
 /// The `[server]` section as the settings of a listener serving `tls`.
 pub fn server_settings(server: &ServerConfig, tls: TlsFiles) -> ServerSettings {
     let mut settings = ServerSettings::new(server.listen, tls);
@@ -87,6 +107,7 @@ pub fn server_settings(server: &ServerConfig, tls: TlsFiles) -> ServerSettings {
     settings.max_message_bytes = server.max_message_bytes;
     settings.shutdown_grace = server.shutdown_grace;
     settings.require_client_cert = server.require_client_cert;
+    settings.mesh = server.mesh;
     settings.rate_limit =
         NonZeroU32::new(server.rate_limit_per_second).map(|per_second| RateLimit {
             per_second,
@@ -95,11 +116,13 @@ pub fn server_settings(server: &ServerConfig, tls: TlsFiles) -> ServerSettings {
     settings
 }
 
-/// This process's workload identity and the trust bundle it checks peers against.
+/// This process's workload identity and the trust bundle it checks peers against; in
+/// mesh mode only the name (the sidecar holds the certificate).
 #[derive(Clone)]
 pub struct Workload {
     pub id: WorkloadId,
-    files: TlsFiles,
+    /// `None` in mesh mode.
+    files: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for Workload {
@@ -115,7 +138,30 @@ impl Workload {
     /// The identity of service `name` in `[server.tls]`. A certificate that is not
     /// `spiffe://<server.trust_domain>/service/<name>` is refused here, at start, rather
     /// than by every peer at every call.
+    ///
+    /// In mesh mode no certificate is read, and a `listen` address that is not loopback
+    /// is refused here, before anything is opened: a plaintext listener that believes
+    /// forwarded identities must be reachable by the sidecar alone.
     pub fn from_config(name: &str, server: &ServerConfig) -> Result<Self, Error> {
+        if server.mesh {
+            if !server.listen.ip().is_loopback() {
+                return Err(Error::Mesh(format!(
+                    "mesh mode serves plaintext and believes the identity its sidecar forwards, so it listens on loopback only; listen = \"{}\" is not (use 127.0.0.1:{} and let the sidecar take the pod's port)",
+                    server.listen,
+                    server.listen.port()
+                )));
+            }
+            if server.tls.is_some() {
+                tracing::info!("mesh mode: [server.tls] is not used, the sidecar does the mTLS");
+            }
+            return Ok(Self {
+                id: WorkloadId {
+                    trust_domain: server.trust_domain.clone(),
+                    service: name.to_owned(),
+                },
+                files: None,
+            });
+        }
         let tls = server.tls.as_ref().ok_or_else(|| {
             Error::Identity(format!(
                 "kiln-{name} needs its certificate: set [server.tls] cert, key and ca (or KILN_SERVER__TLS__CERT, …)"
@@ -154,27 +200,47 @@ impl Workload {
         read(&files.ca)?;
         Ok(Self {
             id: expected,
-            files: TlsFiles {
+            files: Some(TlsFiles {
                 cert: files.cert.clone(),
                 key: files.key.clone(),
                 client_ca: files.ca.clone(),
-            },
+            }),
         })
     }
 
-    /// The listener's TLS files: the same certificate serves and identifies.
+    /// The listener's TLS files: the same certificate serves and identifies. In mesh
+    /// mode empty paths, which the listener never reads.
     pub fn tls_files(&self) -> TlsFiles {
-        self.files.clone()
+        self.files.clone().unwrap_or_else(|| TlsFiles {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+        })
+    }
+
+    /// The listener's scheme, for the "serving" line: `http` in mesh mode.
+    pub fn scheme(&self) -> &'static str {
+        if self.in_mesh() { "http" } else { "https" }
+    }
+
+    /// Whether this process is in mesh mode (the sidecar holds its identity).
+    pub fn in_mesh(&self) -> bool {
+        self.files.is_none()
     }
 
     /// A client of `endpoint` that presents this identity over mTLS.
     /// The files are followed as they change (short-lived certificates rotate): new
     /// calls use the new identity, streams in flight keep theirs
     /// (see `kiln_rpc::reloading_client`).
+    /// In mesh mode a plaintext client: `endpoint` is the sidecar's outbound listener,
+    /// and the sidecar presents the identity.
     pub fn client(&self, endpoint: &str) -> ClientConfig {
+        let Some(files) = &self.files else {
+            return ClientConfig::new(endpoint);
+        };
         ClientConfig::new(endpoint).tls_files(
-            kiln_rpc::reloading_client::ClientTlsFiles::new(self.files.client_ca.clone())
-                .identity(self.files.cert.clone(), self.files.key.clone()),
+            kiln_rpc::reloading_client::ClientTlsFiles::new(files.client_ca.clone())
+                .identity(files.cert.clone(), files.key.clone()),
         )
     }
 
@@ -193,18 +259,56 @@ impl Workload {
 }
 
 /// `[server.endpoints]`'s address of `service`, or an error saying how to set it.
+/// Outside mesh mode it must be `https://…`; in mesh mode `http://` on loopback (the
+/// sidecar's outbound listener).
 pub fn endpoint(server: &ServerConfig, service: &str) -> Result<String, Error> {
     let value = match service {
         "auth" => server.endpoints.auth.clone(),
         "build" => server.endpoints.build.clone(),
         _ => None,
     };
-    value.ok_or_else(|| {
+    let example = if server.mesh {
+        "http://127.0.0.1:PORT"
+    } else {
+        "https://host:port"
+    };
+    let value = value.ok_or_else(|| {
         Error::Endpoint(format!(
-            "where is kiln-{service}? set [server.endpoints] {service} = \"https://host:port\" (or KILN_SERVER__ENDPOINTS__{})",
+            "where is kiln-{service}? set [server.endpoints] {service} = \"{example}\" (or KILN_SERVER__ENDPOINTS__{})",
             service.to_ascii_uppercase()
         ))
-    })
+    })?;
+    check_endpoint(server.mesh, service, &value)?;
+    Ok(value)
+}
+
+/// An endpoint's scheme and host for the mode: mTLS outside the mesh; plaintext to the
+/// local sidecar, and nowhere else, inside it.
+fn check_endpoint(mesh: bool, service: &str, value: &str) -> Result<(), Error> {
+    let refuse = |why: &str| {
+        Err(Error::Endpoint(format!(
+            "[server.endpoints] {service} = \"{value}\": {why}"
+        )))
+    };
+    if !mesh {
+        if value.starts_with("https://") {
+            return Ok(());
+        }
+        return refuse(
+            "kiln calls the other services over mTLS: use https://host:port (http:// is for mesh mode, to the local sidecar)",
+        );
+    }
+    let host = value
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once(':'))
+        .map(|(host, _port)| host);
+    match host {
+        Some("127.0.0.1" | "localhost" | "[::1]") => Ok(()),
+        _ => refuse(
+            "in mesh mode kiln calls its sidecar's outbound listener in plaintext on loopback, e.g. http://127.0.0.1:15101; the sidecar does the mTLS",
+        ),
+    }
 }
 
 /// The flags every service binary has; everything else is in the file or `KILN_*`.
@@ -220,6 +324,10 @@ pub struct ServiceArgs {
     /// Where the state lives (overrides `server.data_dir`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Mesh mode: plaintext on a loopback `--listen` behind a sidecar doing the mTLS
+    /// (sets `server.mesh`; see `[server] mesh` in examples/kiln.toml).
+    #[arg(long)]
+    pub mesh: bool,
     /// Instead of serving: ask the running service on this host (`server.listen`'s port
     /// on localhost, over mTLS as this workload) for its grpc.health.v1 status and exit 0
     /// when SERVING. For Kubernetes exec probes: the kubelet's own gRPC probe speaks no
@@ -234,6 +342,7 @@ impl ServiceArgs {
         Overrides::new()
             .set("server.listen", self.listen)
             .set("server.data_dir", self.data_dir.clone())
+            .set("server.mesh", self.mesh.then_some(true))
     }
 }
 
@@ -334,7 +443,11 @@ pub async fn probe(server: &ServerConfig, me: &Workload) -> Result<bool, Error> 
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let endpoint = format!("https://localhost:{}", server.listen.port());
+    let endpoint = if me.in_mesh() {
+        format!("http://127.0.0.1:{}", server.listen.port())
+    } else {
+        format!("https://localhost:{}", server.listen.port())
+    };
     let mut client = me.client(&endpoint);
     client.connect_timeout = Some(std::time::Duration::from_secs(2));
     let channel = client.connect().await?;
@@ -346,4 +459,73 @@ pub async fn probe(server: &ServerConfig, me: &Workload) -> Result<bool, Error> 
         .status();
     println!("{}", status.as_str_name());
     Ok(status == ServingStatus::Serving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh_server(listen: &str) -> ServerConfig {
+        ServerConfig {
+            listen: listen.parse().expect("addr"),
+            mesh: true,
+            ..ServerConfig::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_are_mtls_outside_the_mesh_and_the_local_sidecar_inside() {
+        for ok in ["https://kiln-auth:7443", "https://10.0.0.1:7443"] {
+            assert!(check_endpoint(false, "auth", ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://kiln-auth:7443",
+            "http://127.0.0.1:15101",
+            "kiln-auth:7443",
+        ] {
+            let err = check_endpoint(false, "auth", refused).expect_err(refused);
+            assert!(err.to_string().contains("https://"), "{err}");
+        }
+        for ok in [
+            "http://127.0.0.1:15101",
+            "http://localhost:15101",
+            "http://[::1]:15101",
+        ] {
+            assert!(check_endpoint(true, "auth", ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "https://127.0.0.1:15101",
+            "http://kiln-auth:7443",
+            "http://10.0.0.1:15101",
+            "http://127.0.0.1.evil.example:80",
+            "http://127.0.0.1",
+        ] {
+            let err = check_endpoint(true, "auth", refused).expect_err(refused);
+            assert!(err.to_string().contains("sidecar"), "{refused}: {err}");
+        }
+    }
+
+    #[test]
+    fn mesh_mode_needs_loopback_and_no_certificate() {
+        for exposed in ["0.0.0.0:7443", "[::]:7443", "10.1.2.3:7443"] {
+            let err = Workload::from_config("build", &mesh_server(exposed))
+                .expect_err(exposed)
+                .to_string();
+            assert!(err.contains("loopback") && err.contains(exposed), "{err}");
+        }
+        let me = Workload::from_config("build", &mesh_server("127.0.0.1:7444")).expect("mesh");
+        assert!(me.in_mesh());
+        assert_eq!(me.scheme(), "http");
+        assert_eq!(me.id.uri(), "spiffe://kiln.local/service/build");
+        // The sidecar presents the identity: the client has no TLS files of its own.
+        assert!(me.client("http://127.0.0.1:15101").tls_files.is_none());
+    }
+
+    #[test]
+    fn outside_the_mesh_a_certificate_is_required() {
+        let err = Workload::from_config("build", &ServerConfig::default())
+            .expect_err("no [server.tls]")
+            .to_string();
+        assert!(err.contains("[server.tls]"), "{err}");
+    }
 }

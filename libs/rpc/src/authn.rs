@@ -28,6 +28,10 @@
 //!   A revoked key therefore stops working within 30 s on every service; the cached
 //!   keys of a user are dropped at once when a user-wide revocation arrives (delete,
 //!   disable, role change), so those reach API keys within the token bound.
+//! - **Metrics**: `kiln_authn_cache_lookups_total{kind="token|api_key",result="hit|miss"}`
+//!   counts the look-ups of both caches ([`SuiteAuthenticator::register_metrics`]). A
+//!   cached refusal of an API key is a hit; an expired entry is a miss. A miss of a token
+//!   costs a signature check, a miss of a key a call to kiln-auth.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -35,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use kiln_metrics::{Counter, EncodeLabelSet, Family};
 use kiln_proto::auth as pb;
 use kiln_proto::auth::auth_service_client::AuthServiceClient;
 use tokio::sync::OnceCell;
@@ -128,6 +133,22 @@ struct State {
     tokens: Mutex<HashMap<Digest, (Principal, u64, u64)>>,
     /// API keys → principal (or refusal) and until when the answer holds.
     api_keys: Mutex<HashMap<Digest, (Option<Principal>, Instant)>>,
+    cache_lookups: Family<CacheLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CacheLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+impl State {
+    fn count_lookup(&self, kind: &'static str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache_lookups
+            .get_or_create(&CacheLabels { kind, result })
+            .inc();
+    }
 }
 
 impl std::fmt::Debug for SuiteAuthenticator {
@@ -152,6 +173,13 @@ fn unreachable_auth() -> ApiError {
 impl SuiteAuthenticator {
     pub fn new(config: AuthnConfig) -> Self {
         let empty = TokenVerifier::new(&Jwks::default(), &config.issuer, &config.audience);
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        // All four series from the start, so a hit ratio is defined before the first miss.
+        for kind in ["token", "api_key"] {
+            for result in ["hit", "miss"] {
+                drop(cache_lookups.get_or_create(&CacheLabels { kind, result }));
+            }
+        }
         Self {
             shared: Arc::new(State {
                 config,
@@ -162,9 +190,20 @@ impl SuiteAuthenticator {
                 synced: tokio::sync::watch::Sender::new(None),
                 tokens: Mutex::new(HashMap::new()),
                 api_keys: Mutex::new(HashMap::new()),
+                cache_lookups,
             }),
             poller: OnceLock::new(),
         }
+    }
+
+    /// Adds `kiln_authn_cache_lookups_total` to `registry`. One authenticator per
+    /// listener, so a process registers it once.
+    pub fn register_metrics(&self, registry: &mut kiln_metrics::Registry) {
+        registry.sub_registry_with_prefix("authn").register(
+            "cache_lookups",
+            "Look-ups of the verified-token and API-key caches, by kind (token, api_key) and result (hit, miss)",
+            self.shared.cache_lookups.clone(),
+        );
     }
 
     fn start_poller(&self) {
@@ -324,6 +363,7 @@ impl State {
             .get(&key)
             .filter(|(_, exp, _)| *exp > now)
             .cloned();
+        self.count_lookup("token", cached.is_some());
         let (principal, iat_ms) = match cached {
             Some((principal, _, iat_ms)) => (principal, iat_ms),
             None => {
@@ -366,16 +406,16 @@ impl State {
 
     async fn resolve_api_key(&self, key: &str) -> Result<Principal, ApiError> {
         let digest = digest(key);
-        if let Some((answer, until)) = self
+        let cached = self
             .api_keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&digest)
-            && *until > Instant::now()
-        {
-            return answer
-                .clone()
-                .ok_or_else(|| invalid_token("the API key is not valid"));
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(answer, _)| answer.clone());
+        self.count_lookup("api_key", cached.is_some());
+        if let Some(answer) = cached {
+            return answer.ok_or_else(|| invalid_token("the API key is not valid"));
         }
         let result = self
             .client()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::rig::{assert_refused, reason, rig, rig_with};
+use common::rig::{Rig, assert_refused, reason, rig, rig_with};
 use kiln_proto::auth as pb;
 use kiln_rpc::ratelimit::RateLimit;
 use kiln_rpc::token::{AccessClaims, Jwks, SigningKey, unix_now};
@@ -265,6 +265,72 @@ async fn api_keys_are_resolved_once_and_cached() {
         rig.state.key_lookups.load(Ordering::SeqCst),
         2,
         "refusals are cached too"
+    );
+}
+
+/// `kiln_authn_cache_lookups_total` of `kind` and `result`, as exposed.
+fn cache_lookups(rig: &Rig, kind: &str, result: &str) -> u64 {
+    let series = format!("kiln_authn_cache_lookups_total{{kind=\"{kind}\",result=\"{result}\"}} ");
+    let text = kiln_metrics::render(&rig.metrics);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn cache_hits_and_misses_are_counted_per_kind() {
+    let rig = rig_with(|_| {}, |a| a.api_key_ttl = Duration::from_millis(300)).await;
+    for (kind, result) in [
+        ("token", "hit"),
+        ("token", "miss"),
+        ("api_key", "hit"),
+        ("api_key", "miss"),
+    ] {
+        assert_eq!(
+            cache_lookups(&rig, kind, result),
+            0,
+            "{kind} {result} exists at 0"
+        );
+    }
+    // A key: the first look-up asks kiln-auth, the next two are answered from the cache.
+    for _ in 0..3 {
+        rig.who_am_i("kiln_k1_goodsecret").await.expect("valid key");
+    }
+    assert_eq!(cache_lookups(&rig, "api_key", "miss"), 1);
+    assert_eq!(cache_lookups(&rig, "api_key", "hit"), 2);
+    // A refused key is cached too: a miss, then a hit.
+    for _ in 0..2 {
+        assert_refused(rig.who_am_i("kiln_k2_wrongsecret").await, "unknown key");
+    }
+    assert_eq!(cache_lookups(&rig, "api_key", "miss"), 2);
+    assert_eq!(cache_lookups(&rig, "api_key", "hit"), 3);
+    // An expired entry is a miss again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    rig.who_am_i("kiln_k1_goodsecret").await.expect("valid key");
+    assert_eq!(cache_lookups(&rig, "api_key", "miss"), 3);
+    // Tokens: verified once, then from the cache; a forged one is a miss every time.
+    let token = rig.key.sign(&rig.claims("user")).expect("sign");
+    for _ in 0..3 {
+        rig.who_am_i(&token).await.expect("valid token");
+    }
+    assert_eq!(cache_lookups(&rig, "token", "miss"), 1);
+    assert_eq!(cache_lookups(&rig, "token", "hit"), 2);
+    let (other, _) = SigningKey::generate("k1").expect("key");
+    let forged = other.sign(&rig.claims("admin")).expect("sign");
+    for _ in 0..2 {
+        assert_refused(rig.who_am_i(&forged).await, "a token of another key");
+    }
+    assert_eq!(
+        cache_lookups(&rig, "token", "miss"),
+        3,
+        "refused tokens are not cached"
+    );
+    assert_eq!(cache_lookups(&rig, "token", "hit"), 2);
+    assert_eq!(
+        cache_lookups(&rig, "api_key", "hit"),
+        3,
+        "keys unaffected by tokens"
     );
 }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod guard;
+mod metrics;
 pub mod prompt;
 pub mod reply;
 mod service;
@@ -76,6 +77,7 @@ impl AgentApi {
             cancels: Mutex::new(Default::default()),
             stopping: watch::channel(false).0,
             runners: Mutex::new(Vec::new()),
+            metrics: metrics::AgentMetrics::default(),
         });
         let unfinished = shared.store.unfinished().await?;
         if !unfinished.is_empty() {
@@ -88,6 +90,12 @@ impl AgentApi {
             shared,
             dir_lock: Arc::new(Mutex::new(Some(dir_lock))),
         })
+    }
+
+    /// Adds this service's metrics (`kiln_agent_…`: tasks by phase, finished tasks, model
+    /// calls and their latency, tokens, fix iterations) to `registry`.
+    pub fn register_metrics(&self, registry: &mut kiln_metrics::Registry) {
+        self.shared.metrics.register(registry);
     }
 
     /// Health checks for the server's readiness: the store answers.

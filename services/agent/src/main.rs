@@ -58,12 +58,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("opening the agent service")?;
 
-    // The RPC metrics; the agent's own (tasks by phase, model calls) are not exported yet.
     let mut registry = kiln_metrics::registry();
+    let authenticator = me.authenticator(&server, &auth_endpoint);
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
-        .with_authenticator(me.authenticator(&server, &auth_endpoint));
+        .with_authenticator(authenticator.clone());
     if server.metrics_listen.is_some() {
         listener = listener.with_metrics(&mut registry);
+        api.register_metrics(&mut registry);
+        authenticator.register_metrics(&mut registry);
     }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
@@ -72,12 +74,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_agent::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
+    let metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
-        "kiln-agent is serving on https://{} as {}",
+        "kiln-agent is serving on {}://{} as {}",
+        me.scheme(),
         bound.local_addr(),
         me.id
     );
+    kiln_launch::announce_metrics(metrics.as_ref());
     bound.serve_until(shutdown).await?;
     // Tasks stay as persisted and continue at the next start.
     api.shutdown(Duration::from_secs(5)).await;

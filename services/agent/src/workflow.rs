@@ -36,6 +36,7 @@ use crate::clients::{BuildClient, Credential, Delegator};
 use crate::config::AgentConfig;
 use crate::diagnose;
 use crate::guard;
+use crate::metrics::{AgentMetrics, CallOutcome, CallTimer};
 use crate::prompt::{self, ReplyForm};
 use crate::reply;
 use crate::store::{Store, StoredTask, TaskUpdate};
@@ -79,6 +80,7 @@ pub struct Shared {
     /// The service is stopping: runners leave their tasks as persisted.
     pub stopping: watch::Sender<bool>,
     pub runners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub(crate) metrics: AgentMetrics,
 }
 
 impl std::fmt::Debug for Shared {
@@ -106,6 +108,7 @@ pub fn spawn(shared: &Arc<Shared>, stored: StoredTask) {
         shared.config.live_window_bytes,
     );
     shared.logs.insert(log.clone());
+    shared.metrics.task_opened(stored.record.phase());
     let runner = Runner {
         shared: shared.clone(),
         log,
@@ -201,6 +204,7 @@ impl Runner {
         // Watchers holding the live log finish from it; new ones read the store.
         self.shared.logs.remove(&id);
         if !finished {
+            self.shared.metrics.task_left(self.rec.phase());
             tracing::info!(task = %id, "task left as persisted; it continues at the next start");
         }
     }
@@ -330,6 +334,9 @@ impl Runner {
             record: Some(Box::new(next.clone())),
             relayed_build_sequence: Some(self.relayed),
         };
+        // The gauge follows `self.rec`: a runner that stops after this point leaves the
+        // task in `phase` (see `run`).
+        self.shared.metrics.phase_changed(previous, phase);
         self.rec = next;
         self.append(events, update).await
     }
@@ -343,6 +350,7 @@ impl Runner {
         result.message = message.clone();
         let after = vec![Event::Result(result)];
         let failure = (phase != pb::Phase::Done).then(|| message.clone());
+        let counted_reason = reason.clone();
         self.transition_then(phase, message.clone(), Vec::new(), after, move |r| {
             r.finished_at = Some(now_micros());
             r.result_reason = reason;
@@ -352,7 +360,12 @@ impl Runner {
                 r.failure_message = failure;
             }
         })
-        .await
+        .await?;
+        // Counted once it is persisted: a restart before that finishes the task again.
+        self.shared
+            .metrics
+            .task_finished(phase, &counted_reason, self.rec.iteration);
+        Ok(())
     }
 
     async fn fail(&mut self, reason: &'static str, message: String) -> StepResult {
@@ -558,6 +571,8 @@ impl Runner {
         request.max_tokens = Some(limit);
         request.output = output;
         let started = Instant::now();
+        let shared = self.shared.clone();
+        let mut timer = CallTimer::start(&shared.metrics, phase);
         let mut stream = self.shared.provider.chat(request);
         let mut text = String::new();
         let mut pending = String::new();
@@ -576,6 +591,7 @@ impl Runner {
                 }
                 Ok(ChatEvent::Finished { usage: u, .. }) => usage = u,
                 Err(e) => {
+                    timer.finish(CallOutcome::Error);
                     self.flush_output(phase, call_index, &mut pending).await?;
                     return Err(Stop::Fail(
                         result_reason::PROVIDER_ERROR,
@@ -584,8 +600,13 @@ impl Runner {
                 }
             }
         }
+        timer.finish(CallOutcome::Ok);
+        drop(timer);
         self.flush_output(phase, call_index, &mut pending).await?;
         let call = usage.unwrap_or_default();
+        self.shared
+            .metrics
+            .tokens(call.prompt_tokens, call.completion_tokens);
         let mut next = self.rec.clone();
         next.call_index += 1;
         next.usage.prompt_tokens += call.prompt_tokens;

@@ -45,6 +45,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // One process per data directory (kiln-build and kiln-agent hold theirs in open()).
     let _lock = kiln_store::DirLock::acquire(&auth.data_dir)?;
     auth.admin_password = kiln_launch::admin_password(args.admin_password_file.as_deref())?;
+    // In mesh mode kiln-auth verifies tokens through its sidecar, like its peers (a call
+    // to itself on loopback would carry no forwarded identity for ListRevocations).
+    let configured_self = if server.mesh {
+        Some(kiln_launch::endpoint(&server, "auth")?)
+    } else {
+        server.endpoints.auth.clone()
+    };
     let api = AuthApi::open(auth)
         .await
         .context("opening the auth service")?;
@@ -62,21 +69,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_auth::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     // kiln-auth verifies tokens like every service, through its own API: at its
     // configured address, else on loopback (the certificate must name `localhost`).
-    let own = server
-        .endpoints
-        .auth
-        .clone()
+    let own = configured_self
         .unwrap_or_else(|| format!("https://localhost:{}", bound.local_addr().port()));
-    bound.set_authenticator(me.authenticator(&server, &own));
+    let authenticator = me.authenticator(&server, &own);
+    if server.metrics_listen.is_some() {
+        authenticator.register_metrics(&mut registry);
+    }
+    bound.set_authenticator(authenticator);
+    let metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     // The first stdout line is the contract with scripts and tests.
     println!(
-        "kiln-auth is serving on https://{} as {}",
+        "kiln-auth is serving on {}://{} as {}",
+        me.scheme(),
         bound.local_addr(),
         me.id
     );
+    kiln_launch::announce_metrics(metrics.as_ref());
     bound.serve_until(shutdown).await?;
     api.close().await;
     Ok(())

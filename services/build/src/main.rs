@@ -44,11 +44,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("opening the build service")?;
 
     let mut registry = kiln_metrics::registry();
+    let authenticator = me.authenticator(&server, &auth_endpoint);
     let mut listener = KilnServer::new(kiln_launch::server_settings(&server, me.tls_files()))
-        .with_authenticator(me.authenticator(&server, &auth_endpoint));
+        .with_authenticator(authenticator.clone());
     if server.metrics_listen.is_some() {
         listener = listener.with_metrics(&mut registry);
         api.register_metrics(&mut registry);
+        authenticator.register_metrics(&mut registry);
     }
     for check in api.readiness() {
         listener = listener.with_readiness(SERVICE_NAME, check);
@@ -57,13 +59,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(kiln_build::service(api.clone()))
         .bind()
         .await?;
-    let _metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
+    let metrics = kiln_launch::serve_metrics(server.metrics_listen, registry).await?;
     println!(
-        "kiln-build is serving on https://{} as {} (sandbox tier {})",
+        "kiln-build is serving on {}://{} as {} (sandbox tier {})",
+        me.scheme(),
         bound.local_addr(),
         me.id,
         api.sandbox_tier()
     );
+    kiln_launch::announce_metrics(metrics.as_ref());
     bound.serve_until(shutdown).await?;
     // Builds still running after the grace period end INTERRUPTED (logs kept); queued
     // builds run at the next start.

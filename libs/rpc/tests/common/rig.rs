@@ -21,6 +21,8 @@ pub struct Rig {
     pub pki: DevPki,
     pub state: Arc<FakeAuthState>,
     pub key: SigningKey,
+    /// The authenticator's metrics.
+    pub metrics: kiln_metrics::Registry,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -66,7 +68,10 @@ pub async fn rig_with(
             ),
     );
     authn_fn(&mut authn);
-    server.set_authenticator(Arc::new(SuiteAuthenticator::new(authn)));
+    let authenticator = Arc::new(SuiteAuthenticator::new(authn));
+    let mut metrics = kiln_metrics::registry();
+    authenticator.register_metrics(&mut metrics);
+    server.set_authenticator(authenticator);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.serve_until(async {
         let _ = stopped.await;
@@ -76,6 +81,7 @@ pub async fn rig_with(
         pki,
         state,
         key,
+        metrics,
         _dir: dir,
         _stop: stop,
     }
