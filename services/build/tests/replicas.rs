@@ -60,7 +60,7 @@ fn python(code: &str) -> pb::Step {
 }
 
 fn started_at(b: &pb::Build) -> (i64, i32) {
-    let t = b.started_at.clone().expect("started");
+    let t = b.started_at.expect("started");
     (t.seconds, t.nanos)
 }
 
@@ -150,8 +150,8 @@ async fn sixty_builds_from_four_users_run_once_each_fairly_and_are_watched_from_
         let mut mine: Vec<&pb::Build> = builds.iter().filter(|b| b.owner == user).collect();
         mine.sort_by_key(|b| started_at(b));
         for pair in mine.windows(2) {
-            let end = pair[0].finished_at.clone().expect("finished");
-            let next = pair[1].started_at.clone().expect("started");
+            let end = pair[0].finished_at.expect("finished");
+            let next = pair[1].started_at.expect("started");
             assert!(
                 (end.seconds, end.nanos) <= (next.seconds, next.nanos),
                 "{user}'s builds overlap: the per-user limit is global"
