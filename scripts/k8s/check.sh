@@ -27,6 +27,8 @@ for dir in "$root"/k8s/overlays/*/; do
     "$bin/kubernetes-validate" --strict --quiet --no-warn "$out/$name.yaml"
     echo "k8s-check: overlay $name validates (kubernetes-validate --strict)"
 done
+# The example of the Secret the production overlay reads is a valid object too.
+"$bin/kubernetes-validate" --strict --quiet --no-warn "$root/k8s/overlays/production/database-secret.example.yaml"
 [ "${#overlays[@]}" -ge 4 ] || { echo "k8s-check: expected the dev, mesh, production and production-tier-a overlays"; exit 1; }
 
 # Every service's config file in the base is one the binary accepts.
