@@ -217,3 +217,81 @@ async fn a_cancel_sent_to_any_replica_stops_the_build_wherever_it_runs() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_under_load_fails_calls_cleanly_and_kiln_recovers_by_itself() {
+    let cluster = match kiln_testkit::Cluster::start() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: no Postgres: {why}");
+            return;
+        }
+    };
+    let url: kiln_testkit::DatabaseUrl = cluster.admin_url().parse().expect("url");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (endpoint, ca, _api, _stop) = serve(dir.path(), move |c| c.database_url = Some(url)).await;
+    let mut c = client(&endpoint, &ca, "alice-user").await;
+    let ws = workspace(&mut c, vec![file("x", "x")]).await;
+    let log = run(&mut c, build_req(&ws.id, vec![step(&["echo", "before"])])).await;
+    assert_eq!(log.state(), pb::BuildState::Succeeded);
+
+    // Load: reads and starts, back to back, through the outage.
+    let mut load = c.clone();
+    let load_ws = ws.id.clone();
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop_load.clone();
+    let loader = tokio::spawn(async move {
+        let mut codes = HashMap::new();
+        while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let listed = load
+                .list_builds(pb::ListBuildsRequest::default())
+                .await
+                .map(drop);
+            let started = load
+                .start_build(build_req(&load_ws, vec![step(&["true"])]))
+                .await
+                .map(drop);
+            for r in [listed, started] {
+                *codes.entry(r.err().map(|s| s.code())).or_insert(0u32) += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        codes
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.stop();
+    let refused = c
+        .start_build(build_req(&ws.id, vec![step(&["echo", "during"])]))
+        .await
+        .expect_err("no database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_again().expect("Postgres back");
+    let back = std::time::Instant::now();
+    // Without restarting kiln: calls succeed again, and a new build runs.
+    let log = loop {
+        match c
+            .run_build(build_req(&ws.id, vec![step(&["echo", "after"])]))
+            .await
+        {
+            Ok(stream) => break collect(stream.into_inner()).await,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                assert!(back.elapsed() < Duration::from_secs(30), "recovers: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(log.state(), pb::BuildState::Succeeded);
+    assert_eq!(log.stdout(0), b"after\n");
+    eprintln!("kiln-build served again {:?} after Postgres came back", back.elapsed());
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes = loader.await.expect("loader");
+    eprintln!("calls under load, by outcome: {codes:?}");
+    for code in codes.keys().flatten() {
+        assert!(
+            matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted),
+            "a lost database is UNAVAILABLE (or the queue was full), never {code:?}: {codes:?}"
+        );
+    }
+}
