@@ -77,4 +77,19 @@ pub trait EventStore: EventKind + Clone {
     /// Whether the log will get no more events (it ended, or it no longer exists).
     /// Asked only about logs that have no [`LiveLog`] registered.
     fn is_closed(&self, log_id: &str) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// Waits until `log_id` may have new stored events, at most `timeout`. A watcher of
+    /// a log that is not live in this process (another process writes it) calls this
+    /// between reads of the store. The default is to poll: wait `timeout`. A store that
+    /// several processes share may wake watchers as soon as another process appends
+    /// (Postgres LISTEN/NOTIFY); an append just before the wait is then caught by the
+    /// timeout, so the timeout stays the bound.
+    fn wait_for_append(
+        &self,
+        log_id: &str,
+        timeout: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = log_id;
+        tokio::time::sleep(timeout)
+    }
 }

@@ -14,9 +14,10 @@ use crate::{EventStore, LiveLog, Logs};
 const STORE_BATCH: usize = 512;
 /// Events copied from the window per turn.
 const WINDOW_BATCH: usize = 256;
-/// How often a watcher of a log that is neither live nor closed asks the store again.
-/// That happens only between a log's first store write and its registration, or when
-/// another process writes the log.
+/// How often, at the latest, a watcher of a log that is neither live nor closed asks the
+/// store again (sooner when the store says it was appended to: `wait_for_append`). That
+/// happens only between a log's first store write and its registration, or when another
+/// process writes the log.
 const STORE_POLL: Duration = Duration::from_millis(100);
 
 /// A live log being followed, with its receiver of the last published sequence.
@@ -152,7 +153,9 @@ impl<S: EventStore, W: Send + 'static> Watcher<S, W> {
             if started.elapsed() >= self.heartbeat {
                 return Ok(false);
             }
-            tokio::time::sleep(STORE_POLL.min(self.heartbeat)).await;
+            self.store
+                .wait_for_append(&self.id, STORE_POLL.min(self.heartbeat))
+                .await;
         }
     }
 }

@@ -18,6 +18,7 @@ use sqlx::any::AnyRow;
 use crate::error::{BuildError, Result};
 use crate::outputs::OutputFiles;
 
+mod appended;
 mod build_events;
 use build_events::insert_events;
 
@@ -59,6 +60,8 @@ pub struct Store {
     db: kiln_store::Database,
     /// Output bytes, one append-only file per build (see `OutputFiles`).
     outputs: OutputFiles,
+    /// On Postgres: appends announced by any replica, for watchers here.
+    appended: Option<std::sync::Arc<appended::Appended>>,
 }
 
 /// A workspace row.
@@ -157,9 +160,15 @@ impl Store {
     /// to files under `outputs_dir`.
     pub async fn open(url: &kiln_store::DatabaseUrl, outputs_dir: &Path) -> Result<Self> {
         let db = kiln_store::Database::open(url, SCHEMA, MIGRATIONS).await?;
+        // Where other replicas may write the logs this one's watchers follow.
+        let appended = match url {
+            kiln_store::DatabaseUrl::Postgres(_) => Some(appended::Appended::start(url.expose())),
+            kiln_store::DatabaseUrl::Sqlite(_) => None,
+        };
         Ok(Self {
             db,
             outputs: OutputFiles::new(outputs_dir)?,
+            appended,
         })
     }
 

@@ -58,6 +58,15 @@ impl EventStore for Store {
         }
         q.push(" WHERE id = ").bind(build_id.to_owned());
         q.build().execute(&mut *tx).await?;
+        if self.backend == kiln_store::Backend::Postgres {
+            // Delivered at commit, to every replica's watchers of this build. Wrapped
+            // in a count: `pg_notify` returns `void`, which `Any` cannot decode.
+            sqlx::query("SELECT count(*) FROM (SELECT pg_notify($1, $2)) AS announced")
+                .bind(super::appended::CHANNEL)
+                .bind(build_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -99,6 +108,15 @@ impl EventStore for Store {
     async fn is_closed(&self, build_id: &str) -> Result<bool> {
         let build = self.get_build(build_id).await?;
         Ok(build.is_none_or(|b| crate::log::is_final(b.build.state)))
+    }
+
+    /// On Postgres, woken by another replica's append; on SQLite (one process, whose
+    /// running builds are live logs) a plain wait.
+    async fn wait_for_append(&self, build_id: &str, timeout: std::time::Duration) {
+        match &self.appended {
+            Some(appended) => appended.wait(build_id, timeout).await,
+            None => tokio::time::sleep(timeout).await,
+        }
     }
 }
 
