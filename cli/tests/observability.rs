@@ -323,6 +323,17 @@ fn prometheus_scrapes_a_known_workload_and_the_dashboard_queries_evaluate() {
     prometheus.expect("kiln_build_running", 0.0);
     prometheus.expect("kiln_build_queue_depth", 0.0);
     prometheus.expect("sum(kiln_rpc_in_flight_requests)", 0.0);
+    // kiln up registers the agent's metrics and its verifier's cache counter: every
+    // series of their fixed label sets is there from the start.
+    prometheus.expect("count(kiln_agent_tasks)", 7.0);
+    prometheus.expect("sum(kiln_agent_tasks)", 0.0);
+    prometheus.expect("count(kiln_agent_model_tokens_total)", 2.0);
+    prometheus.expect("count(kiln_authn_cache_lookups_total)", 4.0);
+    prometheus.expect(
+        r#"sum(kiln_authn_cache_lookups_total{kind="token"}) > bool 0"#,
+        // The CLI's calls with its token went through the cache (at least one miss).
+        1.0,
+    );
     // The build's stream was measured to its end, not to its headers.
     let streamed = prometheus
         .value(r#"sum(kiln_rpc_request_duration_seconds_sum{method=~"RunBuild|WatchBuild"})"#)
