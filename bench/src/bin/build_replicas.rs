@@ -280,6 +280,15 @@ async fn cross_replica_watch(replicas: &[Replica]) -> Vec<Duration> {
     for w in watchers {
         all.push(w.await.expect("join"));
     }
+    for (i, a) in all.iter().enumerate() {
+        if let (Some(first), Some(last)) = (a.first(), a.last()) {
+            println!(
+                "  watcher on replica {i}: {} output events over {:.0} ms",
+                a.len(),
+                ms(last.1 - first.1)
+            );
+        }
+    }
     // For each output end offset the first watcher got, how late each other watcher was
     // to have at least that many bytes.
     let mut lags = Vec::new();
