@@ -53,6 +53,26 @@ pub async fn database_url() -> Option<DatabaseUrl> {
     }
 }
 
+/// Like [`database_url`], for a service reopened on the same data directory (a restart,
+/// recovery): the first call for `dir` creates the database and notes its URL in
+/// `dir/.test-database-url`; later calls for `dir` (in this process or a child)
+/// return the same database.
+pub async fn database_url_in(dir: &std::path::Path) -> Option<DatabaseUrl> {
+    // The note first, whatever the backend: a child process (a server to SIGKILL) runs
+    // outside the parent test's scope but must open the parent's database.
+    let note = dir.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&note) {
+        return Some(url.parse().expect("a noted database URL"));
+    }
+    if backend() == Backend::Sqlite {
+        return None;
+    }
+    let url = database_url().await?;
+    std::fs::create_dir_all(dir).expect("create the data directory");
+    std::fs::write(&note, url.expose()).expect("note the database URL");
+    Some(url)
+}
+
 /// A Postgres server tests create databases on.
 #[derive(Debug)]
 pub struct Server {

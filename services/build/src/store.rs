@@ -337,9 +337,12 @@ impl Store {
     }
 
     /// Deletes a workspace's record unless a build of it is queued or running, in one
-    /// statement (so a StartBuild cannot slip in between a check and the delete).
+    /// statement (so a StartBuild cannot slip in between a check and the delete), inside
+    /// a write transaction: on Postgres, where a statement does not see another's
+    /// uncommitted insert of a build, the transaction's lock orders it with StartBuild's.
     /// Returns whether it was deleted.
     pub async fn delete_workspace(&self, id: &str) -> Result<bool> {
+        let mut tx = self.db.begin().await?;
         let done = sqlx::query(
             "DELETE FROM workspaces WHERE id = $1 AND NOT EXISTS \
              (SELECT 1 FROM builds WHERE workspace_id = $2 AND state IN ($3, $4))",
@@ -348,8 +351,9 @@ impl Store {
         .bind(id)
         .bind(pb::BuildState::Queued as i32)
         .bind(pb::BuildState::Running as i32)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
