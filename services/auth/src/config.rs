@@ -143,7 +143,8 @@ fn system_clock() -> std::sync::Arc<dyn Clock> {
 /// (reason LOGIN_THROTTLED) with RetryInfo without checking the password. A successful
 /// login clears its account's counter (not the peer's: one valid account must not let an
 /// attacker reset the peer's count). Counters are forgotten after `failure_window`
-/// without failures.
+/// without failures. Counters and attempts in flight are kept in the store, so every
+/// replica on one database counts the same guesses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ThrottleConfig {
@@ -161,8 +162,8 @@ pub struct ThrottleConfig {
     /// Counters without a failure for this long are dropped. Default 1 hour.
     #[serde(with = "duration")]
     pub failure_window: Duration,
-    /// At most this many counters are kept per kind; when full, expired counters are
-    /// dropped first, then the oldest. Default 100 000.
+    /// At most this many counters are kept per kind (account, peer) in the store;
+    /// expired counters are dropped first, then the oldest. Default 100 000.
     pub max_entries: usize,
 }
 
