@@ -86,20 +86,25 @@ impl Server {
     /// A new database with a random name; its URL. Databases are not dropped: they die
     /// with the throwaway cluster.
     pub async fn fresh_database(&self) -> DatabaseUrl {
-        use sqlx::Connection as _;
-        let name = format!("t_{:016x}", fastrand::u64(..));
-        let mut conn = sqlx::PgConnection::connect(&self.admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let _ = conn.close().await;
-        with_database(&self.admin_url, &name)
-            .parse()
-            .expect("a postgres URL")
+        create_database(&self.admin_url).await
     }
+}
+
+/// Creates a database with a random name on the server of `admin_url`; its URL.
+pub async fn create_database(admin_url: &str) -> DatabaseUrl {
+    use sqlx::Connection as _;
+    let name = format!("t_{:016x}", fastrand::u64(..));
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    let _ = conn.close().await;
+    with_database(admin_url, &name)
+        .parse()
+        .expect("a postgres URL")
 }
 
 /// `admin_url` with its database replaced by `name`.
