@@ -1,4 +1,4 @@
-//! The SQLite store: tasks (a record per task, rewritten at each phase change) and their
+//! The store (SQLite `agent.db` or schema `agent` on Postgres, the same SQL for both): tasks (a record per task, rewritten at each phase change) and their
 //! event logs, through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees.
 //! Queries use portable SQL built at run time, as kiln-build's do.
 
@@ -23,7 +23,7 @@ const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
     postgres: &POSTGRES,
 };
 
-/// The connections to `agent.db`.
+/// The connections to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: kiln_store::Database,

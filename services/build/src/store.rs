@@ -1,4 +1,5 @@
-//! The SQLite store: workspaces, builds and their event logs.
+//! The store (SQLite `build.db` or schema `build` on Postgres, the same SQL for both):
+//! workspaces, builds and their event logs.
 //!
 //! Opened the kiln way (`kiln_store`: 0600 file, WAL, one writer and a few readers so
 //! that watchers replaying logs never wait for the runner, embedded migrations). Queries
@@ -53,7 +54,7 @@ pub fn duration_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The connections to `build.db`.
+/// The connections to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: kiln_store::Database,
