@@ -1,6 +1,7 @@
 //! The store (SQLite `agent.db` or schema `agent` on Postgres, the same SQL for both):
-//! tasks (a record per task, rewritten at each phase change) and their event logs, through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees.
-//! Queries use portable SQL built at run time, as kiln-build's do.
+//! tasks (a record per task, rewritten at each phase change) and their event logs,
+//! through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees. Queries use
+//! portable SQL built at run time, as kiln-build's do.
 
 use kiln_eventlog::{EventKind, EventStore};
 use kiln_proto::agent as pb;
