@@ -269,3 +269,58 @@ impl kiln_config::ConfigFile for AuthFile {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_config::{ConfigFile, Overrides};
+
+    use super::*;
+
+    fn load(toml: &str, overrides: Overrides) -> Result<AuthFile, kiln_config::Error> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, toml).expect("write");
+        AuthFile::load(Some(&file), overrides)
+    }
+
+    #[test]
+    fn the_database_defaults_to_the_sqlite_file_and_takes_a_postgres_url() {
+        let file = load("", Overrides::new()).expect("defaults");
+        assert_eq!(
+            file.auth.database().sqlite_path(),
+            Some(file.auth.data_dir.join(crate::DB_FILE).as_path())
+        );
+        let file = load(
+            "[auth]\ndatabase_url = \"postgres://kiln:s3cret@db/kiln\"\n",
+            Overrides::new(),
+        )
+        .expect("postgres");
+        assert_eq!(
+            file.auth.database().backend(),
+            kiln_store::Backend::Postgres
+        );
+        assert!(!format!("{:?}", file.auth).contains("s3cret"));
+        // The flag (last layer) wins over the file.
+        let file = load(
+            "[auth]\ndatabase_url = \"postgres://db/kiln\"\n",
+            Overrides::new().set("auth.database_url", Some("sqlite:///tmp/x.db")),
+        )
+        .expect("flag");
+        assert_eq!(
+            file.auth.database().sqlite_path(),
+            Some(std::path::Path::new("/tmp/x.db"))
+        );
+    }
+
+    #[test]
+    fn an_unknown_scheme_is_refused_by_name_without_its_password() {
+        let err = load(
+            "[auth]\ndatabase_url = \"mysql://root:s3cret@db/kiln\"\n",
+            Overrides::new(),
+        )
+        .expect_err("mysql");
+        let shown = err.to_string();
+        assert!(shown.contains("`mysql`"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+}
