@@ -403,3 +403,24 @@ impl EventStore for Store {
         })
     }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    /// The SQLite migrations of earlier releases, byte for byte (moved to
+    /// `migrations/sqlite/`): sqlx checks an applied migration's checksum at every
+    /// start, so a changed file would make every existing database refuse to open.
+    #[test]
+    fn the_released_sqlite_migrations_are_unchanged() {
+        let released: &[(i64, &str)] = &[(
+            1,
+            "4e35357a8a3b7c0913da60bfda998be99e9372aee829aab0575d6987e58bbaab8e08e9feb283bbe23736d733aed74fd3",
+        )];
+        let now = kiln_store::checksums(&super::SQLITE);
+        for (version, checksum) in released {
+            assert!(
+                now.contains(&(*version, (*checksum).to_owned())),
+                "migration {version} changed"
+            );
+        }
+    }
+}

@@ -611,3 +611,34 @@ pub fn parse_page_token(token: &str) -> Option<(i64, String)> {
 pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
     t.seconds * 1_000_000 + i64::from(t.nanos / 1000)
 }
+
+#[cfg(test)]
+mod migration_tests {
+    /// The SQLite migrations of earlier releases, byte for byte (moved to
+    /// `migrations/sqlite/`): sqlx checks an applied migration's checksum at every
+    /// start, so a changed file would make every existing database refuse to open.
+    #[test]
+    fn the_released_sqlite_migrations_are_unchanged() {
+        let released: &[(i64, &str)] = &[
+            (
+                1,
+                "30cf69929a778352693889452f26baa3ee086d919d1de9e578d5bf5cee3562321793158d678fe58955a16311951e1e60",
+            ),
+            (
+                2,
+                "728a920b15d5f512d38f297816584be10aef565bd4cd4eb1b6e0d1affee8ae69cefb117e6cce0422575d8a65042ba306",
+            ),
+            (
+                3,
+                "108a724d0b5f8ec5f0850511b5dc023bd6cb0cd04afb3b2d4343c6451b563eafbfc9344a010a54ef538b03247ae8b1c6",
+            ),
+        ];
+        let now = kiln_store::checksums(&super::SQLITE);
+        for (version, checksum) in released {
+            assert!(
+                now.contains(&(*version, (*checksum).to_owned())),
+                "migration {version} changed"
+            );
+        }
+    }
+}
