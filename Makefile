@@ -15,7 +15,7 @@ BUF_VERSION := 1.75.0
 ROTEL_VERSION := 0.0.1a15
 ENVOY_VERSION := 1.40.0
 
-.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm prometheus k8s-check
+.PHONY: all build demo run test lint fmt proto tools clean-tools bench bench-agent llm test-llm prometheus k8s-check postgres
 
 all: build
 
@@ -33,14 +33,27 @@ run:
 ## test: install the test tools and the local model, check lint and formatting and the
 ## Kubernetes manifests, run every test, then the model's smoke test and the agent's task
 ## against the real model (install, smoke and task take one to three minutes here).
-test: tools lint llm prometheus k8s-check
+test: tools lint llm prometheus k8s-check postgres
+	$(CARGO) build -q -p kiln-testkit --bin kiln-test-postgres
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		scripts/with-test-postgres.sh "$${CARGO_TARGET_DIR:-target}/debug/kiln-test-postgres" \
+			$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast; \
+		scripts/with-test-postgres.sh "$${CARGO_TARGET_DIR:-target}/debug/kiln-test-postgres" \
+			$(CARGO) test --workspace --no-fail-fast; \
 	fi
 	$(LLM_SMOKE)
 	$(AGENT_LLM_TEST)
+
+## postgres: PostgreSQL 15 (initdb, pg_ctl, postgres in /usr/lib/postgresql/15/bin) for
+## the tests that run on both SQLite and Postgres, from apt as root. Without it the
+## Postgres halves of those tests skip, saying so.
+postgres:
+	@if [ -x /usr/lib/postgresql/15/bin/postgres ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 \
+			|| echo "postgresql-15 could not be installed from apt: the Postgres tests will skip"; \
+	else echo "postgresql-15 is not installed and this is not root: the Postgres tests will skip"; fi
 
 ## prometheus: Prometheus and promtool for the metrics, alert-rule and dashboard tests
 ## (cli/tests/observability.rs), from apt as root. Without them those tests skip, saying so.

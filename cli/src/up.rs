@@ -116,6 +116,13 @@ pub struct UpArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, else none (no export).
     #[arg(long, env = "KILN_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// The database of all three services: `postgres://user@host/db` (each service in
+    /// its own schema: `auth`, `build`, `agent`) or `sqlite:///path` (not useful for all
+    /// three at once). Default: a SQLite file per service under the data directory.
+    /// Prefer the environment variable to the flag when the URL holds a password
+    /// (command lines are readable by every process on the host).
+    #[arg(long, env = "KILN_DATABASE_URL", value_name = "URL")]
+    database_url: Option<String>,
 }
 
 /// The OTLP endpoint kiln's own settings name: the flag, else the config file's.
@@ -213,6 +220,9 @@ fn overrides(args: &UpArgs) -> Overrides {
             "auth.refresh_reuse_grace",
             args.refresh_reuse_grace_ms.map(|ms| format!("{ms}ms")),
         )
+        .set("auth.database_url", args.database_url.clone())
+        .set("build.database_url", args.database_url.clone())
+        .set("agent.database_url", args.database_url.clone())
         .set("agent.provider.base_url", args.llm_url.clone())
         .set(
             "agent.default_model",

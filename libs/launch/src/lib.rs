@@ -334,15 +334,26 @@ pub struct ServiceArgs {
     /// TLS.
     #[arg(long)]
     pub probe: bool,
+    /// The service's database: `sqlite:///path` or `postgres://user@host/db`
+    /// (overrides `<service>.database_url`; default the SQLite file in the data
+    /// directory). A URL with a password belongs in `KILN_<SERVICE>__DATABASE_URL`, not
+    /// on a command line every process can read.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 impl ServiceArgs {
-    /// The flags as the last configuration layer.
-    pub fn overrides(&self) -> Overrides {
+    /// The flags as the last configuration layer, for the service whose section is
+    /// `section` (`auth`, `build`, `agent`).
+    pub fn overrides(&self, section: &str) -> Overrides {
         Overrides::new()
             .set("server.listen", self.listen)
             .set("server.data_dir", self.data_dir.clone())
             .set("server.mesh", self.mesh.then_some(true))
+            .set(
+                &format!("{section}.database_url"),
+                self.database_url.clone(),
+            )
     }
 }
 

@@ -232,6 +232,20 @@ impl Database {
     }
 }
 
+/// Each migration's version and checksum (lower-case hex SHA-384 of its SQL, what sqlx
+/// compares with the `_sqlx_migrations` row of an applied migration at every start).
+/// For tests that pin the migrations of released versions: a changed file would make
+/// every existing database refuse to open.
+pub fn checksums(migrator: &Migrator) -> Vec<(i64, String)> {
+    migrator
+        .iter()
+        .map(|m| {
+            let hex = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            (m.version, hex)
+        })
+        .collect()
+}
+
 /// `CREATE SCHEMA IF NOT EXISTS` can still fail with a unique violation when two
 /// replicas create the same schema at once; the loser finds it there.
 async fn create_schema(conn: &mut sqlx::AnyConnection, schema: &str) -> Result<(), sqlx::Error> {

@@ -28,3 +28,40 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Database, DatabaseUrl, Migrations};
+
+    static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+
+    #[tokio::test]
+    async fn a_fault_in_the_query_is_not_unavailable_a_closed_or_unreachable_database_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Database::open_sqlite(&dir.path().join("x.db"), &NONE)
+            .await
+            .expect("opens");
+        let syntax = sqlx::query("SELEC 1").execute(&db.read).await.unwrap_err();
+        assert!(!is_unavailable(&syntax), "{syntax}");
+        let missing = sqlx::query("SELECT * FROM nowhere")
+            .execute(&db.read)
+            .await
+            .unwrap_err();
+        assert!(!is_unavailable(&missing), "{missing}");
+        db.close().await;
+        let closed = sqlx::query("SELECT 1").execute(&db.read).await.unwrap_err();
+        assert!(is_unavailable(&closed), "{closed}");
+
+        // Nothing listens on port 1 of the loopback: connection refused.
+        let url: DatabaseUrl = "postgres://kiln@127.0.0.1:1/kiln".parse().expect("url");
+        let migrations = Migrations {
+            sqlite: &NONE,
+            postgres: &NONE,
+        };
+        match Database::open(&url, "auth", migrations).await {
+            Err(crate::Error::Sqlx(e)) => assert!(is_unavailable(&e), "{e}"),
+            other => panic!("expected a connection error, got {other:?}"),
+        }
+    }
+}

@@ -27,6 +27,8 @@ pub const POSTGRES_URL_VAR: &str = "KILN_TEST_POSTGRES_URL";
 
 tokio::task_local! {
     static BACKEND: Backend;
+    /// The databases a Postgres half created, dropped when it passes.
+    static CREATED: std::sync::Mutex<Vec<String>>;
 }
 
 /// Runs `test` with `backend` as the engine [`database_url`] answers for.
@@ -53,6 +55,26 @@ pub async fn database_url() -> Option<DatabaseUrl> {
     }
 }
 
+/// Like [`database_url`], for a service reopened on the same data directory (a restart,
+/// recovery): the first call for `dir` creates the database and notes its URL in
+/// `dir/.test-database-url`; later calls for `dir` (in this process or a child)
+/// return the same database.
+pub async fn database_url_in(dir: &std::path::Path) -> Option<DatabaseUrl> {
+    // The note first, whatever the backend: a child process (a server to SIGKILL) runs
+    // outside the parent test's scope but must open the parent's database.
+    let note = dir.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&note) {
+        return Some(url.parse().expect("a noted database URL"));
+    }
+    if backend() == Backend::Sqlite {
+        return None;
+    }
+    let url = database_url().await?;
+    std::fs::create_dir_all(dir).expect("create the data directory");
+    std::fs::write(&note, url.expose()).expect("note the database URL");
+    Some(url)
+}
+
 /// A Postgres server tests create databases on.
 #[derive(Debug)]
 pub struct Server {
@@ -66,20 +88,49 @@ impl Server {
     /// A new database with a random name; its URL. Databases are not dropped: they die
     /// with the throwaway cluster.
     pub async fn fresh_database(&self) -> DatabaseUrl {
-        use sqlx::Connection as _;
-        let name = format!("t_{:016x}", fastrand::u64(..));
-        let mut conn = sqlx::PgConnection::connect(&self.admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let _ = conn.close().await;
-        with_database(&self.admin_url, &name)
-            .parse()
-            .expect("a postgres URL")
+        let (url, name) = create(&self.admin_url).await;
+        let _ = CREATED.try_with(|c| c.lock().expect("created").push(name));
+        url
     }
+
+    /// Drops `names`, closing what is still connected to them (services of the test
+    /// that are still running). An empty PostgreSQL database takes about 7 MB: a run of
+    /// the whole suite would otherwise leave gigabytes in the cluster.
+    async fn drop_databases(&self, names: Vec<String>) {
+        use sqlx::Connection as _;
+        let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await else {
+            return;
+        };
+        for name in names {
+            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await;
+        }
+        let _ = conn.close().await;
+    }
+}
+
+/// Creates a database with a random name on the server of `admin_url`; its URL.
+pub async fn create_database(admin_url: &str) -> DatabaseUrl {
+    create(admin_url).await.0
+}
+
+async fn create(admin_url: &str) -> (DatabaseUrl, String) {
+    use sqlx::Connection as _;
+    let name = format!("t_{:016x}", fastrand::u64(..));
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    let _ = conn.close().await;
+    let url = with_database(admin_url, &name)
+        .parse()
+        .expect("a postgres URL");
+    (url, name)
 }
 
 /// `admin_url` with its database replaced by `name`.
@@ -120,10 +171,19 @@ pub fn postgres() -> Result<&'static Server, String> {
         .map_err(Clone::clone)
 }
 
-/// Runs a Postgres half of a test: skips (printing why) without a server.
+/// Runs a Postgres half of a test: skips (printing why) without a server. The
+/// databases it created are dropped when it passes (kept when it panics, to look at).
 pub async fn on_postgres<F: Future<Output = ()>>(test: F) {
     match postgres() {
-        Ok(_) => scope(Backend::Postgres, test).await,
+        Ok(server) => {
+            let created = CREATED
+                .scope(std::sync::Mutex::default(), async {
+                    scope(Backend::Postgres, test).await;
+                    CREATED.with(|c| std::mem::take(&mut *c.lock().expect("created")))
+                })
+                .await;
+            server.drop_databases(created).await;
+        }
         Err(why) => eprintln!("skipped on Postgres: {why}"),
     }
 }

@@ -31,8 +31,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
-    let AgentFile { server, mut agent } =
-        AgentFile::load(args.service.config.as_deref(), args.service.overrides())?;
+    let AgentFile { server, mut agent } = AgentFile::load(
+        args.service.config.as_deref(),
+        args.service.overrides("agent"),
+    )?;
     let me = Workload::from_config("agent", &server)?;
     if args.service.probe {
         return match kiln_launch::probe(&server, &me).await? {

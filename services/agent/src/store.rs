@@ -1,6 +1,7 @@
-//! The SQLite store: tasks (a record per task, rewritten at each phase change) and their
-//! event logs, through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees.
-//! Queries use portable SQL built at run time, as kiln-build's do.
+//! The store (SQLite `agent.db` or schema `agent` on Postgres, the same SQL for both):
+//! tasks (a record per task, rewritten at each phase change) and their event logs,
+//! through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees. Queries use
+//! portable SQL built at run time, as kiln-build's do.
 
 use kiln_eventlog::{EventKind, EventStore};
 use kiln_proto::agent as pb;
@@ -23,7 +24,7 @@ const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
     postgres: &POSTGRES,
 };
 
-/// The connections to `agent.db`.
+/// The connections to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: kiln_store::Database,
@@ -400,5 +401,26 @@ impl EventStore for Store {
             None => true,
             Some(t) => t.record.is_final(),
         })
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    /// The SQLite migrations of earlier releases, byte for byte (moved to
+    /// `migrations/sqlite/`): sqlx checks an applied migration's checksum at every
+    /// start, so a changed file would make every existing database refuse to open.
+    #[test]
+    fn the_released_sqlite_migrations_are_unchanged() {
+        let released: &[(i64, &str)] = &[(
+            1,
+            "4e35357a8a3b7c0913da60bfda998be99e9372aee829aab0575d6987e58bbaab8e08e9feb283bbe23736d733aed74fd3",
+        )];
+        let now = kiln_store::checksums(&super::SQLITE);
+        for (version, checksum) in released {
+            assert!(
+                now.contains(&(*version, (*checksum).to_owned())),
+                "migration {version} changed"
+            );
+        }
     }
 }

@@ -27,6 +27,7 @@ fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn bad_requests_name_every_bad_field() {
     let rig = Rig::start().await;
@@ -72,7 +73,9 @@ async fn bad_requests_name_every_bad_field() {
         "nothing was created for a bad request"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn no_provider_is_a_failed_precondition_naming_the_url_and_the_fix() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +88,7 @@ async fn no_provider_is_a_failed_precondition_naming_the_url_and_the_fix() {
     let url = format!("http://127.0.0.1:{port}");
     let build = FakeBuild::new();
     let api = kiln_agent::AgentApi::open(
-        config(dir.path(), &url),
+        config(dir.path(), &url).await,
         std::sync::Arc::new(build.clone()),
         std::sync::Arc::new(FakeDelegator::default()),
     )
@@ -112,7 +115,9 @@ async fn no_provider_is_a_failed_precondition_naming_the_url_and_the_fix() {
         "no workspace for a task that cannot run"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_unknown_model_is_not_found_with_what_is_offered() {
     let rig = Rig::start().await;
@@ -129,7 +134,9 @@ async fn an_unknown_model_is_not_found_with_what_is_offered() {
     );
     assert!(err.message().contains(MODEL), "{}", err.message());
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn list_models_says_what_the_provider_offers_and_the_default() {
     let rig = Rig::start().await;
@@ -151,7 +158,9 @@ async fn list_models_says_what_the_provider_offers_and_the_default() {
     assert_eq!(models.provider, pb::ProviderKind::OpenaiCompatible as i32);
     assert_eq!(models.provider_url, rig.llm.url());
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_retry_with_the_same_request_id_gets_the_same_task() {
     let rig = Rig::start().await;
@@ -196,7 +205,9 @@ async fn a_retry_with_the_same_request_id_gets_the_same_task() {
         .into_inner();
     assert_ne!(bobs.id, first.id);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn other_users_tasks_do_not_exist_for_a_user() {
     let rig = Rig::start().await;
@@ -278,7 +289,9 @@ async fn other_users_tasks_do_not_exist_for_a_user() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_task_is_found_by_a_unique_prefix_of_its_id_by_those_who_may_see_it() {
     let rig = Rig::start().await;
@@ -342,7 +355,9 @@ async fn a_task_is_found_by_a_unique_prefix_of_its_id_by_those_who_may_see_it() 
         .expect("the task");
     assert_eq!(cancelled.id, task.id);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn fixed_steps_must_pass_the_build_policy_at_start() {
     let rig = Rig::start().await;
@@ -365,7 +380,9 @@ async fn fixed_steps_must_pass_the_build_policy_at_start() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(fields(&err), ["steps[1].argv"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_refused_delegation_leaves_no_workspace_behind() {
     let rig = Rig::start().await;
@@ -385,7 +402,9 @@ async fn a_refused_delegation_leaves_no_workspace_behind() {
     let calls: Vec<&str> = rig.build.calls().iter().map(|c| c.rpc).collect();
     assert_eq!(calls, ["CreateWorkspace", "DeleteWorkspace"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn too_many_unfinished_tasks_are_refused_with_a_retry_delay() {
     let rig = Rig::start_with(|c| c.max_tasks_per_user = 2).await;
@@ -412,7 +431,9 @@ async fn too_many_unfinished_tasks_are_refused_with_a_retry_delay() {
         .await
         .unwrap();
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn tasks_list_newest_first_with_filters_and_pages() {
     let rig = Rig::start().await;
@@ -476,7 +497,9 @@ async fn tasks_list_newest_first_with_filters_and_pages() {
     let bad = page("junk".into(), 0).await.unwrap_err();
     assert_eq!(fields(&bad), ["page_token"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn concurrent_starts_cannot_outrun_the_per_user_limit() {
     // Checked before the work and counted after would let all of them through.
@@ -499,7 +522,9 @@ async fn concurrent_starts_cannot_outrun_the_per_user_limit() {
     let deleted = calls.iter().filter(|c| c.rpc == "DeleteWorkspace").count();
     assert_eq!(created - deleted, 2);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_admin_may_cancel_anyones_task() {
     let rig = Rig::start().await;
@@ -523,4 +548,5 @@ async fn an_admin_may_cancel_anyones_task() {
         .task
         .unwrap();
     assert_eq!(cancelled.phase, pb::Phase::Cancelled as i32);
+}
 }

@@ -21,6 +21,7 @@ fn model_prompts(rig: &Rig) -> Vec<String> {
         .collect()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_task_goes_from_prompt_to_a_green_build() {
     let rig = Rig::start().await;
@@ -108,7 +109,9 @@ async fn a_task_goes_from_prompt_to_a_green_build() {
         "a workspace id is not a task id"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_failing_build_is_diagnosed_and_fixed() {
     let rig = Rig::start().await;
@@ -151,7 +154,9 @@ async fn a_failing_build_is_diagnosed_and_fixed() {
     );
     assert_eq!(r.usage.unwrap().model_calls, 3);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_same_error_twice_ends_the_task_as_stuck() {
     let rig = Rig::start().await;
@@ -174,7 +179,9 @@ async fn the_same_error_twice_ends_the_task_as_stuck() {
     );
     assert!(r.message.contains("the same error twice"), "{}", r.message);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_same_files_twice_end_the_task_as_stuck() {
     let rig = Rig::start().await;
@@ -191,7 +198,9 @@ async fn the_same_files_twice_end_the_task_as_stuck() {
     );
     assert!(r.message.contains("same files"), "{}", r.message);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn fix_iterations_are_bounded() {
     let rig = Rig::start().await;
@@ -216,7 +225,9 @@ async fn fix_iterations_are_bounded() {
     assert_eq!(r.iterations, 1);
     assert_eq!(rig.build.builds_started(), 2);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_blocking_finding_sends_the_model_back_without_writing_anything() {
     let rig = Rig::start().await;
@@ -261,7 +272,9 @@ async fn a_blocking_finding_sends_the_model_back_without_writing_anything() {
         "the FIX prompt names the refused path"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn commands_the_model_proposes_must_pass_the_build_policy() {
     let rig = Rig::start().await;
@@ -313,6 +326,7 @@ async fn commands_the_model_proposes_must_pass_the_build_policy() {
         ["python3", "-m", "unittest", "-v", "test_calc"]
     );
 }
+}
 
 async fn task_id(rig: &Rig) -> String {
     rig.api
@@ -329,6 +343,7 @@ async fn task_id(rig: &Rig) -> String {
         .clone()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn cancel_aborts_the_model_call() {
     let rig = Rig::start().await;
@@ -349,7 +364,9 @@ async fn cancel_aborts_the_model_call() {
     let events = rig.watch_all(&task.id).await;
     assert_eq!(result(&events).reason, "CANCELLED");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn cancel_during_a_build_cancels_the_build() {
     let rig = Rig::start().await;
@@ -365,7 +382,9 @@ async fn cancel_during_a_build_cancels_the_build() {
     assert_eq!(t.phase, Phase::Cancelled as i32);
     assert_eq!(rig.build.cancelled(), t.build_ids);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_time_budget_ends_a_task() {
     let rig = Rig::start().await;
@@ -384,7 +403,9 @@ async fn the_time_budget_ends_a_task() {
     );
     rig.llm.wait_for_closed_connections(1).await;
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_token_budget_ends_a_task() {
     let rig = Rig::start().await;
@@ -404,7 +425,9 @@ async fn the_token_budget_ends_a_task() {
         "no call once the budget is spent"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_provider_failure_ends_the_task_with_its_reason() {
     let rig = Rig::start().await;
@@ -423,7 +446,9 @@ async fn a_provider_failure_ends_the_task_with_its_reason() {
     );
     assert!(r.message.contains("500"), "{}", r.message);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_restart_during_a_model_call_redoes_only_that_call() {
     let mut rig = Rig::start().await;
@@ -459,7 +484,9 @@ async fn a_restart_during_a_model_call_redoes_only_that_call() {
         3
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_restart_during_a_build_follows_the_same_build() {
     let mut rig = Rig::start().await;
@@ -502,6 +529,7 @@ async fn a_restart_during_a_build_follows_the_same_build() {
     let expected: Vec<u64> = (1..=relayed.len() as u64).collect();
     assert_eq!(relayed, expected);
 }
+}
 
 async fn get(rig: &Rig, id: &str) -> pb::Task {
     rig.api
@@ -521,6 +549,7 @@ async fn last_sequence(rig: &Rig, id: &str) -> u64 {
     get(rig, id).await.last_sequence
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn watch_resumes_after_any_sequence_without_gap_or_duplicate() {
     let rig = Rig::start().await;
@@ -555,4 +584,5 @@ async fn watch_resumes_after_any_sequence_without_gap_or_duplicate() {
         .await;
         assert_eq!(rest, all[after as usize..].to_vec(), "after {after}");
     }
+}
 }

@@ -143,7 +143,8 @@ fn system_clock() -> std::sync::Arc<dyn Clock> {
 /// (reason LOGIN_THROTTLED) with RetryInfo without checking the password. A successful
 /// login clears its account's counter (not the peer's: one valid account must not let an
 /// attacker reset the peer's count). Counters are forgotten after `failure_window`
-/// without failures.
+/// without failures. Counters and attempts in flight are kept in the store, so every
+/// replica on one database counts the same guesses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ThrottleConfig {
@@ -161,8 +162,8 @@ pub struct ThrottleConfig {
     /// Counters without a failure for this long are dropped. Default 1 hour.
     #[serde(with = "duration")]
     pub failure_window: Duration,
-    /// At most this many counters are kept per kind; when full, expired counters are
-    /// dropped first, then the oldest. Default 100 000.
+    /// At most this many counters are kept per kind (account, peer) in the store;
+    /// expired counters are dropped first, then the oldest. Default 100 000.
     pub max_entries: usize,
 }
 
@@ -266,5 +267,60 @@ impl kiln_config::ConfigFile for AuthFile {
     fn finish(&mut self) -> Result<(), kiln_config::Error> {
         self.auth.data_dir = self.server.effective_data_dir().join("auth");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_config::{ConfigFile, Overrides};
+
+    use super::*;
+
+    fn load(toml: &str, overrides: Overrides) -> Result<AuthFile, kiln_config::Error> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, toml).expect("write");
+        AuthFile::load(Some(&file), overrides)
+    }
+
+    #[test]
+    fn the_database_defaults_to_the_sqlite_file_and_takes_a_postgres_url() {
+        let file = load("", Overrides::new()).expect("defaults");
+        assert_eq!(
+            file.auth.database().sqlite_path(),
+            Some(file.auth.data_dir.join(crate::DB_FILE).as_path())
+        );
+        let file = load(
+            "[auth]\ndatabase_url = \"postgres://kiln:s3cret@db/kiln\"\n",
+            Overrides::new(),
+        )
+        .expect("postgres");
+        assert_eq!(
+            file.auth.database().backend(),
+            kiln_store::Backend::Postgres
+        );
+        assert!(!format!("{:?}", file.auth).contains("s3cret"));
+        // The flag (last layer) wins over the file.
+        let file = load(
+            "[auth]\ndatabase_url = \"postgres://db/kiln\"\n",
+            Overrides::new().set("auth.database_url", Some("sqlite:///tmp/x.db")),
+        )
+        .expect("flag");
+        assert_eq!(
+            file.auth.database().sqlite_path(),
+            Some(std::path::Path::new("/tmp/x.db"))
+        );
+    }
+
+    #[test]
+    fn an_unknown_scheme_is_refused_by_name_without_its_password() {
+        let err = load(
+            "[auth]\ndatabase_url = \"mysql://root:s3cret@db/kiln\"\n",
+            Overrides::new(),
+        )
+        .expect_err("mysql");
+        let shown = err.to_string();
+        assert!(shown.contains("`mysql`"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

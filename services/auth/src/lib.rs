@@ -7,7 +7,7 @@
 //! RPC's access level before a handler runs; handlers read the resulting
 //! [`kiln_rpc::Principal`] from the request extensions and check ownership.
 //!
-//! Modules: [`config`] (settings and defaults), `store` (SQLite, migrations), `password`
+//! Modules: [`config`] (settings and defaults), `store` (SQLite or Postgres, migrations per engine), `password`
 //! (rules, Argon2id pool), `secret` (random tokens, digests), `keys` (signing keys,
 //! JWKS, rotation), `sessions` (login, refresh, logout, password change), `api_keys`,
 //! `users` (admin RPCs), `revocations` (what ends access tokens everywhere), `delegation`

@@ -32,8 +32,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
-    let AuthFile { server, mut auth } =
-        AuthFile::load(args.service.config.as_deref(), args.service.overrides())?;
+    let AuthFile { server, mut auth } = AuthFile::load(
+        args.service.config.as_deref(),
+        args.service.overrides("auth"),
+    )?;
     let me = Workload::from_config("auth", &server)?;
     if args.service.probe {
         return match kiln_launch::probe(&server, &me).await? {

@@ -46,7 +46,11 @@ impl Inner {
         // Throttle on the folded name so that `Alice` and `alice` share one counter.
         let account = req.username.to_ascii_lowercase();
         let now = self.now();
-        let reservation = match self.throttle.reserve(&account, caller.ip, now) {
+        let reservation = match self
+            .throttle
+            .reserve(&self.store, &account, caller.ip, now)
+            .await?
+        {
             Ok(reservation) => reservation,
             Err(retry_after) => {
                 let event = Event::new(
@@ -77,7 +81,7 @@ impl Inner {
         let user = match user {
             Some(user) if verified && !user.disabled => user,
             user => {
-                reservation.failed(now);
+                reservation.failed(now).await?;
                 let mut event = Event::new(
                     Actor::named(user.as_ref().map_or("", |u| u.id.as_str()), &req.username),
                     "login",
@@ -92,7 +96,7 @@ impl Inner {
                 return Err(AuthError::InvalidCredentials);
             }
         };
-        reservation.succeeded();
+        reservation.succeeded().await?;
         let issued = self.start_session(&user, &caller.peer, now).await?;
         let event = Event::new(
             Actor::named(&user.id, &user.username),
@@ -412,7 +416,8 @@ impl Inner {
         let now = self.now();
         let reservation = self
             .throttle
-            .reserve(&user.username, caller.ip, now)
+            .reserve(&self.store, &user.username, caller.ip, now)
+            .await?
             .map_err(|retry_after| AuthError::LoginThrottled { retry_after })?;
         let event = Event::new(Actor::of(principal), "password.change", &caller.peer)
             .target("user", &user.id);
@@ -422,7 +427,7 @@ impl Inner {
             .await?
         {
             let now = self.now();
-            reservation.failed(now);
+            reservation.failed(now).await?;
             audit::record(&self.store, now, event.failed(reason::INVALID_CREDENTIALS)).await;
             return Err(AuthError::InvalidCredentials);
         }

@@ -68,3 +68,34 @@ pub fn duration_millis(d: Duration) -> i64 {
 pub fn flag(b: bool) -> i64 {
     i64::from(b)
 }
+
+#[cfg(test)]
+mod migration_tests {
+    /// The SQLite migrations of earlier releases, byte for byte (moved to
+    /// `migrations/sqlite/`): sqlx checks an applied migration's checksum at every
+    /// start, so a changed file would make every existing database refuse to open.
+    #[test]
+    fn the_released_sqlite_migrations_are_unchanged() {
+        let released: &[(i64, &str)] = &[
+            (
+                1,
+                "f461ea980aed2de82a2082deb35e2c876bd607cd6e1e9e9ddd5afded408951769e34de831ea1876657b68121e85efaf3",
+            ),
+            (
+                2,
+                "bea00903995c49be1b65bbf1267058da43a1ee3d0852c8e5119a59bb43b7d09908981ec042297de4b1bb49521cb04d22",
+            ),
+            (
+                3,
+                "a42bd1cd1c2c6820d2bd324d4491a3dcfbb516aa2d3aa3f48a6900f8aaa53e7b981933b685d61442a6d216e1e2e6de10",
+            ),
+        ];
+        let now = kiln_store::checksums(&super::SQLITE);
+        for (version, checksum) in released {
+            assert!(
+                now.contains(&(*version, (*checksum).to_owned())),
+                "migration {version} changed"
+            );
+        }
+    }
+}

@@ -199,3 +199,70 @@ async fn a_locked_out_flood_adds_a_bounded_number_of_audit_rows() {
     );
 }
 }
+
+/// Two auth replicas on one Postgres database are one set of guesses, not two: 60
+/// concurrent wrong passwords for one account, half to each replica, get at most the
+/// account's free failures (5) evaluated between them, and the account is then locked on
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_lockout() {
+    kiln_testkit::on_postgres(async {
+        let a = harness().await;
+        let b = harness_with(|c| {
+            c.database_url = a.config.database_url.clone();
+            c.clock = a.clock.clone();
+        })
+        .await;
+        let (_, password) = a.user("carol", pb::Role::User).await;
+        let answers = futures::future::join_all((0..60).map(|i| {
+            let replica = if i % 2 == 0 { &a } else { &b };
+            replica.login_from("carol", "not-carols-password", "192.0.2.77:1")
+        }))
+        .await;
+        let evaluated = answers
+            .iter()
+            .filter(|r| {
+                r.as_ref()
+                    .is_err_and(|s| reason(s) == "INVALID_CREDENTIALS")
+            })
+            .count();
+        let throttled = answers
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(|s| reason(s) == "LOGIN_THROTTLED"))
+            .count();
+        assert!(evaluated <= 5, "{evaluated} guesses were evaluated");
+        assert_eq!(evaluated + throttled, 60);
+        for replica in [&a, &b] {
+            let s = replica
+                .login_from("carol", &password, "192.0.2.78:1")
+                .await
+                .expect_err("locked on every replica");
+            assert_status(&s, Code::ResourceExhausted, "LOGIN_THROTTLED");
+        }
+    })
+    .await;
+}
+
+kiln_testkit::both_backends! {
+/// The stored counters stay bounded by `max_entries` per kind: past it the oldest goes
+/// (here the locked account's, so it can log in again).
+#[tokio::test]
+async fn the_stored_counters_stay_bounded() {
+    let h = harness_with(|c| {
+        c.throttle.max_entries = 3;
+        c.throttle.peer_free_failures = 1000;
+    })
+    .await;
+    let (_, pw) = h.user("alice", pb::Role::User).await;
+    fail(&h, "alice", 5, PEER).await;
+    h.login("alice", &pw).await.expect_err("locked");
+    h.clock.advance(Duration::from_millis(5));
+    for name in ["b", "c", "d"] {
+        fail(&h, name, 1, PEER).await;
+        h.clock.advance(Duration::from_millis(5));
+    }
+    h.login("alice", &pw)
+        .await
+        .expect("alice's counter, the oldest, was dropped");
+}
+}

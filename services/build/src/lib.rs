@@ -68,7 +68,8 @@ pub struct BuildApi {
 }
 
 impl BuildApi {
-    /// Opens the store (`<data_dir>/build.db`, SQLite in WAL mode, migrations embedded),
+    /// Opens the store (`database_url`, by default `<data_dir>/build.db`, SQLite in WAL
+    /// mode; or schema `build` on Postgres; migrations embedded),
     /// probes the sandbox (refusing to start below tier B unless
     /// `config.sandbox.allow_unsandboxed`), recovers (builds that were RUNNING end
     /// INTERRUPTED with their logs kept; QUEUED ones are queued again), and starts the

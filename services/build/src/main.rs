@@ -28,8 +28,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
-    let BuildFile { server, build } =
-        BuildFile::load(args.service.config.as_deref(), args.service.overrides())?;
+    let BuildFile { server, build } = BuildFile::load(
+        args.service.config.as_deref(),
+        args.service.overrides("build"),
+    )?;
     let me = Workload::from_config("build", &server)?;
     if args.service.probe {
         return match kiln_launch::probe(&server, &me).await? {

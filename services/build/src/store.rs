@@ -1,4 +1,5 @@
-//! The SQLite store: workspaces, builds and their event logs.
+//! The store (SQLite `build.db` or schema `build` on Postgres, the same SQL for both):
+//! workspaces, builds and their event logs.
 //!
 //! Opened the kiln way (`kiln_store`: 0600 file, WAL, one writer and a few readers so
 //! that watchers replaying logs never wait for the runner, embedded migrations). Queries
@@ -54,7 +55,7 @@ pub fn duration_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The connections to `build.db`.
+/// The connections to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: kiln_store::Database,
@@ -346,9 +347,12 @@ impl Store {
     }
 
     /// Deletes a workspace's record unless a build of it is queued or running, in one
-    /// statement (so a StartBuild cannot slip in between a check and the delete).
+    /// statement (so a StartBuild cannot slip in between a check and the delete), inside
+    /// a write transaction: on Postgres, where a statement does not see another's
+    /// uncommitted insert of a build, the transaction's lock orders it with StartBuild's.
     /// Returns whether it was deleted.
     pub async fn delete_workspace(&self, id: &str) -> Result<bool> {
+        let mut tx = self.db.begin().await?;
         let done = sqlx::query(
             "DELETE FROM workspaces WHERE id = $1 AND NOT EXISTS \
              (SELECT 1 FROM builds WHERE workspace_id = $2 AND state IN ($3, $4))",
@@ -357,8 +361,9 @@ impl Store {
         .bind(id)
         .bind(pb::BuildState::Queued as i32)
         .bind(pb::BuildState::Running as i32)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -614,4 +619,35 @@ pub fn parse_page_token(token: &str) -> Option<(i64, String)> {
 
 pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
     t.seconds * 1_000_000 + i64::from(t.nanos / 1000)
+}
+
+#[cfg(test)]
+mod migration_tests {
+    /// The SQLite migrations of earlier releases, byte for byte (moved to
+    /// `migrations/sqlite/`): sqlx checks an applied migration's checksum at every
+    /// start, so a changed file would make every existing database refuse to open.
+    #[test]
+    fn the_released_sqlite_migrations_are_unchanged() {
+        let released: &[(i64, &str)] = &[
+            (
+                1,
+                "30cf69929a778352693889452f26baa3ee086d919d1de9e578d5bf5cee3562321793158d678fe58955a16311951e1e60",
+            ),
+            (
+                2,
+                "728a920b15d5f512d38f297816584be10aef565bd4cd4eb1b6e0d1affee8ae69cefb117e6cce0422575d8a65042ba306",
+            ),
+            (
+                3,
+                "108a724d0b5f8ec5f0850511b5dc023bd6cb0cd04afb3b2d4343c6451b563eafbfc9344a010a54ef538b03247ae8b1c6",
+            ),
+        ];
+        let now = kiln_store::checksums(&super::SQLITE);
+        for (version, checksum) in released {
+            assert!(
+                now.contains(&(*version, (*checksum).to_owned())),
+                "migration {version} changed"
+            );
+        }
+    }
 }

@@ -15,6 +15,7 @@ async fn create_err(c: &mut Client, files: Vec<pb::File>) -> tonic::Status {
     .expect_err("refused")
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn absolute_paths_are_refused() {
     let rig = rig().await;
@@ -22,7 +23,9 @@ async fn absolute_paths_are_refused() {
     let s = create_err(&mut c, vec![file("ok.txt", "x"), file("/etc/passwd", "x")]).await;
     assert_invalid(&s, Code::InvalidArgument, "INVALID_PATH", "files[1].path");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn dot_dot_is_refused() {
     let rig = rig().await;
@@ -40,7 +43,9 @@ async fn dot_dot_is_refused() {
         .expect_err("refused");
     assert_invalid(&s, Code::InvalidArgument, "INVALID_PATH", "delete_paths[0]");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn nul_bytes_are_refused() {
     let rig = rig().await;
@@ -48,7 +53,9 @@ async fn nul_bytes_are_refused() {
     let s = create_err(&mut c, vec![file("a\0b", "x")]).await;
     assert_invalid(&s, Code::InvalidArgument, "INVALID_PATH", "files[0].path");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn over_long_names_are_refused() {
     let rig = rig().await;
@@ -62,7 +69,9 @@ async fn over_long_names_are_refused() {
     .await;
     assert_invalid(&s, Code::InvalidArgument, "INVALID_PATH", "files[0].path");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn duplicate_paths_in_one_request_are_refused() {
     let rig = rig().await;
@@ -70,7 +79,9 @@ async fn duplicate_paths_in_one_request_are_refused() {
     let s = create_err(&mut c, vec![file("a", "1"), file("a", "2")]).await;
     assert_invalid(&s, Code::InvalidArgument, "INVALID_PATH", "files[1].path");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn writing_through_a_symlink_is_refused() {
     let rig = rig().await;
@@ -110,7 +121,9 @@ async fn writing_through_a_symlink_is_refused() {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert_eq!(reason(&s), "NOT_A_REGULAR_FILE");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_empty_argv_is_refused() {
     let rig = rig().await;
@@ -132,7 +145,9 @@ async fn an_empty_argv_is_refused() {
         .expect_err("refused");
     assert_invalid(&s, Code::InvalidArgument, "INVALID_ARGUMENT", "steps");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_program_off_the_allowlist_is_permission_denied_with_the_list() {
     let rig = rig().await;
@@ -169,7 +184,9 @@ async fn a_program_off_the_allowlist_is_permission_denied_with_the_list() {
         "steps[0].command[0]",
     );
 }
+}
 
+kiln_testkit::both_backends! {
 /// An exec wrapper must not smuggle a shell past the allowlist: `env` is off the default
 /// list, and a wrapper an operator does allow (`nice`, `timeout`, `find -exec`) has the
 /// program it would run checked too.
@@ -236,7 +253,9 @@ async fn an_exec_wrapper_does_not_bypass_the_allowlist() {
     assert_eq!(log.state(), pb::BuildState::Succeeded);
     assert_eq!(log.stdout(0), b"ok\n");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_unsplittable_command_is_refused() {
     let rig = rig().await;
@@ -257,7 +276,9 @@ async fn an_unsplittable_command_is_refused() {
         "steps[0].command",
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_huge_argv_is_refused() {
     let rig = rig().await;
@@ -288,7 +309,9 @@ async fn a_huge_argv_is_refused() {
         "steps[0].argv",
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn forbidden_env_names_are_refused() {
     let rig = rig().await;
@@ -313,7 +336,9 @@ async fn forbidden_env_names_are_refused() {
         );
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn limits_above_the_maximum_are_refused() {
     let rig = rig().await;
@@ -342,7 +367,9 @@ async fn limits_above_the_maximum_are_refused() {
         "limits.wall_timeout",
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn too_many_steps_are_refused() {
     let rig = rig().await;
@@ -355,7 +382,9 @@ async fn too_many_steps_are_refused() {
         .expect_err("refused");
     assert_invalid(&s, Code::InvalidArgument, "INVALID_ARGUMENT", "steps");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn unknown_ids_are_not_found() {
     let rig = rig().await;
@@ -397,7 +426,9 @@ async fn unknown_ids_are_not_found() {
         .expect_err("nf");
     assert_eq!(s.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_reused_request_id_with_other_parameters_is_refused() {
     let rig = rig().await;
@@ -444,7 +475,9 @@ async fn a_reused_request_id_with_other_parameters_is_refused() {
     let s = c.create_workspace(other).await.expect_err("refused");
     assert_invalid(&s, Code::InvalidArgument, "REQUEST_ID_REUSED", "request_id");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_workspace_over_its_quota_is_refused_and_unchanged() {
     let rig = rig_with(|c| {
@@ -479,4 +512,5 @@ async fn a_workspace_over_its_quota_is_refused_and_unchanged() {
         .files;
     let names: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
+}
 }

@@ -13,6 +13,7 @@ use tonic::Code;
 
 const RACERS: usize = 16;
 
+kiln_testkit::both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_retries_of_one_start_build_make_exactly_one_build() {
     let rig = rig().await;
@@ -42,7 +43,9 @@ async fn racing_retries_of_one_start_build_make_exactly_one_build() {
     assert_eq!(log.state(), pb::BuildState::Succeeded);
     assert_eq!(log.stdout(0), b"once\n", "it ran once");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_retries_of_one_create_workspace_make_exactly_one() {
     let rig = rig().await;
@@ -76,7 +79,9 @@ async fn racing_retries_of_one_create_workspace_make_exactly_one() {
         .count();
     assert_eq!(dirs, 1, "one directory for one workspace");
 }
+}
 
+kiln_testkit::both_backends! {
 /// Writers of one workspace are serialized: each change applies whole, none is lost, and
 /// the recorded size and file count match the files on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +133,9 @@ async fn concurrent_writers_of_one_workspace_lose_nothing() {
         + shared.len() as u64;
     assert_eq!(got.size_bytes, on_disk, "recorded usage matches the files");
 }
+}
 
+kiln_testkit::both_backends! {
 /// A delete racing writers and readers: each call either happened before the delete or
 /// gets NOT_FOUND after it (never an internal error); nothing is left on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +195,7 @@ async fn a_delete_racing_writers_and_readers_leaves_nothing_behind() {
         .expect_err("gone");
     assert_eq!(s.code(), Code::NotFound);
 }
+}
 
 async fn download_all(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
     let mut s = c
@@ -201,6 +209,7 @@ async fn download_all(c: &mut Client, id: &str) -> Result<(), tonic::Status> {
     Ok(())
 }
 
+kiln_testkit::both_backends! {
 /// StartBuild racing DeleteWorkspace: either the delete wins (the start answers
 /// NOT_FOUND) or the build wins (the delete is refused while it is queued or running,
 /// FAILED_PRECONDITION, and the build runs). Never both: a build accepted and then
@@ -235,7 +244,9 @@ async fn start_build_racing_delete_workspace_has_one_winner() {
         }
     }
 }
+}
 
+kiln_testkit::both_backends! {
 /// CancelBuild right after StartBuild, many times over, while the scheduler hands builds
 /// out: wherever each build is at that moment (queued, being handed to a runner,
 /// starting), the cancel takes effect; none runs its long step to the end.
@@ -283,4 +294,5 @@ async fn a_cancel_right_after_start_is_never_lost() {
             log.finished()
         );
     }
+}
 }

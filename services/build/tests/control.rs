@@ -18,6 +18,7 @@ fn stubborn_tree() -> pb::Step {
     step(&["python3", "-c", &parent])
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn cancel_mid_step_kills_the_whole_tree() {
     let rig = rig().await;
@@ -84,7 +85,9 @@ async fn cancel_mid_step_kills_the_whole_tree() {
         pb::BuildState::Cancelled as i32
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_queued_build_cancels_at_once() {
     let rig = rig_with(|c| c.queue.max_running = 1).await;
@@ -141,7 +144,9 @@ async fn a_queued_build_cancels_at_once() {
         pb::BuildState::Cancelled
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_step_timeout_ends_the_build_timed_out() {
     let rig = rig().await;
@@ -165,7 +170,9 @@ async fn a_step_timeout_ends_the_build_timed_out() {
     let took = r.duration.expect("duration");
     assert!(took.seconds < 10, "{took:?}");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_build_wall_timeout_ends_the_build_timed_out() {
     let rig = rig().await;
@@ -191,7 +198,9 @@ async fn the_build_wall_timeout_ends_the_build_timed_out() {
         pb::StepFinishedReason::TimedOut as i32
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_output_limit_ends_the_step_and_the_log_says_so() {
     let rig = rig().await;
@@ -236,7 +245,9 @@ async fn the_output_limit_ends_the_step_and_the_log_says_so() {
         "exactly the limit, not clipped silently"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn another_users_build_is_not_found_for_get_watch_and_cancel() {
     let rig = rig().await;
@@ -304,7 +315,9 @@ async fn another_users_build_is_not_found_for_get_watch_and_cancel() {
         .await
         .expect("admin reads");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_viewer_watches_but_cannot_start() {
     let rig = rig().await;
@@ -338,7 +351,9 @@ async fn a_viewer_watches_but_cannot_start() {
         .into_inner();
     assert_eq!(listed.builds.len(), 1);
 }
+}
 
+kiln_testkit::both_backends! {
 /// Only CancelBuild and the build's own timeouts end a build: not the RunBuild call that
 /// started it running out of its deadline, and not its client going away.
 #[tokio::test]
@@ -400,4 +415,5 @@ async fn a_run_build_deadline_or_disconnect_never_ends_the_build() {
         );
         assert_eq!(log.stdout(0), b"begun\ndone\n");
     }
+}
 }

@@ -59,6 +59,7 @@ async fn get(c: &mut Client, ws: &str) -> pb::Workspace {
     .into_inner()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn uploads_of_many_directories_are_refused_and_change_nothing() {
     let rig = rig_with(|c| c.workspace.max_files = LIMIT).await;
@@ -90,7 +91,9 @@ async fn uploads_of_many_directories_are_refused_and_change_nothing() {
     upload(&mut c, &ws.id, tar_of(5, 0)).await.expect("small");
     assert_eq!(get(&mut c, &ws.id).await.file_count, 6);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn new_parent_directories_count_in_write_files() {
     let rig = rig_with(|c| c.workspace.max_files = 3).await;
@@ -108,7 +111,9 @@ async fn new_parent_directories_count_in_write_files() {
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(!rig.workspace_dir(&ws.id).join("a/b/d").exists());
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_build_making_many_directories_is_stopped_at_the_limit() {
     let rig = rig_with(|c| c.workspace.max_files = LIMIT).await;
@@ -132,4 +137,5 @@ async fn a_build_making_many_directories_is_stopped_at_the_limit() {
         "{results:?}"
     );
     assert!(results[0].message.contains("entries"), "{results:?}");
+}
 }

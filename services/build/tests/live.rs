@@ -22,6 +22,7 @@ fn expected(lines: usize) -> Vec<u8> {
         .collect()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_watcher_that_disconnects_resumes_with_exactly_the_rest() {
     let rig = rig().await;
@@ -64,7 +65,9 @@ async fn a_watcher_that_disconnects_resumes_with_exactly_the_rest() {
     let replay = watch(&mut c, &build.id, 0).await;
     assert_eq!(replay.events, all.events);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn two_hundred_concurrent_watchers_all_receive_every_byte() {
     let rig = rig().await;
@@ -96,7 +99,9 @@ async fn two_hundred_concurrent_watchers_all_receive_every_byte() {
         assert_eq!(log.state(), pb::BuildState::Succeeded);
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_watcher_that_never_reads_slows_neither_the_build_nor_the_others() {
     let rig = rig_with(|c| c.live_window_bytes = 256 * 1024).await;
@@ -134,7 +139,9 @@ async fn a_watcher_that_never_reads_slows_neither_the_build_nor_the_others() {
         .expect("in time");
     assert_eq!(late.events, log.events);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn heartbeats_repeat_the_last_sequence_during_silence() {
     let rig = rig_with(|c| c.heartbeat_interval = Duration::from_millis(200)).await;
@@ -158,7 +165,9 @@ async fn heartbeats_repeat_the_last_sequence_during_silence() {
     }
     assert!(heartbeats >= 2, "{heartbeats} heartbeats");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_finished_build_replays_from_any_sequence_and_closes() {
     let rig = rig().await;
@@ -184,4 +193,5 @@ async fn a_finished_build_replays_from_any_sequence_and_closes() {
         assert_eq!(rest.events, want, "after {after}");
     }
     assert_eq!(build.last_sequence, n);
+}
 }

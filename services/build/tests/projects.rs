@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use kiln_proto::build as pb;
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_c_project_compiles_and_runs() {
     let rig = rig().await;
@@ -46,7 +47,9 @@ async fn a_c_project_compiles_and_runs() {
             .all(|r| r.succeeded && r.exit_code == Some(0))
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_python_project_runs() {
     let rig = rig().await;
@@ -76,7 +79,9 @@ async fn a_python_project_runs() {
     );
     assert_eq!(log.stdout(0), b"sum 5\n");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_rust_project_compiles_and_runs() {
     let rig = rig().await;
@@ -112,7 +117,9 @@ async fn a_rust_project_compiles_and_runs() {
     );
     assert_eq!(log.stdout(0), b"hello from Rust\n");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn stdout_and_stderr_are_kept_apart_and_in_order() {
     let rig = rig().await;
@@ -135,7 +142,9 @@ async fn stdout_and_stderr_are_kept_apart_and_in_order() {
         }
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_failing_step_fails_the_build_unless_allowed() {
     let rig = rig().await;
@@ -162,7 +171,9 @@ async fn a_failing_step_fails_the_build_unless_allowed() {
         log.finished()
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_command_string_is_split_without_a_shell() {
     let rig = rig().await;
@@ -176,7 +187,9 @@ async fn a_command_string_is_split_without_a_shell() {
     assert_eq!(log.state(), pb::BuildState::Succeeded);
     assert_eq!(log.stdout(0), b"a  b $HOME ; x\n");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn the_environment_is_cleared_and_fixed() {
     let rig = rig().await;
@@ -202,7 +215,9 @@ async fn the_environment_is_cleared_and_fixed() {
         );
     }
 }
+}
 
+kiln_testkit::both_backends! {
 /// Tier B (what an unprivileged Kubernetes pod gets): no private /tmp, and landlock lets
 /// a step write only its workspace, so compilers and `tempfile` must get a TMPDIR inside
 /// it; the scratch files do not stay behind.
@@ -251,4 +266,5 @@ async fn in_tier_b_a_c_build_and_temporary_files_work() {
         !rig.workspace_dir(&ws.id).join(".kiln-tmp").exists(),
         "scratch files are removed"
     );
+}
 }

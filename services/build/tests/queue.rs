@@ -20,6 +20,7 @@ fn started_at(b: &pb::Build) -> (i64, i32) {
     (t.seconds, t.nanos)
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn users_take_turns() {
     let rig = rig_with(|c| c.queue.max_running = 1).await;
@@ -80,7 +81,9 @@ async fn users_take_turns() {
         "bob's build started before alice's third"
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn too_many_queued_builds_are_resource_exhausted_with_retry_info() {
     let rig = rig_with(|c| {
@@ -133,7 +136,9 @@ async fn too_many_queued_builds_are_resource_exhausted_with_retry_info() {
         .expect("bob queues");
     std::fs::write(rig.workspace_dir(&ws.id).join("go"), "").expect("open the gate");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_workspace_with_a_running_build_refuses_changes_and_deletion() {
     let rig = rig().await;
@@ -196,4 +201,5 @@ async fn a_workspace_with_a_running_build_refuses_changes_and_deletion() {
         watch(&mut c, &build.id, 0).await.state(),
         pb::BuildState::Succeeded
     );
+}
 }

@@ -31,9 +31,12 @@ async fn child_server() {
     std::future::pending::<()>().await;
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_sigkilled_service_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // The child opens the database noted in `dir` (the Postgres half's).
+    kiln_testkit::database_url_in(dir.path()).await;
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "child_server", "--ignored", "--nocapture"])
         .env(CHILD_ENV, dir.path())
@@ -121,7 +124,9 @@ async fn a_sigkilled_service_recovers() {
     assert_eq!(log.state(), pb::BuildState::Succeeded);
     assert_eq!(log.stdout(0), b"after the restart\n");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn shutdown_interrupts_running_builds_and_keeps_queued_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -171,7 +176,9 @@ async fn shutdown_interrupts_running_builds_and_keeps_queued_ones() {
         pb::BuildState::Succeeded
     );
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_workspace_directory_without_a_record_is_swept_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -207,4 +214,5 @@ async fn a_workspace_directory_without_a_record_is_swept_at_start() {
     })
     .await
     .expect("the kept workspace still answers");
+}
 }

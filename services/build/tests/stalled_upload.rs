@@ -58,6 +58,7 @@ async fn finishes(c: &mut Client, ws: &str, what: &str) -> pb::BuildState {
     log.state()
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_stalled_upload_holds_up_no_build_and_is_abandoned_after_its_idle_timeout() {
     let rig = rig_with(|c| {
@@ -110,7 +111,9 @@ async fn a_stalled_upload_holds_up_no_build_and_is_abandoned_after_its_idle_time
     drop(tx);
     assert_eq!(names_in(&mut alice, &wa.id, "").await, ["keep.txt"]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_upload_that_trickles_is_ended_by_its_total_timeout() {
     let rig = rig_with(|c| {
@@ -144,4 +147,5 @@ async fn an_upload_that_trickles_is_ended_by_its_total_timeout() {
     );
     trickle.abort();
     assert!(names_in(&mut alice, &ws.id, "").await.is_empty());
+}
 }

@@ -66,6 +66,7 @@ async fn names(c: &mut Client, ws: &str) -> Vec<String> {
     names_in(c, ws, "").await
 }
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn write_list_read_and_delete_files() {
     let rig = rig().await;
@@ -149,7 +150,9 @@ async fn write_list_read_and_delete_files() {
         .expect_err("missing");
     assert_eq!(s.code(), Code::NotFound);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_large_file_reads_back_in_chunks() {
     let rig = rig().await;
@@ -173,7 +176,9 @@ async fn a_large_file_reads_back_in_chunks() {
     }
     assert_eq!(got, data);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn archives_upload_and_download_round_trip() {
     let rig = rig().await;
@@ -224,7 +229,9 @@ async fn archives_upload_and_download_round_trip() {
     }
     assert_eq!(seen, [("only.txt".to_owned(), "only\n".to_owned())]);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_archive_with_an_outside_symlink_or_a_hard_link_is_refused() {
     let rig = rig().await;
@@ -259,7 +266,9 @@ async fn an_archive_with_an_outside_symlink_or_a_hard_link_is_refused() {
     assert_invalid(&s, Code::InvalidArgument, "INVALID_ARCHIVE", "chunk");
     assert_eq!(names(&mut c, &ws.id).await, ["keep"], "nothing was applied");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn an_archive_with_a_symlink_inside_the_workspace_stores_the_link() {
     let rig = rig().await;
@@ -290,7 +299,9 @@ async fn an_archive_with_a_symlink_inside_the_workspace_stores_the_link() {
     assert_eq!(link.file_type, pb::FileType::Symlink as i32);
     assert_eq!(link.symlink_target, "keep");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn tar_bombs_are_refused_by_size_and_count() {
     let rig = rig_with(|c| {
@@ -358,7 +369,9 @@ async fn tar_bombs_are_refused_by_size_and_count() {
     assert!(s.message().contains("extension header"), "{}", s.message());
     assert!(names(&mut c, &ws.id).await.is_empty());
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn listing_workspaces_pages_and_filters_by_owner_and_label() {
     let rig = rig().await;
@@ -411,7 +424,9 @@ async fn listing_workspaces_pages_and_filters_by_owner_and_label() {
         .into_inner();
     assert_eq!(all.workspaces.len(), 4);
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn retention_removes_old_builds_and_idle_workspaces() {
     let rig = rig_with(|c| {
@@ -465,7 +480,9 @@ async fn retention_removes_old_builds_and_idle_workspaces() {
     })
     .await;
 }
+}
 
+kiln_testkit::both_backends! {
 /// Tier B cannot hide the host's process list (hidepid needs the host's root), so
 /// GetPolicy says so rather than let a client believe its argv is private.
 #[tokio::test]
@@ -492,7 +509,9 @@ async fn get_policy_says_what_tier_b_leaves_visible() {
     assert!(d.contains("unix sockets only as socketpair"), "{d}");
     assert_eq!(d.matches("tier B").count(), 1, "{d}");
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn get_policy_describes_the_rules_and_the_sandbox() {
     let rig = rig().await;
@@ -527,6 +546,7 @@ async fn get_policy_describes_the_rules_and_the_sandbox() {
     );
     eprintln!("tier: {}", p.sandbox_description);
 }
+}
 
 /// The first answer of a server-streaming call: its error, whether it comes as the call's
 /// status or as the stream's first item.
@@ -543,6 +563,7 @@ async fn stream_error<T: std::fmt::Debug>(
     }
 }
 
+kiln_testkit::both_backends! {
 /// Ownership over every file RPC: another user gets NOT_FOUND (a workspace's existence
 /// is not revealed), a viewer reads but cannot change, an admin does all — and nothing
 /// bob tried changed alice's files.
@@ -665,7 +686,9 @@ async fn another_users_workspace_is_not_found_for_every_file_rpc() {
     .await
     .expect("admin deletes");
 }
+}
 
+kiln_testkit::both_backends! {
 /// Archives that are not what they claim: garbage, a tar cut off inside a file, a gzip
 /// stream that breaks off, a tar sent as gzip. Each is INVALID_ARGUMENT with a reason,
 /// and the workspace is exactly as before (an upload applies whole or not at all).
@@ -716,7 +739,9 @@ async fn broken_archives_are_invalid_and_change_nothing() {
         }
     }
 }
+}
 
+kiln_testkit::both_backends! {
 #[tokio::test]
 async fn a_workspace_name_is_unique_per_owner_and_accepted_for_its_id() {
     let rig = rig().await;
@@ -782,4 +807,5 @@ async fn a_workspace_name_is_unique_per_owner_and_accepted_for_its_id() {
         .create_workspace(named("calc"))
         .await
         .expect("the name is free again");
+}
 }

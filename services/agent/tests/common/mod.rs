@@ -497,8 +497,10 @@ pub struct Rig {
     pub api: AgentApi,
 }
 
-pub fn config(dir: &std::path::Path, llm_url: &str) -> AgentConfig {
+/// The store on the current test's backend (the same one again for the same `dir`).
+pub async fn config(dir: &std::path::Path, llm_url: &str) -> AgentConfig {
     let mut config = AgentConfig::new(dir.join("agent"));
+    config.database_url = kiln_testkit::database_url_in(dir).await;
     config.provider = fake_llm::fast_config(kiln_llm::ProviderKind::Openai, llm_url);
     config.heartbeat = Duration::from_millis(500);
     config
@@ -518,7 +520,7 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let build = FakeBuild::new();
         let delegator = Arc::new(FakeDelegator::default());
-        let mut config = config(dir.path(), &llm.url());
+        let mut config = config(dir.path(), &llm.url()).await;
         tune(&mut config);
         let api = AgentApi::open(config, Arc::new(build.clone()), delegator.clone())
             .await
@@ -535,7 +537,7 @@ impl Rig {
     /// Stops the agent (tasks stay as persisted) and opens it again on the same store.
     pub async fn restart(&mut self) {
         self.api.shutdown(Duration::from_secs(5)).await;
-        let config = config(self.dir.path(), &self.llm.url());
+        let config = config(self.dir.path(), &self.llm.url()).await;
         self.api = AgentApi::open(config, Arc::new(self.build.clone()), self.delegator.clone())
             .await
             .unwrap();

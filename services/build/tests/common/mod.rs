@@ -97,6 +97,7 @@ pub async fn serve(
 ) -> (String, String, BuildApi, tokio::sync::oneshot::Sender<()>) {
     let pki = ensure_dev_pki(&data_dir.join("pki"), "kiln.local", &["build"]).expect("pki");
     let mut cfg = config(&data_dir.join("build"));
+    cfg.database_url = kiln_testkit::database_url_in(data_dir).await;
     f(&mut cfg);
     let api = BuildApi::open(cfg).await.expect("build api opens");
     let mut settings = ServerSettings::new("127.0.0.1:0".parse().expect("addr"), pki.server_tls());
