@@ -199,7 +199,9 @@ async fn throughput(replicas: &[Replica]) -> Throughput {
     for t in tasks {
         let b = t.await.expect("join");
         let waited = micros(b.started_at) - micros(b.created_at);
-        waits.push(Duration::from_micros(u64::try_from(waited.max(0)).unwrap_or(0)));
+        waits.push(Duration::from_micros(
+            u64::try_from(waited.max(0)).unwrap_or(0),
+        ));
     }
     let took = started.elapsed();
     waits.sort();
@@ -320,7 +322,9 @@ async fn main() {
             return;
         }
     };
-    println!("kiln-build replicas: {THROUGHPUT_BUILDS} builds of `true` from 4 users; 2 slots per replica");
+    println!(
+        "kiln-build replicas: {THROUGHPUT_BUILDS} builds of `true` from 4 users; 2 slots per replica"
+    );
     println!(
         "{:<24} {:>10} {:>10} {:>14} {:>14} {:>13} {:>13}",
         "variant", "builds/s", "ratio", "load start p50", "load start p95", "idle p50", "idle p95"

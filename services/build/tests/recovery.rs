@@ -197,8 +197,16 @@ async fn a_workspace_directory_without_a_record_is_swept_at_start() {
     std::fs::create_dir_all(orphan.join("src")).expect("orphan");
     std::fs::write(orphan.join("src/main.rs"), "fn main() {}").expect("orphan file");
     std::fs::create_dir_all(&not_ours).expect("a directory kiln did not name");
+    // On Postgres the directory may be shared with replicas, one of which may be
+    // between creating a workspace's directory and its record: only a directory
+    // untouched for an hour counts as left behind. A fresh one is kept…
+    let shared = kiln_testkit::backend() == kiln_testkit::Backend::Postgres;
+    let fresh = age_orphan_and_add_a_fresh_one(shared, &orphan);
 
     let rig = rig_at(dir.path(), |_| {}).await;
+    if let Some(fresh) = &fresh {
+        assert!(fresh.exists(), "a fresh directory without a record is kept with replicas");
+    }
     assert!(
         !orphan.exists(),
         "the orphaned directory is removed at start"
@@ -215,4 +223,23 @@ async fn a_workspace_directory_without_a_record_is_swept_at_start() {
     .await
     .expect("the kept workspace still answers");
 }
+}
+
+/// With replicas (Postgres): ages `orphan` by two hours, so that it counts as left
+/// behind, and makes a second, fresh orphan next to it, which must be kept. Returns
+/// the fresh one.
+fn age_orphan_and_add_a_fresh_one(
+    shared: bool,
+    orphan: &std::path::Path,
+) -> Option<std::path::PathBuf> {
+    if !shared {
+        return None;
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::open(orphan)
+        .and_then(|d| d.set_modified(two_hours_ago))
+        .expect("age the orphan");
+    let fresh = orphan.with_file_name(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&fresh).expect("a fresh orphan");
+    Some(fresh)
 }

@@ -284,13 +284,19 @@ async fn postgres_restarted_under_load_fails_calls_cleanly_and_kiln_recovers_by_
     };
     assert_eq!(log.state(), pb::BuildState::Succeeded);
     assert_eq!(log.stdout(0), b"after\n");
-    eprintln!("kiln-build served again {:?} after Postgres came back", back.elapsed());
+    eprintln!(
+        "kiln-build served again {:?} after Postgres came back",
+        back.elapsed()
+    );
     stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
     let codes = loader.await.expect("loader");
     eprintln!("calls under load, by outcome: {codes:?}");
     for code in codes.keys().flatten() {
         assert!(
-            matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted),
+            matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+            ),
             "a lost database is UNAVAILABLE (or the queue was full), never {code:?}: {codes:?}"
         );
     }

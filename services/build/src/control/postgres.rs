@@ -21,7 +21,9 @@
 //!   `NOTIFY`; every replica also polls its claims for them once a second, so a cancel
 //!   reaches the runner within a second even when a notification is lost.
 //! - **Workspace holds** for API changes are session advisory locks on a connection kept
-//!   for the hold; if the replica dies, the session ends and so does the lock.
+//!   for the hold (from a pool of their own); if the replica dies, the session ends and so
+//!   does the lock. A change waiting for a workspace keeps no connection: it tries again
+//!   when a release is announced, or every 100 ms.
 //! - **Wake-ups** (`NOTIFY kiln_build_control`) after an enqueue, a finish or a released
 //!   hold; a once-a-second wake-up is the backstop for notifications lost while the
 //!   listener reconnects.
@@ -61,6 +63,12 @@ const CLAIM_LOCK: i64 = 0x6b69_6c6e_0001;
 const CANDIDATES: i64 = 256;
 /// How long a promised queue slot lives when its StartBuild call never comes back.
 const RESERVATION_SECONDS: f64 = 120.0;
+/// Workspace holds (API changes) in flight at once per replica; more wait for a
+/// connection.
+const HOLD_CONNECTIONS: u32 = 32;
+/// How often a change waiting for a workspace held elsewhere tries again, whatever the
+/// notifications say.
+const HOLD_RETRY: Duration = Duration::from_millis(100);
 /// How often every replica looks for cancels of its builds and wakes its scheduler,
 /// whatever the notifications say.
 const POLL: Duration = Duration::from_secs(1);
@@ -74,6 +82,10 @@ pub(crate) struct PgControl {
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
+    /// Connections for workspace holds (see [`PgHold`]).
+    holds: PgPool,
+    /// Notified (all waiters) when a hold may have been released, here or elsewhere.
+    released: Notify,
     /// This process's id in `claimed_by`.
     replica: String,
     config: QueueConfig,
@@ -102,17 +114,10 @@ impl PgControl {
     pub async fn open(url: &str, config: QueueConfig, metrics: BuildMetrics) -> Result<Self> {
         let lease = config.lease;
         let options: PgConnectOptions = url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("SET search_path TO build_control").await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
+        let pool = connect(&options, 8).await?;
+        // Holds get connections of their own: a hold keeps its connection (the session
+        // owns the lock), and many changes at once must not starve claims and renewals.
+        let holds = connect(&options, HOLD_CONNECTIONS).await?;
         create_schema(&pool).await?;
         MIGRATOR
             .run(&pool)
@@ -122,6 +127,8 @@ impl PgControl {
         listener.listen(CHANNEL).await?;
         let inner = Arc::new(Inner {
             pool,
+            holds,
+            released: Notify::new(),
             replica: uuid::Uuid::new_v4().to_string(),
             config,
             lease,
@@ -138,6 +145,21 @@ impl PgControl {
         tracing::info!(replica = %inner.replica, "build control on Postgres");
         Ok(Self { inner, tasks })
     }
+}
+
+/// A pool on `options` whose connections work in the control's schema.
+async fn connect(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(5))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET search_path TO build_control").await?;
+                Ok(())
+            })
+        })
+        .connect_with(options.clone())
+        .await?)
 }
 
 /// Creates the schema, tolerating a replica that creates it at the same moment.
@@ -191,6 +213,7 @@ async fn keep(inner: Weak<Inner>, mut notifications: mpsc::Receiver<String>) {
             return;
         };
         this.wake.notify_one();
+        this.released.notify_waiters();
         if cancel_announced && let Err(e) = this.apply_cancels().await {
             tracing::warn!(error = %e, "build control: reading cancel requests failed");
         }
@@ -332,6 +355,7 @@ impl Drop for PgHold {
             let _ = conn.execute("SELECT pg_advisory_unlock_all()").await;
             drop(conn);
             inner.wake.notify_one();
+            inner.released.notify_waiters();
             let _ = inner.notify("wake").await;
         });
     }
@@ -608,22 +632,36 @@ impl BuildControl for PgControl {
         .await?)
     }
 
+    /// Tries the workspace's lock and, while another session holds it, waits for a
+    /// release (announced, or at the latest every [`HOLD_RETRY`]) without keeping a
+    /// connection: waiting changes cannot exhaust the pool.
     async fn hold_workspace(&self, workspace_id: &str) -> Result<WorkspaceHold> {
-        let mut conn = self.inner.pool.acquire().await?;
-        // Set first: if this call is dropped while waiting, the connection is closed
-        // rather than returned to the pool with a lock it might yet be granted.
-        conn.close_on_drop();
-        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-            .bind(workspace_key(workspace_id))
-            .execute(&mut *conn)
-            .await?;
-        Ok(WorkspaceHold::new(
-            workspace_id,
-            PgHold {
-                conn: Some(conn),
-                inner: self.inner.clone(),
-            },
-        ))
+        let inner = &self.inner;
+        loop {
+            let released = inner.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let mut conn = inner.holds.acquire().await?;
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(workspace_key(workspace_id))
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if got {
+                // From here the connection holds the lock: never back to the pool with
+                // it. `PgHold` unlocks it; if that cannot run, closing ends the session.
+                conn.close_on_drop();
+                return Ok(WorkspaceHold::new(
+                    workspace_id,
+                    PgHold {
+                        conn: Some(conn),
+                        inner: inner.clone(),
+                    },
+                ));
+            }
+            drop(conn);
+            let _ = tokio::time::timeout(HOLD_RETRY, released).await;
+        }
     }
 
     fn forget_workspace(&self, _workspace_id: &str) {}
