@@ -228,14 +228,11 @@ async fn a_workspace_directory_without_a_record_is_swept_at_start() {
 /// With replicas (Postgres): ages `orphan` by two hours, so that it counts as left
 /// behind, and makes a second, fresh orphan next to it, which must be kept. Returns
 /// the fresh one.
-fn age_orphan_and_add_a_fresh_one(
-    shared: bool,
-    orphan: &std::path::Path,
-) -> Option<std::path::PathBuf> {
+fn age_orphan_and_add_a_fresh_one(shared: bool, orphan: &Path) -> Option<std::path::PathBuf> {
     if !shared {
         return None;
     }
-    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
     std::fs::File::open(orphan)
         .and_then(|d| d.set_modified(two_hours_ago))
         .expect("age the orphan");
