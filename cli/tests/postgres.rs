@@ -43,7 +43,8 @@ async fn kiln_up_keeps_all_three_services_in_one_postgres_database() {
         .fetch_all(&mut conn)
         .await
         .expect("schemas");
-        assert_eq!(schemas, ["agent", "auth", "build"]);
+        // build_control: the queue shared by kiln-build replicas (its own migrations).
+        assert_eq!(schemas, ["agent", "auth", "build", "build_control"]);
         let builds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM build.builds")
             .fetch_one(&mut conn)
             .await
