@@ -65,7 +65,7 @@ const CANDIDATES: i64 = 256;
 const RESERVATION_SECONDS: f64 = 120.0;
 /// Workspace holds (API changes) in flight at once per replica; more wait for a
 /// connection.
-const HOLD_CONNECTIONS: u32 = 32;
+const HOLD_CONNECTIONS: u32 = 16;
 /// How often a change waiting for a workspace held elsewhere tries again, whatever the
 /// notifications say.
 const HOLD_RETRY: Duration = Duration::from_millis(100);
