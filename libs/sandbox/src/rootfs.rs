@@ -225,7 +225,11 @@ pub(crate) fn steps(
     )?;
     for dev in DEVICES {
         let path = Path::new("/dev").join(dev);
-        if !path.exists() {
+        // Only a real character device is bound: a regular file in its place (a broken
+        // container image) would give every step a host file it can write to.
+        let is_device = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+        if !is_device {
             continue;
         }
         b.push(

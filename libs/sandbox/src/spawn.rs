@@ -61,7 +61,10 @@ pub(crate) fn launch(
     let (status_r, status_w) = pipe()?;
     let (sync_r, sync_w) = pipe()?;
     let (life_r, life_w) = pipe()?;
-    let null = fs::File::open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?;
+    // The program's stdin: a pipe whose write end is closed at once, so reading it is EOF
+    // whatever the host's /dev/null is (a CI container once had a regular file there).
+    let (stdin_r, stdin_w) = pipe()?;
+    drop(stdin_w);
     for fd in [&out_r, &err_r, &status_r] {
         set_nonblocking(fd)?;
     }
@@ -71,7 +74,7 @@ pub(crate) fn launch(
         lifeline: life_r.as_raw_fd(),
         out: out_w.as_raw_fd(),
         err: err_w.as_raw_fd(),
-        null: null.as_raw_fd(),
+        stdin: stdin_r.as_raw_fd(),
     };
     let flags = match plan.tier {
         Tier::A => {
@@ -106,7 +109,7 @@ pub(crate) fn launch(
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     let pid = cloned.map_err(|e| Error::io(format!("clone3 (tier {})", plan.tier), e))?;
     let pidfd = sys::owned(pidfd);
-    drop((out_w, err_w, status_w, sync_r, life_r, null));
+    drop((out_w, err_w, status_w, sync_r, life_r, stdin_r));
 
     let release = || -> Result<()> {
         if let Some(ids) = ids {

@@ -34,7 +34,7 @@ pub(crate) const SYNC_FD: RawFd = 4;
 pub(crate) const LIFELINE_FD: RawFd = 5;
 pub(crate) const OUT_FD: RawFd = 6;
 pub(crate) const ERR_FD: RawFd = 7;
-pub(crate) const NULL_FD: RawFd = 8;
+pub(crate) const STDIN_FD: RawFd = 8;
 pub(crate) const SIGNAL_FD: RawFd = 9;
 
 /// The descriptors the parent hands over (its numbers, before the child renumbers them).
@@ -45,7 +45,7 @@ pub(crate) struct ChildFds {
     pub lifeline: RawFd,
     pub out: RawFd,
     pub err: RawFd,
-    pub null: RawFd,
+    pub stdin: RawFd,
 }
 
 /// Record kinds on the status pipe.

@@ -1,6 +1,6 @@
 //! The program process: drop everything, then `execve`.
 
-use super::{ERR_FD, NULL_FD, OUT_FD, STATUS_FD, Stage, errno, fail};
+use super::{ERR_FD, STDIN_FD, OUT_FD, STATUS_FD, Stage, errno, fail};
 use crate::Tier;
 use crate::landlock::LandlockStep;
 use crate::plan::Plan;
@@ -61,7 +61,7 @@ pub(super) fn run(plan: &Plan<'_>) -> ! {
         if libc::setsid() < 0 {
             fail(Stage::Session, 0, errno());
         }
-        for (from, to) in [(NULL_FD, 0), (OUT_FD, 1), (ERR_FD, 2)] {
+        for (from, to) in [(STDIN_FD, 0), (OUT_FD, 1), (ERR_FD, 2)] {
             if libc::dup2(from, to) < 0 {
                 fail(Stage::Stdio, to as usize, errno());
             }

@@ -1,7 +1,7 @@
 //! Supervisor-side setup: descriptors, signals, identities, the tier A root, network.
 
 use super::{
-    ChildFds, ERR_FD, LIFELINE_FD, NULL_FD, OUT_FD, SIGNAL_FD, STATUS_FD, SYNC_FD, Stage, errno,
+    ChildFds, ERR_FD, LIFELINE_FD, STDIN_FD, OUT_FD, SIGNAL_FD, STATUS_FD, SYNC_FD, Stage, errno,
     exit, fail,
 };
 use crate::plan::{FIRST_SLOT, FsOp, Plan};
@@ -26,9 +26,9 @@ pub(super) fn arrange_fds(fds: ChildFds) {
         fds.lifeline,
         fds.out,
         fds.err,
-        fds.null,
+        fds.stdin,
     ];
-    let targets = [STATUS_FD, SYNC_FD, LIFELINE_FD, OUT_FD, ERR_FD, NULL_FD];
+    let targets = [STATUS_FD, SYNC_FD, LIFELINE_FD, OUT_FD, ERR_FD, STDIN_FD];
     let mut high = [-1; 6];
     // First above every target, so no dup3 below clobbers a source not yet moved.
     for (i, fd) in sources.iter().enumerate() {
