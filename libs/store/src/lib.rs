@@ -232,17 +232,21 @@ impl Database {
     }
 }
 
-/// Each migration's version and checksum (lower-case hex SHA-384 of its SQL, what sqlx
-/// compares with the `_sqlx_migrations` row of an applied migration at every start).
-/// For tests that pin the migrations of released versions: a changed file would make
-/// every existing database refuse to open.
-pub fn checksums(migrator: &Migrator) -> Vec<(i64, String)> {
-    migrator
+/// The versions among `released` (version, lower-case hex SHA-384 of its SQL) whose
+/// migration in `migrator` is missing or no longer has that checksum. sqlx compares the
+/// checksum with the `_sqlx_migrations` row of an applied migration at every start, so a
+/// changed released migration would make every existing database refuse to open: tests
+/// pin the released ones with this and expect an empty answer.
+pub fn changed_migrations(migrator: &Migrator, released: &[(i64, &str)]) -> Vec<i64> {
+    released
         .iter()
-        .map(|m| {
-            let hex = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
-            (m.version, hex)
+        .filter(|(version, checksum)| {
+            !migrator.iter().any(|m| {
+                let hex: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+                m.version == *version && hex == *checksum
+            })
         })
+        .map(|(version, _)| *version)
         .collect()
 }
 
