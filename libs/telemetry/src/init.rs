@@ -115,9 +115,18 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
                 Err(_) => EnvFilter::new(DEFAULT_TRACE_FILTER),
             };
             let tracer = provider.tracer("kiln");
+            // What the layer does on every enter and exit of a span is most of
+            // telemetry's cost per call (bench/README.md, layer_chain case 4), and kiln
+            // needs none of it: propagation reads the span's own context
+            // (`OpenTelemetrySpanExt`), not the thread's active OpenTelemetry context;
+            // busy/idle time of async spans entered at each poll says little; and the
+            // thread a span started on is a tokio worker's.
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
+                    .with_context_activation(false)
+                    .with_tracked_inactivity(false)
+                    .with_threads(false)
                     .with_filter(filter),
             )
         }

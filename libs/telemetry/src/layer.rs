@@ -10,7 +10,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// Opens the server span of every call as a child of the caller's `traceparent` (a new
 /// trace when there is none), named by the gRPC method as OpenTelemetry's RPC
 /// conventions say. The rest of the chain and the handler run inside it, so their spans
-/// — and the calls they make to other kiln services — are part of the caller's trace.
+/// — and the calls they make to other kiln services — are part of the caller's trace. It
+/// is the call's only span in kiln's chain: the request id and the caller are recorded
+/// on it rather than on spans of their own.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TraceContextLayer;
 
@@ -54,6 +56,9 @@ where
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
+            // Recorded by kiln-rpc's chain: its request id layer and authentication.
+            request_id = tracing::field::Empty,
+            principal = tracing::field::Empty,
         );
         let parent = crate::propagation::extract(request.headers());
         if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
