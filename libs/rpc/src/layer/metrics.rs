@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -110,29 +110,76 @@ impl RpcMetrics {
 /// Measures every call; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct MetricsLayer {
-    metrics: RpcMetrics,
-    /// Label sets of the known paths, made once.
-    known: Arc<HashMap<String, MethodLabels>>,
-    unknown: MethodLabels,
+    /// The series of each known path, looked up once per call by path.
+    known: Arc<HashMap<String, Arc<MethodSeries>>>,
+    unknown: Arc<MethodSeries>,
 }
 
 impl MetricsLayer {
     /// `served`: the paths of the kiln RPCs on this listener.
     pub fn new<'a>(metrics: RpcMetrics, served: impl IntoIterator<Item = &'a str>) -> Self {
+        let series = |labels: MethodLabels| Arc::new(MethodSeries::new(&metrics, labels));
         let known = served
             .into_iter()
             .chain(INFRASTRUCTURE_METHODS.iter().copied())
-            .map(|path| (path.to_owned(), MethodLabels::of_path(path)))
+            .map(|path| (path.to_owned(), series(MethodLabels::of_path(path))))
             .collect();
         Self {
-            metrics,
             known: Arc::new(known),
-            unknown: MethodLabels::unknown(),
+            unknown: series(MethodLabels::unknown()),
         }
     }
 
-    fn labels(&self, path: &str) -> MethodLabels {
+    fn series(&self, path: &str) -> Arc<MethodSeries> {
         self.known.get(path).unwrap_or(&self.unknown).clone()
+    }
+}
+
+/// The series of one method, each taken from its family the first time it is needed
+/// (so the exposition shows only methods that were called, and codes that occurred) and
+/// kept: a call then costs atomic updates, not four label hashes and family locks.
+#[derive(Debug)]
+struct MethodSeries {
+    metrics: RpcMetrics,
+    labels: MethodLabels,
+    in_flight: OnceLock<Gauge>,
+    duration: OnceLock<Histogram>,
+    /// By [`tonic::Code`] as a number (0–16).
+    requests: [OnceLock<Counter>; 17],
+}
+
+impl MethodSeries {
+    fn new(metrics: &RpcMetrics, labels: MethodLabels) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            labels,
+            in_flight: OnceLock::new(),
+            duration: OnceLock::new(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn in_flight(&self) -> &Gauge {
+        self.in_flight
+            .get_or_init(|| self.metrics.in_flight.get_or_create(&self.labels).clone())
+    }
+
+    fn duration(&self) -> &Histogram {
+        self.duration
+            .get_or_init(|| self.metrics.duration.get_or_create(&self.labels).clone())
+    }
+
+    fn requests(&self, code: tonic::Code) -> &Counter {
+        self.requests[code as usize].get_or_init(|| {
+            self.metrics
+                .requests
+                .get_or_create(&CodeLabels {
+                    service: self.labels.service.clone(),
+                    method: self.labels.method.clone(),
+                    code: code_name(code),
+                })
+                .clone()
+        })
     }
 }
 
@@ -172,7 +219,7 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let mut inner = take_ready(&mut self.inner);
-        let call = Call::start(&self.layer.metrics, self.layer.labels(request.uri().path()));
+        let call = Call::start(self.layer.series(request.uri().path()));
         Box::pin(async move {
             let response = inner.call(request).await?;
             let (parts, body) = response.into_parts();
@@ -191,19 +238,17 @@ where
 
 /// One call being measured; recorded exactly once, when finished or dropped.
 struct Call {
-    metrics: RpcMetrics,
-    labels: MethodLabels,
+    series: Arc<MethodSeries>,
     started: Instant,
     /// From the headers (a trailers-only response) or the trailers.
-    code: Option<&'static str>,
+    code: Option<tonic::Code>,
 }
 
 impl Call {
-    fn start(metrics: &RpcMetrics, labels: MethodLabels) -> Self {
-        metrics.in_flight.get_or_create(&labels).inc();
+    fn start(series: Arc<MethodSeries>) -> Self {
+        series.in_flight().inc();
         Self {
-            metrics: metrics.clone(),
-            labels,
+            series,
             started: Instant::now(),
             code: None,
         }
@@ -212,19 +257,14 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        let m = &self.metrics;
-        m.in_flight.get_or_create(&self.labels).dec();
-        m.duration
-            .get_or_create(&self.labels)
+        let series = &self.series;
+        series.in_flight().dec();
+        series
+            .duration()
             .observe(self.started.elapsed().as_secs_f64());
         // No status by the end: the client went away (or the server reset the stream).
-        let code = self.code.unwrap_or("CANCELLED");
-        m.requests
-            .get_or_create(&CodeLabels {
-                service: self.labels.service.clone(),
-                method: self.labels.method.clone(),
-                code,
-            })
+        series
+            .requests(self.code.unwrap_or(tonic::Code::Cancelled))
             .inc();
     }
 }
@@ -259,7 +299,7 @@ impl<B: http_body::Body> http_body::Body for MeasuredBody<B> {
             }
             Some(Err(_)) => {
                 if let Some(mut call) = this.call.take() {
-                    call.code = call.code.or(Some("UNKNOWN"));
+                    call.code = call.code.or(Some(tonic::Code::Unknown));
                 }
             }
             None => {
@@ -278,10 +318,10 @@ impl<B: http_body::Body> http_body::Body for MeasuredBody<B> {
     }
 }
 
-/// The `grpc-status` of a header map, as gRPC's canonical code name.
-fn grpc_code(headers: &HeaderMap) -> Option<&'static str> {
+/// The `grpc-status` of a header map.
+fn grpc_code(headers: &HeaderMap) -> Option<tonic::Code> {
     let value: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-    Some(code_name(tonic::Code::from_i32(value)))
+    Some(tonic::Code::from_i32(value))
 }
 
 /// `OK`, `INVALID_ARGUMENT`, …: the names of the gRPC specification.
