@@ -105,28 +105,26 @@ where
         // by authentication once the caller is known.
         tracing::Span::current().record("request_id", tracing::field::display(&request_id));
         request.extensions_mut().insert(request_id.clone());
-        Box::pin(
-            async move {
-                let started = Instant::now();
-                let mut response = inner.call(request).await?;
-                response
-                    .headers_mut()
-                    .insert(REQUEST_ID_HEADER, request_id.0);
-                response.headers_mut().insert(
-                    VERSION_HEADER,
-                    HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
-                );
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    grpc_status = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()),
-                    "response headers sent"
-                );
-                Ok(response)
-            },
-        )
+        Box::pin(async move {
+            let started = Instant::now();
+            let mut response = inner.call(request).await?;
+            response
+                .headers_mut()
+                .insert(REQUEST_ID_HEADER, request_id.0);
+            response.headers_mut().insert(
+                VERSION_HEADER,
+                HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+            );
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                grpc_status = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()),
+                "response headers sent"
+            );
+            Ok(response)
+        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! The program process: drop everything, then `execve`.
 
-use super::{ERR_FD, STDIN_FD, OUT_FD, STATUS_FD, Stage, errno, fail};
+use super::{ERR_FD, OUT_FD, STATUS_FD, STDIN_FD, Stage, errno, fail};
 use crate::Tier;
 use crate::landlock::LandlockStep;
 use crate::plan::Plan;

@@ -1,7 +1,7 @@
 //! Supervisor-side setup: descriptors, signals, identities, the tier A root, network.
 
 use super::{
-    ChildFds, ERR_FD, LIFELINE_FD, STDIN_FD, OUT_FD, SIGNAL_FD, STATUS_FD, SYNC_FD, Stage, errno,
+    ChildFds, ERR_FD, LIFELINE_FD, OUT_FD, SIGNAL_FD, STATUS_FD, STDIN_FD, SYNC_FD, Stage, errno,
     exit, fail,
 };
 use crate::plan::{FIRST_SLOT, FsOp, Plan};
