@@ -256,3 +256,104 @@ async fn a_corrupt_old_row_is_left_as_it_is_and_the_others_are_converted() {
     assert_eq!(left, 1, "only the corrupt row stays unconverted, its blob kept");
 }
 }
+
+kiln_testkit::both_backends! {
+#[tokio::test]
+async fn a_build_queued_by_the_previous_release_runs_after_the_upgrade() {
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = crate::BuildConfig::new(dir.path().to_path_buf());
+    config.database_url = kiln_testkit::database_url_in(dir.path()).await;
+    let url = config.database();
+    let migrations = kiln_store::Migrations {
+        sqlite: previous(&SQLITE),
+        postgres: previous(&POSTGRES),
+    };
+    let old = kiln_store::Database::open(&url, SCHEMA, migrations)
+        .await
+        .expect("the previous schema");
+    let queued = pb::Build {
+        id: "0b6f3c1e-0000-4000-8000-0000000000aa".into(),
+        workspace_id: "6c1b2f0e-0000-4000-8000-00000000000a".into(),
+        state: pb::BuildState::Queued as i32,
+        steps: vec![
+            pb::Step {
+                command: Some("echo 'from the old release'".into()),
+                ..Default::default()
+            },
+            pb::Step {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+        ],
+        started_at: None,
+        finished_at: None,
+        failure_message: String::new(),
+        last_sequence: 1,
+        step_results: Vec::new(),
+        ..old_build()
+    };
+    insert_the_old_way(&old, &queued).await;
+    let first = pb::BuildEvent {
+        sequence: 1,
+        time: queued.created_at,
+        event: Some(pb::build_event::Event::Queued(pb::Queued {
+            position: 1,
+            build_id: queued.id.clone(),
+        })),
+    };
+    sqlx::query("INSERT INTO build_events (build_id, sequence, time, event) VALUES ($1, 1, 0, $2)")
+        .bind(&queued.id)
+        .bind(first.encode_to_vec())
+        .execute(&old.write)
+        .await
+        .expect("event");
+    old.close().await;
+    std::fs::create_dir_all(config.workspaces_dir().join(&queued.workspace_id)).expect("ws dir");
+
+    let api = crate::BuildApi::open(config).await.expect("opens");
+    let shared = api.shared().clone();
+    let events: Vec<pb::BuildEvent> = crate::log::watch(
+        shared.store.clone(),
+        shared.logs.clone(),
+        queued.id.clone(),
+        0,
+        std::time::Duration::from_secs(15),
+    )
+    .map(|e| e.expect("event"))
+    .take_while(|e| {
+        let go_on = !matches!(e.event, Some(pb::build_event::Event::Finished(_)));
+        async move { go_on }
+    })
+    .collect()
+    .await;
+    let argv: Vec<Vec<String>> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::build_event::Event::StepStarted(s)) => Some(s.argv.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        argv,
+        [vec!["echo".to_owned(), "from the old release".to_owned()], vec!["true".to_owned()]],
+        "the old spec's command ran split as it was accepted"
+    );
+    let output: Vec<u8> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::build_event::Event::Output(o)) => Some(o.data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(output, b"from the old release\n");
+    let row = shared.store.get_build(&queued.id).await.expect("read").expect("there");
+    assert_eq!(row.build.state, BuildState::Succeeded, "{}", row.build.failure_message);
+    assert_eq!(row.build.step_results.len(), 2);
+    let shown = wire::build_to_proto(&row.build, None);
+    assert_eq!(shown.steps, queued.steps, "GetBuild still shows the steps as sent");
+    api.shutdown().await;
+}
+}
