@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::error::Result;
 use crate::model::{BuildState, StepResult};
-use crate::store::{BuildUpdate, Store, now_micros, timestamp};
+use crate::store::{BuildUpdate, Store, now_micros};
 use crate::wire;
 
 /// The in-memory log of one unfinished build; its writer state is the step results.
@@ -58,7 +58,7 @@ impl EventKind for Store {
     fn heartbeat(last_sequence: u64) -> pb::BuildEvent {
         pb::BuildEvent {
             sequence: last_sequence,
-            time: Some(timestamp(now_micros())),
+            time: Some(wire::timestamp(now_micros())),
             event: Some(Event::Heartbeat(pb::Heartbeat {})),
         }
     }
@@ -95,7 +95,7 @@ pub trait AppendEvents {
 }
 
 fn stamped(events: Vec<Event>) -> Vec<pb::BuildEvent> {
-    let time = Some(timestamp(now_micros()));
+    let time = Some(wire::timestamp(now_micros()));
     events
         .into_iter()
         .map(|event| pb::BuildEvent {

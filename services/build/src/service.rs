@@ -19,9 +19,7 @@ use crate::error::{BuildError, Result, invalid, reason, violation};
 use crate::log::{self, AppendEvents, LiveLog};
 use crate::model::{Build, BuildState};
 use crate::queue::Entry;
-use crate::store::{
-    BuildRow, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token, timestamp,
-};
+use crate::store::{BuildRow, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token};
 use crate::validate;
 use crate::wire::{self, limits_to_proto};
 use crate::{BuildApi, Shared};
@@ -243,7 +241,7 @@ impl BuildApi {
         );
         let queued = pb::BuildEvent {
             sequence: 1,
-            time: Some(timestamp(now)),
+            time: Some(wire::timestamp(now)),
             event: Some(pb::build_event::Event::Queued(pb::Queued {
                 position,
                 build_id: build.id.clone(),
@@ -472,7 +470,7 @@ impl BuildService for BuildApi {
         ok(self
             .workspace_for(&p, &request.get_ref().workspace_id, false)
             .await
-            .map(|w| w.to_proto()))
+            .map(|w| wire::workspace_to_proto(&w)))
     }
 
     async fn list_workspaces(

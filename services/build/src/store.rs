@@ -47,13 +47,6 @@ pub fn now_micros() -> i64 {
     micros(SystemTime::now())
 }
 
-pub fn timestamp(us: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: us.div_euclid(1_000_000),
-        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
-
 pub fn duration_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -83,21 +76,6 @@ pub struct WorkspaceRow {
     pub name: Option<String>,
 }
 
-impl WorkspaceRow {
-    pub fn to_proto(&self) -> pb::Workspace {
-        pb::Workspace {
-            id: self.id.clone(),
-            owner: self.owner.clone(),
-            labels: self.labels.clone(),
-            size_bytes: self.size_bytes,
-            file_count: self.file_count,
-            created_at: Some(timestamp(self.created_at)),
-            updated_at: Some(timestamp(self.updated_at)),
-            name: self.name.clone().unwrap_or_default(),
-        }
-    }
-}
-
 /// A build row (with the request hash for idempotency).
 #[derive(Debug, Clone)]
 pub struct BuildRow {
@@ -123,6 +101,8 @@ pub struct BuildUpdate {
 pub struct ListFilter {
     pub owner: Option<String>,
     pub workspace_id: Option<String>,
+    /// By the wire enum's numbers, which are the stored codes ([`BuildState::code`]):
+    /// passed through as asked, so a number no state has matches nothing, as before.
     pub states: Vec<i32>,
     pub labels: Vec<(String, String)>,
     /// Newest-first cursor: strictly older than this (created_at, id).

@@ -18,7 +18,28 @@ use prost::Message;
 use crate::config::BuildLimits;
 use crate::error::{BuildError, Result};
 use crate::model::{Build, BuildSpec, BuildState, Step, StepEnd, StepResult};
-use crate::store::timestamp;
+use crate::store::WorkspaceRow;
+
+/// Unix microseconds (the store's unit) as a proto timestamp.
+pub fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+pub fn workspace_to_proto(w: &WorkspaceRow) -> pb::Workspace {
+    pb::Workspace {
+        id: w.id.clone(),
+        owner: w.owner.clone(),
+        labels: w.labels.clone(),
+        size_bytes: w.size_bytes,
+        file_count: w.file_count,
+        created_at: Some(timestamp(w.created_at)),
+        updated_at: Some(timestamp(w.updated_at)),
+        name: w.name.clone().unwrap_or_default(),
+    }
+}
 
 pub fn duration_to_proto(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
