@@ -162,7 +162,7 @@ impl BuildApi {
             }
             return Err(e);
         }
-        Ok(row.to_proto())
+        Ok(crate::wire::workspace_to_proto(&row))
     }
 
     pub(crate) async fn list_workspaces_impl(
@@ -186,7 +186,7 @@ impl BuildApi {
             _ => String::new(),
         };
         Ok(pb::ListWorkspacesResponse {
-            workspaces: rows.iter().map(WorkspaceRow::to_proto).collect(),
+            workspaces: rows.iter().map(crate::wire::workspace_to_proto).collect(),
             next_page_token,
         })
     }
@@ -260,7 +260,7 @@ impl BuildApi {
             .get_workspace(id)
             .await?
             .ok_or_else(|| ApiError::not_found("workspace", id))?;
-        Ok(ws.to_proto())
+        Ok(crate::wire::workspace_to_proto(&ws))
     }
 
     pub(crate) async fn list_files_impl(
@@ -559,7 +559,7 @@ fn name_taken(name: &str) -> ApiError {
 
 fn same_workspace(existing: WorkspaceRow, hash: &str) -> Result<pb::Workspace> {
     if existing.request_hash.as_deref() == Some(hash) {
-        return Ok(existing.to_proto());
+        return Ok(crate::wire::workspace_to_proto(&existing));
     }
     Err(invalid(
         reason::REQUEST_ID_REUSED,

@@ -13,6 +13,7 @@ mod files;
 mod log;
 mod maintenance;
 mod metrics;
+mod model;
 mod outputs;
 mod paths;
 mod queue;
@@ -21,6 +22,7 @@ mod service;
 mod store;
 mod tar_guard;
 mod validate;
+mod wire;
 mod workspace;
 mod wrappers;
 

@@ -7,6 +7,10 @@
 //! module says what the library needs to know about build events, and keeps the build's
 //! step results: every update carries the whole list, so it is writer state that a
 //! StepFinished adds to (kept only if the store took the batch).
+//!
+//! The events themselves are wire types (`pb::BuildEvent`), stored and replayed as they
+//! were sent; the two that change the build row (a step's end, the build's end) are made
+//! here from model types, through `wire`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,13 +23,15 @@ use pb::build_event::Event;
 use tonic::Status;
 
 use crate::error::Result;
-use crate::store::{BuildUpdate, Store, now_micros, timestamp};
+use crate::model::{BuildState, StepResult};
+use crate::store::{BuildUpdate, Store, now_micros};
+use crate::wire;
 
 /// The in-memory log of one unfinished build; its writer state is the step results.
-pub type LiveLog = Live<Store, Vec<pb::StepFinished>>;
+pub type LiveLog = Live<Store, Vec<StepResult>>;
 
 /// The live logs of unfinished builds, by build id.
-pub type Logs = Registry<Store, Vec<pb::StepFinished>>;
+pub type Logs = Registry<Store, Vec<StepResult>>;
 
 impl EventKind for Store {
     type Event = pb::BuildEvent;
@@ -52,7 +58,7 @@ impl EventKind for Store {
     fn heartbeat(last_sequence: u64) -> pb::BuildEvent {
         pb::BuildEvent {
             sequence: last_sequence,
-            time: Some(timestamp(now_micros())),
+            time: Some(wire::timestamp(now_micros())),
             event: Some(Event::Heartbeat(pb::Heartbeat {})),
         }
     }
@@ -61,14 +67,43 @@ impl EventKind for Store {
 /// Appending build events to a build's log.
 pub trait AppendEvents {
     /// Numbers, persists, then publishes `events` (stamped with the current time),
-    /// applying `update` to the build row in the same transaction. A StepFinished is
-    /// added to the build's step results. Returns the log's last sequence.
+    /// applying `update` to the build row in the same transaction. Returns the log's
+    /// last sequence. Not for StepFinished or Finished: see the two below.
     fn append_events(
         &self,
         store: &Store,
         events: Vec<Event>,
         update: BuildUpdate,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// A step's end: its StepFinished event, and `result` added to the build's step
+    /// results; no step is current any more.
+    fn append_step_finished(
+        &self,
+        store: &Store,
+        result: StepResult,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The build's end: its Finished event, and the row's final state, time and
+    /// message.
+    fn append_finished(
+        &self,
+        store: &Store,
+        state: BuildState,
+        message: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
+}
+
+fn stamped(events: Vec<Event>) -> Vec<pb::BuildEvent> {
+    let time = Some(wire::timestamp(now_micros()));
+    events
+        .into_iter()
+        .map(|event| pb::BuildEvent {
+            sequence: 0,
+            time,
+            event: Some(event),
+        })
+        .collect()
 }
 
 impl AppendEvents for LiveLog {
@@ -76,31 +111,42 @@ impl AppendEvents for LiveLog {
         &self,
         store: &Store,
         events: Vec<Event>,
-        mut update: BuildUpdate,
+        update: BuildUpdate,
     ) -> Result<u64> {
-        let time = Some(timestamp(now_micros()));
-        let steps_end = events.iter().any(|e| matches!(e, Event::StepFinished(_)));
-        let events = events
-            .into_iter()
-            .map(|event| pb::BuildEvent {
-                sequence: 0,
-                time,
-                event: Some(event),
-            })
-            .collect();
-        if !steps_end {
-            // Output batches, mostly: no step results to change or copy.
-            return self.append(store, events, update).await;
-        }
-        self.append_with(store, events, move |results, numbered| {
-            results.extend(numbered.iter().filter_map(|e| match &e.event {
-                Some(Event::StepFinished(sf)) => Some(sf.clone()),
-                _ => None,
-            }));
-            update.step_results = Some(results.clone());
-            update
+        self.append(store, stamped(events), update).await
+    }
+
+    async fn append_step_finished(&self, store: &Store, result: StepResult) -> Result<u64> {
+        let event = Event::StepFinished(wire::step_result_to_proto(&result));
+        self.append_with(store, stamped(vec![event]), move |results, _| {
+            results.push(result);
+            BuildUpdate {
+                current_step: Some(None),
+                step_results: Some(results.clone()),
+                ..BuildUpdate::default()
+            }
         })
         .await
+    }
+
+    async fn append_finished(
+        &self,
+        store: &Store,
+        state: BuildState,
+        message: &str,
+    ) -> Result<u64> {
+        let event = Event::Finished(pb::Finished {
+            state: wire::state_to_proto(state) as i32,
+            message: message.to_owned(),
+        });
+        let update = BuildUpdate {
+            state: Some(state),
+            finished_at: Some(now_micros()),
+            failure_message: Some(message.to_owned()),
+            current_step: Some(None),
+            ..BuildUpdate::default()
+        };
+        self.append(store, stamped(vec![event]), update).await
     }
 }
 
@@ -114,12 +160,4 @@ pub fn watch(
     heartbeat: Duration,
 ) -> impl Stream<Item = Result<pb::BuildEvent, Status>> + Send + 'static {
     kiln_eventlog::watch(store, logs, build_id, after, heartbeat).map_err(Status::from)
-}
-
-/// Whether a state is final.
-pub fn is_final(state: i32) -> bool {
-    !matches!(
-        pb::BuildState::try_from(state),
-        Ok(pb::BuildState::Queued | pb::BuildState::Running | pb::BuildState::Unspecified)
-    )
 }

@@ -3,14 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_proto::build as pb;
-use pb::build_event::Event;
-
 use crate::Shared;
 use crate::error::Result;
 use crate::log::{AppendEvents, LiveLog};
+use crate::model::BuildState;
 use crate::queue::Entry;
-use crate::store::{BuildUpdate, duration_micros, now_micros};
+use crate::store::{duration_micros, now_micros};
 
 /// The message of builds found RUNNING at start.
 pub const INTERRUPTED_MESSAGE: &str =
@@ -22,7 +20,7 @@ pub const INTERRUPTED_MESSAGE: &str =
 pub async fn recover(shared: &Arc<Shared>) -> Result<()> {
     end_abandoned(shared).await?;
     sweep_orphaned_workspaces(shared).await?;
-    for row in shared.store.builds_in_state(pb::BuildState::Queued).await? {
+    for row in shared.store.builds_in_state(BuildState::Queued).await? {
         let b = row.build;
         // As at StartBuild: a live log only where the build will run for sure.
         if shared.control.replica_id().is_none() {
@@ -65,22 +63,8 @@ async fn end_abandoned(shared: &Arc<Shared>) -> Result<()> {
             b.step_results,
             shared.config.live_window_bytes,
         );
-        let finished = Event::Finished(pb::Finished {
-            state: pb::BuildState::Interrupted as i32,
-            message: INTERRUPTED_MESSAGE.into(),
-        });
-        log.append_events(
-            &shared.store,
-            vec![finished],
-            BuildUpdate {
-                state: Some(pb::BuildState::Interrupted),
-                finished_at: Some(now_micros()),
-                failure_message: Some(INTERRUPTED_MESSAGE.into()),
-                current_step: Some(None),
-                ..BuildUpdate::default()
-            },
-        )
-        .await?;
+        log.append_finished(&shared.store, BuildState::Interrupted, INTERRUPTED_MESSAGE)
+            .await?;
         tracing::warn!(build = %b.id, "build was running when its runner stopped (crash, kill or lost lease): INTERRUPTED");
     }
     Ok(())

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use kiln_proto::build as pb;
 use kiln_sandbox::{CommandSpec, ExitStatus, Limits, OutputChunk, Reason, Stream};
 use pb::build_event::Event;
+use std::collections::BTreeMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -17,9 +18,9 @@ use crate::config::BuildLimits;
 use crate::control::Claim;
 use crate::error::Result;
 use crate::log::{AppendEvents, LiveLog};
+use crate::model::{BuildSpec, BuildState, Step, StepEnd, StepResult};
 use crate::queue::Entry;
 use crate::store::{BuildUpdate, now_micros};
-use crate::validate::{self, limits_from_proto};
 
 /// Largest Output event.
 pub const MAX_OUTPUT_EVENT: usize = 32 * 1024;
@@ -39,10 +40,10 @@ pub enum Stop {
 }
 
 /// How a step turned out, as far as the build is concerned.
-struct StepEnd {
-    finished: pb::StepFinished,
+struct StepOutcome {
+    finished: StepResult,
     output: u64,
-    stop_build: Option<(pb::BuildState, String)>,
+    stop_build: Option<(BuildState, String)>,
 }
 
 /// Runs a build the scheduler claimed, then frees its slot and workspace. Never fails:
@@ -53,18 +54,11 @@ pub async fn run(shared: Arc<Shared>, claim: Claim) {
     if let Err(e) = run_build(&shared, entry, claim.stop.clone()).await {
         tracing::error!(build = %entry.build_id, error = %e, "build failed on the server side");
         if let Some(log) = shared.logs.get(&entry.build_id) {
-            let finished = Event::Finished(pb::Finished {
-                state: pb::BuildState::Failed as i32,
-                message: "internal error while running the build".into(),
-            });
             let _ = log
-                .append_events(
+                .append_finished(
                     &shared.store,
-                    vec![finished],
-                    final_update(
-                        pb::BuildState::Failed,
-                        "internal error while running the build",
-                    ),
+                    BuildState::Failed,
+                    "internal error while running the build",
                 )
                 .await;
         }
@@ -73,16 +67,6 @@ pub async fn run(shared: Arc<Shared>, claim: Claim) {
     let build_id = entry.build_id.clone();
     if let Err(e) = shared.control.finish(claim).await {
         tracing::error!(build = %build_id, error = %e, "freeing a finished build's slot failed");
-    }
-}
-
-fn final_update(state: pb::BuildState, message: &str) -> BuildUpdate {
-    BuildUpdate {
-        state: Some(state),
-        finished_at: Some(now_micros()),
-        failure_message: Some(message.to_owned()),
-        current_step: Some(None),
-        ..BuildUpdate::default()
     }
 }
 
@@ -129,7 +113,7 @@ async fn run_build(
             workspace_path,
         })],
         BuildUpdate {
-            state: Some(pb::BuildState::Running),
+            state: Some(BuildState::Running),
             started_at: Some(now_micros()),
             ..BuildUpdate::default()
         },
@@ -137,10 +121,7 @@ async fn run_build(
     .await?;
     let ws_dir = shared.disk.dir(&entry.workspace_id);
     let (state, message) = if !ws_dir.is_dir() {
-        (
-            pb::BuildState::Failed,
-            "the workspace was deleted".to_owned(),
-        )
+        (BuildState::Failed, "the workspace was deleted".to_owned())
     } else {
         let sandbox = shared.sandbox.clone();
         let dir = ws_dir.clone();
@@ -158,11 +139,7 @@ async fn run_build(
         })
         .await
         .map_err(|e| crate::error::BuildError::Config(format!("prepare task: {e}")))??;
-        let limits = limits_from_proto(
-            &build.limits.unwrap_or_default(),
-            &shared.config.policy.default_limits,
-        );
-        run_steps(shared, &log, &build, &limits, &ws_dir, &mut stop).await?
+        run_steps(shared, &log, &build.spec, &ws_dir, &mut stop).await?
     };
     if let Some(scratch) = scratch_dir(shared, &ws_dir) {
         // Scratch files are not the build's result: they do not stay in the workspace.
@@ -180,58 +157,49 @@ async fn run_build(
                 .await?;
         }
     }
-    let finished = Event::Finished(pb::Finished {
-        state: state as i32,
-        message: message.clone(),
-    });
-    log.append_events(&shared.store, vec![finished], final_update(state, &message))
-        .await?;
+    log.append_finished(&shared.store, state, &message).await?;
     Ok(())
 }
 
 async fn run_steps(
     shared: &Arc<Shared>,
     log: &LiveLog,
-    build: &pb::Build,
-    limits: &BuildLimits,
+    spec: &BuildSpec,
     ws_dir: &std::path::Path,
     stop: &mut watch::Receiver<Stop>,
-) -> Result<(pb::BuildState, String)> {
+) -> Result<(BuildState, String)> {
+    let limits = &spec.limits;
     let deadline = Instant::now() + limits.wall_timeout;
     let mut output_left = limits.output_bytes;
-    let count = build.steps.len();
-    for (index, step) in build.steps.iter().enumerate() {
+    let count = spec.steps.len();
+    for (index, step) in spec.steps.iter().enumerate() {
         match *stop.borrow_and_update() {
             Stop::No => {}
             Stop::Cancel(_) => {
                 return Ok((
-                    pb::BuildState::Cancelled,
+                    BuildState::Cancelled,
                     "cancelled before step started".into(),
                 ));
             }
-            Stop::Interrupt => return Ok((pb::BuildState::Interrupted, interrupted_message())),
+            Stop::Interrupt => return Ok((BuildState::Interrupted, interrupted_message())),
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Ok((
-                pb::BuildState::TimedOut,
+                BuildState::TimedOut,
                 format!(
                     "the build's wall timeout of {:?} was reached",
                     limits.wall_timeout
                 ),
             ));
         }
-        let argv = match &step.command {
-            Some(cmd) => shell_words::split(cmd).unwrap_or_default(),
-            None => step.argv.clone(),
-        };
-        let own_timeout = validate::step_timeout(step).filter(|t| *t < remaining);
+        let argv = &step.argv;
+        let own_timeout = step.timeout.filter(|t| *t < remaining);
         let timeout = own_timeout.unwrap_or(remaining);
-        let spec = command_spec(
+        let command = command_spec(
             shared,
-            &argv,
             step,
-            &build.env,
+            &spec.env,
             ws_dir,
             limits,
             timeout,
@@ -243,7 +211,7 @@ async fn run_steps(
             program = argv.first().map_or("", String::as_str),
             succeeded = tracing::field::Empty,
         );
-        let end = run_step(shared, log, index, step, &argv, spec, limits, stop)
+        let end = run_step(shared, log, index, step, command, limits, stop)
             .instrument(span.clone())
             .await?;
         span.record("succeeded", end.finished.succeeded);
@@ -253,38 +221,25 @@ async fn run_steps(
             return Ok((state, format!("{label}: {why}")));
         }
         if !end.finished.succeeded {
-            let state = if end.finished.reason == pb::StepFinishedReason::TimedOut as i32 {
-                pb::BuildState::TimedOut
+            let state = if end.finished.reason == StepEnd::TimedOut {
+                BuildState::TimedOut
             } else {
-                pb::BuildState::Failed
+                BuildState::Failed
             };
-            return Ok((state, format!("{label} {}", describe(&end.finished))));
+            return Ok((state, format!("{label} {}", end.finished.describe())));
         }
     }
-    Ok((pb::BuildState::Succeeded, String::new()))
+    Ok((BuildState::Succeeded, String::new()))
 }
 
 fn interrupted_message() -> String {
     "the service stopped while the build was running".into()
 }
 
-fn describe(sf: &pb::StepFinished) -> String {
-    if !sf.message.is_empty() {
-        return sf.message.clone();
-    }
-    match (sf.exit_code, sf.signal) {
-        (Some(c), _) => format!("exited with code {c}"),
-        (_, Some(s)) => format!("was killed by signal {s}"),
-        _ => "failed".into(),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 fn command_spec(
     shared: &Shared,
-    argv: &[String],
-    step: &pb::Step,
-    build_env: &std::collections::HashMap<String, String>,
+    step: &Step,
+    build_env: &BTreeMap<String, String>,
     ws_dir: &std::path::Path,
     limits: &BuildLimits,
     timeout: Duration,
@@ -294,7 +249,7 @@ fn command_spec(
     let home = shared.sandbox.workspace_in_sandbox(ws_dir);
     // The environment is built from nothing: fixed PATH and HOME, the policy's fixed
     // variables, then the request's (already checked against the allowlist).
-    let mut spec = CommandSpec::new(argv.iter().cloned(), ws_dir)
+    let mut spec = CommandSpec::new(step.argv.iter().cloned(), ws_dir)
         .current_dir(&step.working_dir)
         .env("PATH", policy.path.clone())
         .env("HOME", home.to_string_lossy().into_owned());
@@ -309,14 +264,10 @@ fn command_spec(
     for (k, v) in &policy.fixed_env {
         spec = spec.env(k.clone(), v.clone());
     }
-    // The stored env went through the allowlist at StartBuild; sorted for a stable order.
-    let mut env: Vec<_> = build_env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    env.sort();
-    for (k, v) in env {
-        spec = spec.env(k, v);
+    // The stored env went through the allowlist at StartBuild; sorted, so the order
+    // is stable.
+    for (k, v) in build_env {
+        spec = spec.env(k.clone(), v.clone());
     }
     spec.limits(Limits {
         wall_timeout: timeout,
@@ -337,12 +288,11 @@ async fn run_step(
     shared: &Arc<Shared>,
     log: &LiveLog,
     index: usize,
-    step: &pb::Step,
-    argv: &[String],
+    step: &Step,
     spec: CommandSpec,
     limits: &BuildLimits,
     stop: &mut watch::Receiver<Stop>,
-) -> Result<StepEnd> {
+) -> Result<StepOutcome> {
     let index32 = u32::try_from(index).unwrap_or(u32::MAX);
     let spawn_started = std::time::Instant::now();
     let spawned = shared.sandbox.spawn(spec).await;
@@ -354,24 +304,24 @@ async fn run_step(
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let finished = pb::StepFinished {
+            let finished = StepResult {
                 step_index: index32,
-                reason: pb::StepFinishedReason::SpawnFailed as i32,
+                exit_code: None,
+                signal: None,
+                reason: StepEnd::SpawnFailed,
+                duration: None,
+                cpu_time: None,
+                peak_memory_bytes: 0,
                 message: spawn_error_message(&e),
                 succeeded: false,
-                ..Default::default()
             };
-            log.append_events(
-                &shared.store,
-                vec![Event::StepFinished(finished.clone())],
-                BuildUpdate::default(),
-            )
-            .await?;
-            let why = describe(&finished);
-            return Ok(StepEnd {
+            log.append_step_finished(&shared.store, finished.clone())
+                .await?;
+            let why = finished.describe();
+            return Ok(StepOutcome {
                 finished,
                 output: 0,
-                stop_build: Some((pb::BuildState::Failed, why)),
+                stop_build: Some((BuildState::Failed, why)),
             });
         }
     };
@@ -379,7 +329,7 @@ async fn run_step(
         &shared.store,
         vec![Event::StepStarted(pb::StepStarted {
             step_index: index32,
-            argv: argv.to_vec(),
+            argv: step.argv.clone(),
         })],
         BuildUpdate {
             current_step: Some(Some(index32)),
@@ -438,34 +388,26 @@ async fn run_step(
             },
         }
     };
-    let mut reason = match outcome.reason {
-        Reason::Exited => pb::StepFinishedReason::Exited,
-        Reason::DiskLimit => pb::StepFinishedReason::DiskLimit,
-        Reason::TimedOut => pb::StepFinishedReason::TimedOut,
-        Reason::Cancelled => pb::StepFinishedReason::Cancelled,
-        Reason::OutputLimit => pb::StepFinishedReason::OutputLimit,
-        Reason::MemoryLimit => pb::StepFinishedReason::MemoryLimit,
-        Reason::SpawnFailed => pb::StepFinishedReason::SpawnFailed,
-    };
+    let mut reason = StepEnd::from(outcome.reason);
     let mut message = outcome.message.clone().unwrap_or_default();
     let mut stop_build = None;
     match (requested, outcome.reason) {
         (Stop::Cancel(_), _) => {
-            reason = pb::StepFinishedReason::Cancelled;
+            reason = StepEnd::Cancelled;
             message = "cancelled on request".into();
-            stop_build = Some((pb::BuildState::Cancelled, "cancelled".to_owned()));
+            stop_build = Some((BuildState::Cancelled, "cancelled".to_owned()));
         }
         (Stop::Interrupt, _) => {
-            reason = pb::StepFinishedReason::Cancelled;
+            reason = StepEnd::Cancelled;
             message = interrupted_message();
-            stop_build = Some((pb::BuildState::Interrupted, interrupted_message()));
+            stop_build = Some((BuildState::Interrupted, interrupted_message()));
         }
         (Stop::No, Reason::OutputLimit) => {
             message = format!(
                 "output limit of {} bytes reached: the output after it was dropped and the step was killed",
                 limits.output_bytes
             );
-            stop_build = Some((pb::BuildState::Failed, message.clone()));
+            stop_build = Some((BuildState::Failed, message.clone()));
         }
         // The monitor says which of the two limits it was (bytes or entries).
         (Stop::No, Reason::DiskLimit) if message.contains("entries") => {
@@ -484,32 +426,21 @@ async fn run_step(
     }
     let exited_ok = outcome.reason == Reason::Exited && outcome.status == ExitStatus::Code(0);
     let succeeded = stop_build.is_none() && (exited_ok || step.allow_failure);
-    let to_proto = |d: Duration| prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    };
-    metrics.step_finished(reason.as_str_name(), outcome.wall_time, delivered);
-    let finished = pb::StepFinished {
+    metrics.step_finished(reason.metric_name(), outcome.wall_time, delivered);
+    let finished = StepResult {
         step_index: index32,
         exit_code: outcome.status.code(),
         signal: outcome.status.signal(),
-        reason: reason as i32,
-        duration: Some(to_proto(outcome.wall_time)),
-        cpu_time: Some(to_proto(outcome.cpu_time)),
+        reason,
+        duration: Some(outcome.wall_time),
+        cpu_time: Some(outcome.cpu_time),
         peak_memory_bytes: outcome.peak_memory_bytes,
         message,
         succeeded,
     };
-    log.append_events(
-        &shared.store,
-        vec![Event::StepFinished(finished.clone())],
-        BuildUpdate {
-            current_step: Some(None),
-            ..BuildUpdate::default()
-        },
-    )
-    .await?;
-    Ok(StepEnd {
+    log.append_step_finished(&shared.store, finished.clone())
+        .await?;
+    Ok(StepOutcome {
         finished,
         output: delivered,
         stop_build,

@@ -11,19 +11,17 @@ use kiln_proto::build::build_service_server::BuildService;
 use kiln_rpc::audit::AuditRecord;
 use kiln_rpc::id_prefix::{self, Lookup};
 use kiln_rpc::{ApiError, Principal};
-use pb::build_event::Event;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::control::Cancelled;
 use crate::error::{BuildError, Result, invalid, reason, violation};
-use crate::log::{self, AppendEvents, LiveLog, is_final};
+use crate::log::{self, AppendEvents, LiveLog};
+use crate::model::{Build, BuildState};
 use crate::queue::Entry;
-use crate::store::{
-    BuildRow, BuildUpdate, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token,
-    timestamp,
-};
-use crate::validate::{self, limits_to_proto};
+use crate::store::{BuildRow, ListFilter, WorkspaceRow, now_micros, page_token, parse_page_token};
+use crate::validate;
+use crate::wire::{self, limits_to_proto};
 use crate::{BuildApi, Shared};
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -193,11 +191,13 @@ impl BuildApi {
         Ok(id_prefix::pick("build", "build_id", id, matches)?)
     }
 
-    async fn with_position(&self, mut b: pb::Build) -> pb::Build {
-        if b.state == pb::BuildState::Queued as i32 {
-            b.queue_position = self.shared.control.position(&b.owner, &b.id).await;
-        }
-        b
+    /// The build as the contract shows it, with its place in the queue while queued.
+    async fn with_position(&self, b: &Build) -> pb::Build {
+        let position = match b.state {
+            BuildState::Queued => self.shared.control.position(&b.owner, &b.id).await,
+            _ => None,
+        };
+        wire::build_to_proto(b, position)
     }
 
     async fn start(
@@ -207,8 +207,10 @@ impl BuildApi {
         audit: AuditRecord,
     ) -> Result<pb::Build> {
         let shared = &self.shared;
-        let valid = validate::start_build(&req, &shared.config.policy, &shared.config.workspace)?;
-        let limits = limits_to_proto(&valid.limits);
+        let spec = validate::start_build(&req, &shared.config.policy, &shared.config.workspace)?;
+        // The idempotency hash is of the request as sent (its proto bytes), not of the
+        // spec: a retry is the same request, and hashes stored by earlier releases keep
+        // matching.
         let steps: Vec<Vec<u8>> = req.steps.iter().map(Message::encode_to_vec).collect();
         let mut parts: Vec<&[u8]> = vec![req.workspace_id.as_bytes()];
         parts.extend(steps.iter().map(Vec::as_slice));
@@ -230,24 +232,17 @@ impl BuildApi {
         let reservation = shared.control.reserve(&p.subject).await?;
         let position = shared.control.peek_position(&p.subject).await;
         let now = now_micros();
-        let build = pb::Build {
-            id: uuid::Uuid::new_v4().to_string(),
-            workspace_id: ws.id.clone(),
-            owner: p.subject.clone(),
-            state: pb::BuildState::Queued as i32,
-            steps: req.steps,
-            env: valid.env.into_iter().collect(),
-            limits: Some(limits),
-            labels: req.labels,
-            created_at: Some(timestamp(now)),
-            last_sequence: 1,
-            queue_position: Some(position),
-            ..Default::default()
-        };
+        let build = Build::queued(
+            uuid::Uuid::new_v4().to_string(),
+            ws.id.clone(),
+            p.subject.clone(),
+            spec,
+            now,
+        );
         let queued = pb::BuildEvent {
             sequence: 1,
-            time: Some(timestamp(now)),
-            event: Some(Event::Queued(pb::Queued {
+            time: Some(wire::timestamp(now)),
+            event: Some(pb::build_event::Event::Queued(pb::Queued {
                 position,
                 build_id: build.id.clone(),
             })),
@@ -299,7 +294,7 @@ impl BuildApi {
                 Some(reservation),
             )
             .await?;
-        Ok(build)
+        Ok(wire::build_to_proto(&build, Some(position)))
     }
 
     fn watch_stream(&self, build_id: String, after: u64) -> Stream<pb::BuildEvent> {
@@ -319,7 +314,7 @@ impl BuildApi {
         &self,
         p: &Principal,
         req: pb::CancelBuildRequest,
-    ) -> Result<(pb::Build, Option<Duration>)> {
+    ) -> Result<(Build, Option<Duration>)> {
         let grace = match req.grace_period {
             // The configured grace, the one a timeout or a shutdown also gives a step.
             None => self.shared.config.sandbox.kill_grace,
@@ -339,7 +334,7 @@ impl BuildApi {
         };
         let row = self.build_for(p, &req.build_id, true).await?;
         let b = row.build;
-        if is_final(b.state) {
+        if b.state.is_final() {
             return Ok((b, None));
         }
         let shared = &self.shared;
@@ -353,19 +348,10 @@ impl BuildApi {
                     shared.config.live_window_bytes,
                 )
             });
-            let message = "cancelled while queued".to_owned();
-            log.append_events(
+            log.append_finished(
                 &shared.store,
-                vec![Event::Finished(pb::Finished {
-                    state: pb::BuildState::Cancelled as i32,
-                    message: message.clone(),
-                })],
-                BuildUpdate {
-                    state: Some(pb::BuildState::Cancelled),
-                    finished_at: Some(now_micros()),
-                    failure_message: Some(message),
-                    ..BuildUpdate::default()
-                },
+                BuildState::Cancelled,
+                "cancelled while queued",
             )
             .await?;
             shared.logs.remove(&b.id);
@@ -427,18 +413,12 @@ impl BuildApi {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => page_token(
-                last.build
-                    .created_at
-                    .as_ref()
-                    .map_or(0, crate::store::timestamp_micros),
-                &last.build.id,
-            ),
+            (true, Some(last)) => page_token(last.build.created_at, &last.build.id),
             _ => String::new(),
         };
         let mut builds = Vec::with_capacity(rows.len());
         for row in rows {
-            builds.push(self.with_position(row.build).await);
+            builds.push(self.with_position(&row.build).await);
         }
         Ok(pb::ListBuildsResponse {
             builds,
@@ -447,9 +427,11 @@ impl BuildApi {
     }
 }
 
-fn same_request(stored: Option<&str>, hash: &str, build: pb::Build) -> Result<pb::Build> {
+/// A StartBuild retried with its request_id: the build it made (shown without a queue
+/// position, as it always was), if the request is the same.
+fn same_request(stored: Option<&str>, hash: &str, build: Build) -> Result<pb::Build> {
     if stored == Some(hash) {
-        return Ok(build);
+        return Ok(wire::build_to_proto(&build, None));
     }
     Err(invalid(
         reason::REQUEST_ID_REUSED,
@@ -488,7 +470,7 @@ impl BuildService for BuildApi {
         ok(self
             .workspace_for(&p, &request.get_ref().workspace_id, false)
             .await
-            .map(|w| w.to_proto()))
+            .map(|w| wire::workspace_to_proto(&w)))
     }
 
     async fn list_workspaces(
@@ -593,7 +575,7 @@ impl BuildService for BuildApi {
         let row = self
             .build_for(&p, &request.get_ref().build_id, false)
             .await?;
-        Ok(Response::new(self.with_position(row.build).await))
+        Ok(Response::new(self.with_position(&row.build).await))
     }
 
     async fn list_builds(
@@ -614,10 +596,10 @@ impl BuildService for BuildApi {
         audit
             .target("build", &build.id)
             .detail("owner", build.owner.as_str())
-            .detail("state", build.state().as_str_name())
+            .detail("state", wire::state_to_proto(build.state).as_str_name())
             .emit();
         Ok(Response::new(pb::CancelBuildResponse {
-            build: Some(self.with_position(build).await),
+            build: Some(self.with_position(&build).await),
             kill_after: kill_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
         }))
     }

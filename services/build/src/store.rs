@@ -12,15 +12,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kiln_proto::build as pb;
 use kiln_rpc::ApiError;
 use kiln_store::Sql;
-use prost::Message;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::error::{BuildError, Result};
+use crate::model::{Build, BuildState, StepResult};
 use crate::outputs::OutputFiles;
 
 mod appended;
 mod build_events;
+mod legacy;
+#[cfg(test)]
+mod upgrade_tests;
 use build_events::insert_events;
 
 static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -42,13 +45,6 @@ pub fn micros(t: SystemTime) -> i64 {
 
 pub fn now_micros() -> i64 {
     micros(SystemTime::now())
-}
-
-pub fn timestamp(us: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: us.div_euclid(1_000_000),
-        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
 }
 
 pub fn duration_micros(d: Duration) -> i64 {
@@ -80,39 +76,24 @@ pub struct WorkspaceRow {
     pub name: Option<String>,
 }
 
-impl WorkspaceRow {
-    pub fn to_proto(&self) -> pb::Workspace {
-        pb::Workspace {
-            id: self.id.clone(),
-            owner: self.owner.clone(),
-            labels: self.labels.clone(),
-            size_bytes: self.size_bytes,
-            file_count: self.file_count,
-            created_at: Some(timestamp(self.created_at)),
-            updated_at: Some(timestamp(self.updated_at)),
-            name: self.name.clone().unwrap_or_default(),
-        }
-    }
-}
-
-/// A build row, decoded into the proto (with the request hash for idempotency).
+/// A build row (with the request hash for idempotency).
 #[derive(Debug, Clone)]
 pub struct BuildRow {
-    pub build: pb::Build,
+    pub build: Build,
     pub request_hash: Option<String>,
 }
 
 /// What a log append changes on the build row, besides `last_sequence`.
 #[derive(Debug, Clone, Default)]
 pub struct BuildUpdate {
-    pub state: Option<pb::BuildState>,
+    pub state: Option<BuildState>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub failure_message: Option<String>,
     /// `Some(None)` clears it.
     pub current_step: Option<Option<u32>>,
     /// The whole list, replacing the stored one.
-    pub step_results: Option<Vec<pb::StepFinished>>,
+    pub step_results: Option<Vec<StepResult>>,
 }
 
 /// Filters of ListWorkspaces / ListBuilds.
@@ -120,6 +101,8 @@ pub struct BuildUpdate {
 pub struct ListFilter {
     pub owner: Option<String>,
     pub workspace_id: Option<String>,
+    /// By the wire enum's numbers, which are the stored codes ([`BuildState::code`]):
+    /// passed through as asked, so a number no state has matches nothing, as before.
     pub states: Vec<i32>,
     pub labels: Vec<(String, String)>,
     /// Newest-first cursor: strictly older than this (created_at, id).
@@ -127,24 +110,10 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
-fn encode_results(results: &[pb::StepFinished]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for r in results {
-        // Encoding into a Vec cannot fail.
-        let _ = r.encode_length_delimited(&mut out);
-    }
-    out
-}
-
-fn decode_results(mut bytes: &[u8]) -> Result<Vec<pb::StepFinished>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        out.push(
-            pb::StepFinished::decode_length_delimited(&mut bytes)
-                .map_err(|e| BuildError::Corrupt(format!("step results: {e}")))?,
-        );
-    }
-    Ok(out)
+/// The stored form of step results (`builds.step_results_json`).
+pub(crate) fn results_json(results: &[StepResult]) -> String {
+    // Plain data: serializing cannot fail.
+    serde_json::to_string(results).unwrap_or_else(|_| "[]".into())
 }
 
 /// `write`, `read` and `backend` of the database.
@@ -161,6 +130,7 @@ impl Store {
     /// to files under `outputs_dir`.
     pub async fn open(url: &kiln_store::DatabaseUrl, outputs_dir: &Path) -> Result<Self> {
         let db = kiln_store::Database::open(url, SCHEMA, MIGRATIONS).await?;
+        legacy::backfill(&db).await?;
         // Where other replicas may write the logs this one's watchers follow.
         let appended = match url {
             kiln_store::DatabaseUrl::Postgres(_) => Some(appended::Appended::start(url.expose())),
@@ -359,8 +329,8 @@ impl Store {
         )
         .bind(id)
         .bind(id)
-        .bind(pb::BuildState::Queued as i32)
-        .bind(pb::BuildState::Running as i32)
+        .bind(BuildState::Queued.code())
+        .bind(BuildState::Running.code())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -384,53 +354,47 @@ impl Store {
     /// Inserts a new build and its first event (Queued, sequence 1) in one transaction.
     pub async fn insert_build(
         &self,
-        build: &pb::Build,
+        build: &Build,
         request_id: Option<&str>,
         request_hash: Option<&str>,
         first_event: &pb::BuildEvent,
     ) -> Result<()> {
-        let spec = pb::Build {
-            id: build.id.clone(),
-            workspace_id: build.workspace_id.clone(),
-            owner: build.owner.clone(),
-            steps: build.steps.clone(),
-            env: build.env.clone(),
-            limits: build.limits,
-            labels: build.labels.clone(),
-            ..Default::default()
-        };
-        let created = build
-            .created_at
-            .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000));
+        let spec = serde_json::to_string(&build.spec)
+            .map_err(|e| BuildError::Corrupt(format!("build spec: {e}")))?;
         let mut tx = self.db.begin().await?;
         // In the same transaction as the insert: a DeleteWorkspace that committed first
         // leaves nothing to update, and the build is refused instead of queued for a
         // workspace that is gone (the single writer serializes the two).
         let touched = sqlx::query("UPDATE workspaces SET last_used_at = $1 WHERE id = $2")
-            .bind(created)
+            .bind(build.created_at)
             .bind(&build.workspace_id)
             .execute(&mut *tx)
             .await?;
         if touched.rows_affected() == 0 {
             return Err(ApiError::not_found("workspace", &build.workspace_id).into());
         }
+        // `spec` and `step_results`, the proto blobs of earlier releases, stay empty
+        // (see migration 0004).
         sqlx::query(
             "INSERT INTO builds (id, workspace_id, owner, state, spec, created_at, last_sequence, \
-             step_results, request_id, request_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             step_results, request_id, request_hash, spec_json, step_results_json) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&build.id)
         .bind(&build.workspace_id)
         .bind(&build.owner)
-        .bind(build.state)
-        .bind(spec.encode_to_vec())
-        .bind(created)
+        .bind(build.state.code())
+        .bind(Vec::<u8>::new())
+        .bind(build.created_at)
         .bind(i64::try_from(first_event.sequence).unwrap_or(0))
         .bind(Vec::<u8>::new())
         .bind(request_id)
         .bind(request_hash)
+        .bind(spec)
+        .bind(results_json(&build.step_results))
         .execute(&mut *tx)
         .await?;
-        for (k, v) in &build.labels {
+        for (k, v) in &build.spec.labels {
             sqlx::query("INSERT INTO build_labels (build_id, key, value) VALUES ($1, $2, $3)")
                 .bind(&build.id)
                 .bind(k)
@@ -444,19 +408,39 @@ impl Store {
     }
 
     fn build_from_row(row: &AnyRow) -> Result<BuildRow> {
-        let spec: Vec<u8> = row.try_get("spec")?;
-        let mut build = pb::Build::decode(spec.as_slice())
-            .map_err(|e| BuildError::Corrupt(format!("build spec: {e}")))?;
-        build.state = row.try_get("state")?;
-        build.created_at = Some(timestamp(row.try_get("created_at")?));
-        build.started_at = row.try_get::<Option<i64>, _>("started_at")?.map(timestamp);
-        build.finished_at = row.try_get::<Option<i64>, _>("finished_at")?.map(timestamp);
-        build.failure_message = row.try_get("failure_message")?;
-        build.last_sequence = u64::try_from(row.try_get::<i64, _>("last_sequence")?).unwrap_or(0);
-        build.current_step_index = row
-            .try_get::<Option<i64>, _>("current_step")?
-            .and_then(|i| u32::try_from(i).ok());
-        build.step_results = decode_results(&row.try_get::<Vec<u8>, _>("step_results")?)?;
+        let id: String = row.try_get("id")?;
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            BuildError::Corrupt(format!("build {id}: {what}: {e}"))
+        };
+        // Every row has its JSON once the store is open (the backfill fills rows of
+        // earlier releases); the blob is read only for a row an older replica inserted
+        // since, during a rolling upgrade on Postgres.
+        let spec = match row.try_get::<Option<String>, _>("spec_json")? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| corrupt("spec", &e))?,
+            None => crate::wire::legacy_spec(&row.try_get::<Vec<u8>, _>("spec")?)?,
+        };
+        let step_results = match row.try_get::<Option<String>, _>("step_results_json")? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| corrupt("step results", &e))?,
+            None => crate::wire::legacy_step_results(&row.try_get::<Vec<u8>, _>("step_results")?)?,
+        };
+        let code: i32 = row.try_get("state")?;
+        let state = BuildState::from_code(code).ok_or_else(|| corrupt("state", &code))?;
+        let build = Build {
+            workspace_id: row.try_get("workspace_id")?,
+            owner: row.try_get("owner")?,
+            state,
+            spec,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            failure_message: row.try_get("failure_message")?,
+            last_sequence: u64::try_from(row.try_get::<i64, _>("last_sequence")?).unwrap_or(0),
+            current_step: row
+                .try_get::<Option<i64>, _>("current_step")?
+                .and_then(|i| u32::try_from(i).ok()),
+            step_results,
+            id,
+        };
         Ok(BuildRow {
             build,
             request_hash: row.try_get("request_hash")?,
@@ -520,9 +504,9 @@ impl Store {
     }
 
     /// Ids of builds in `state`, oldest first (recovery).
-    pub async fn builds_in_state(&self, state: pb::BuildState) -> Result<Vec<BuildRow>> {
+    pub async fn builds_in_state(&self, state: BuildState) -> Result<Vec<BuildRow>> {
         let rows = sqlx::query("SELECT * FROM builds WHERE state = $1 ORDER BY created_at, id")
-            .bind(state as i32)
+            .bind(state.code())
             .fetch_all(&self.write)
             .await?;
         rows.iter().map(Self::build_from_row).collect()
@@ -615,10 +599,6 @@ pub fn page_token(created_at: i64, id: &str) -> String {
 pub fn parse_page_token(token: &str) -> Option<(i64, String)> {
     let (t, id) = token.split_once('.')?;
     Some((t.parse().ok()?, id.to_owned()))
-}
-
-pub fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1_000_000 + i64::from(t.nanos / 1000)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Checking requests against the contract and the policy, collecting every violation so
 //! that a client hears about all of them at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kiln_proto::build as pb;
@@ -10,7 +10,9 @@ use tonic::Code;
 
 use crate::config::{BuildLimits, Policy, WorkspaceLimits};
 use crate::error::{invalid_with_code, reason, violation};
+use crate::model::{BuildSpec, Step};
 use crate::paths;
+use crate::wire::duration_from_proto;
 
 /// Largest argv (sum of argument lengths) or command string.
 pub const MAX_ARGV_BYTES: usize = 64 * 1024;
@@ -135,29 +137,13 @@ pub fn check_workspace_name(field: &str, name: &str, out: &mut Violations) {
     }
 }
 
-/// A StartBuildRequest that passed every check, with the effective limits.
-#[derive(Debug, Clone)]
-pub struct ValidBuild {
-    pub env: Vec<(String, String)>,
-    pub limits: BuildLimits,
-}
-
-fn duration(d: &prost_types::Duration) -> Option<Duration> {
-    if d.seconds < 0 || d.nanos < 0 {
-        return None;
-    }
-    Some(Duration::new(
-        u64::try_from(d.seconds).ok()?,
-        u32::try_from(d.nanos).ok()?,
-    ))
-}
-
-/// Validates a StartBuildRequest against the contract and `policy`.
+/// Validates a StartBuildRequest against the contract and `policy`; what passes is the
+/// build's spec, commands split and limits resolved, once for the build's whole life.
 pub fn start_build(
     req: &pb::StartBuildRequest,
     policy: &Policy,
     ws_limits: &WorkspaceLimits,
-) -> Result<ValidBuild, ApiError> {
+) -> Result<BuildSpec, ApiError> {
     let mut v = Violations::default();
     let generic = kiln_rpc::error::reason::INVALID_ARGUMENT;
     if req.workspace_id.is_empty() {
@@ -172,23 +158,33 @@ pub fn start_build(
             format!("at most {} steps", policy.max_steps),
         );
     }
-    for (i, step) in req.steps.iter().enumerate() {
-        check_step(i, step, policy, ws_limits, &mut v);
-    }
+    let steps = req
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| check_step(i, step, policy, ws_limits, &mut v))
+        .collect();
     let env = check_env(&req.env, policy, &mut v);
     let limits = check_limits(req.limits.as_ref(), policy, &mut v);
     check_labels("labels", &req.labels, &mut v);
     v.into_result(Some(policy))?;
-    Ok(ValidBuild { env, limits })
+    Ok(BuildSpec {
+        steps,
+        env,
+        limits,
+        labels: req.labels.clone().into_iter().collect(),
+    })
 }
 
+/// Checks one step; returns it with its argv split (meaningful only if no violation
+/// was added).
 fn check_step(
     i: usize,
     step: &pb::Step,
     policy: &Policy,
     ws_limits: &WorkspaceLimits,
     v: &mut Violations,
-) {
+) -> Step {
     let generic = kiln_rpc::error::reason::INVALID_ARGUMENT;
     let argv = match (&step.command, step.argv.is_empty()) {
         (Some(_), false) => {
@@ -308,8 +304,8 @@ fn check_step(
     ) {
         v.extend(reason::INVALID_PATH, vec![e]);
     }
-    if let Some(d) = step.timeout.as_ref() {
-        let parsed = duration(d).filter(|d| !d.is_zero());
+    let timeout = step.timeout.as_ref().and_then(|d| {
+        let parsed = duration_from_proto(d).filter(|d| !d.is_zero());
         if parsed.is_none() {
             v.push(generic, format!("steps[{i}].timeout"), "must be positive");
         }
@@ -322,6 +318,14 @@ fn check_step(
                 format!("the maximum is {:?}", policy.max_limits.wall_timeout),
             );
         }
+        parsed
+    });
+    Step {
+        argv,
+        command: step.command.clone(),
+        working_dir: step.working_dir.clone(),
+        timeout,
+        allow_failure: step.allow_failure,
     }
 }
 
@@ -329,12 +333,12 @@ fn check_env(
     env: &HashMap<String, String>,
     policy: &Policy,
     v: &mut Violations,
-) -> Vec<(String, String)> {
+) -> BTreeMap<String, String> {
     let generic = kiln_rpc::error::reason::INVALID_ARGUMENT;
     if env.len() > MAX_ENV {
         v.push(generic, "env", format!("at most {MAX_ENV} variables"));
     }
-    let mut out: Vec<(String, String)> = Vec::new();
+    let mut out = BTreeMap::new();
     for (k, val) in env {
         let field = format!("env.{k}");
         let name_ok = !k.is_empty()
@@ -361,10 +365,9 @@ fn check_env(
                 format!("values are at most {MAX_ENV_VALUE_BYTES} bytes without NUL"),
             );
         } else {
-            out.push((k.clone(), val.clone()));
+            out.insert(k.clone(), val.clone());
         }
     }
-    out.sort();
     out
 }
 
@@ -429,7 +432,7 @@ fn check_limits(req: Option<&pb::Limits>, policy: &Policy, v: &mut Violations) -
     let mut check_dur =
         |name: &str, value: Option<&prost_types::Duration>, max: Duration, slot: &mut Duration| {
             if let Some(x) = value {
-                match duration(x).filter(|d| !d.is_zero()) {
+                match duration_from_proto(x).filter(|d| !d.is_zero()) {
                     None => v.push(
                         kiln_rpc::error::reason::INVALID_ARGUMENT,
                         format!("limits.{name}"),
@@ -459,48 +462,6 @@ fn check_limits(req: Option<&pb::Limits>, policy: &Policy, v: &mut Violations) -
         &mut out.cpu_time,
     );
     out
-}
-
-/// The limits as the contract shows them.
-pub fn limits_to_proto(l: &BuildLimits) -> pb::Limits {
-    let dur = |d: Duration| prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    };
-    pb::Limits {
-        wall_timeout: Some(dur(l.wall_timeout)),
-        cpu_time: Some(dur(l.cpu_time)),
-        memory_bytes: Some(l.memory_bytes),
-        output_bytes: Some(l.output_bytes),
-        disk_bytes: Some(l.disk_bytes),
-        processes: Some(l.processes),
-        open_files: Some(l.open_files),
-    }
-}
-
-/// The limits of a stored build (always complete: they were filled in at start).
-pub fn limits_from_proto(l: &pb::Limits, fallback: &BuildLimits) -> BuildLimits {
-    BuildLimits {
-        wall_timeout: l
-            .wall_timeout
-            .as_ref()
-            .and_then(duration)
-            .unwrap_or(fallback.wall_timeout),
-        cpu_time: l
-            .cpu_time
-            .as_ref()
-            .and_then(duration)
-            .unwrap_or(fallback.cpu_time),
-        memory_bytes: l.memory_bytes.unwrap_or(fallback.memory_bytes),
-        output_bytes: l.output_bytes.unwrap_or(fallback.output_bytes),
-        disk_bytes: l.disk_bytes.unwrap_or(fallback.disk_bytes),
-        processes: l.processes.unwrap_or(fallback.processes),
-        open_files: l.open_files.unwrap_or(fallback.open_files),
-    }
-}
-
-pub fn step_timeout(step: &pb::Step) -> Option<Duration> {
-    step.timeout.as_ref().and_then(duration)
 }
 
 pub use kiln_rpc::idempotency::request_hash;

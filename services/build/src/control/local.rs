@@ -177,7 +177,7 @@ impl BuildControl for LocalControl {
     /// could not store its end.
     async fn abandoned(&self, store: &Store) -> Result<Vec<BuildRow>> {
         let rows = store
-            .builds_in_state(kiln_proto::build::BuildState::Running)
+            .builds_in_state(crate::model::BuildState::Running)
             .await?;
         Ok(rows
             .into_iter()

@@ -44,7 +44,6 @@ use tokio::task::JoinHandle;
 use super::{BuildControl, Cancelled, Claim, Reservation, Runs, WorkspaceHold, queue_full};
 use crate::config::QueueConfig;
 use crate::error::{BuildError, Result};
-use crate::log::is_final;
 use crate::metrics::BuildMetrics;
 use crate::queue::{Entry, estimate_position};
 use crate::runner::Stop;
@@ -681,7 +680,7 @@ impl BuildControl for PgControl {
         let mut rows = Vec::new();
         for id in &ids {
             if let Some(row) = store.get_build(id).await?
-                && !is_final(row.build.state)
+                && !row.build.state.is_final()
             {
                 rows.push(row);
             }
@@ -815,14 +814,18 @@ mod replica_tests {
                 )
                 .await
                 .expect("workspace");
-            let b = pb::Build {
-                id: build.into(),
-                workspace_id: workspace.into(),
-                owner: "alice".into(),
-                state: pb::BuildState::Queued as i32,
-                last_sequence: 1,
-                ..Default::default()
-            };
+            let b = crate::model::Build::queued(
+                build.into(),
+                workspace.into(),
+                "alice".into(),
+                crate::model::BuildSpec {
+                    steps: Vec::new(),
+                    env: Default::default(),
+                    limits: crate::config::BuildLimits::DEFAULT,
+                    labels: Default::default(),
+                },
+                0,
+            );
             let first = pb::BuildEvent {
                 sequence: 1,
                 ..Default::default()

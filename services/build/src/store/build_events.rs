@@ -6,7 +6,7 @@ use kiln_store::Sql;
 use prost::Message;
 use sqlx::Row;
 
-use super::{BuildUpdate, Store, encode_results};
+use super::{BuildUpdate, Store, results_json};
 use crate::error::{BuildError, Result};
 use crate::outputs::StoredEvent;
 
@@ -39,7 +39,7 @@ impl EventStore for Store {
         let mut q: Sql = Sql::new("UPDATE builds SET last_sequence = ");
         q.bind(i64::try_from(last.sequence).unwrap_or(i64::MAX));
         if let Some(state) = update.state {
-            q.push(", state = ").bind(state as i32);
+            q.push(", state = ").bind(state.code());
         }
         if let Some(t) = update.started_at {
             q.push(", started_at = ").bind(t);
@@ -54,7 +54,7 @@ impl EventStore for Store {
             q.push(", current_step = ").bind(step.map(i64::from));
         }
         if let Some(results) = &update.step_results {
-            q.push(", step_results = ").bind(encode_results(results));
+            q.push(", step_results_json = ").bind(results_json(results));
         }
         q.push(" WHERE id = ").bind(build_id.to_owned());
         q.build().execute(&mut *tx).await?;
@@ -107,7 +107,7 @@ impl EventStore for Store {
     /// A build that is gone (retention) or final gets no more events.
     async fn is_closed(&self, build_id: &str) -> Result<bool> {
         let build = self.get_build(build_id).await?;
-        Ok(build.is_none_or(|b| crate::log::is_final(b.build.state)))
+        Ok(build.is_none_or(|b| b.build.state.is_final()))
     }
 
     /// On Postgres, woken by another replica's append; on SQLite (one process, whose
