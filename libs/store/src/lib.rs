@@ -31,11 +31,13 @@
 //! numbers them in queries built at run time); where the engines really differ, the
 //! service branches on [`Database::backend`].
 
+pub mod appended;
 mod dir_lock;
 mod sql;
 mod unavailable;
 mod url;
 
+pub use appended::Appended;
 pub use dir_lock::{DirLock, LOCK_FILE, LockError};
 pub use sql::{Sql, Tuple};
 pub use unavailable::is_unavailable;

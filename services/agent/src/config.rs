@@ -61,6 +61,27 @@ pub struct AgentConfig {
     /// "json" | "text"`.
     #[serde(rename = "reply_format", with = "reply_format")]
     pub reply_form: Option<ReplyForm>,
+    /// Who runs which task when several replicas share a Postgres store.
+    pub tasks: TasksConfig,
+}
+
+/// `[agent.tasks]`: task ownership across replicas (Postgres only).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// How long a replica's claim on a task it runs lasts without renewal: a dead
+    /// replica's tasks are continued by another within about this long. Renewed every
+    /// third of it. Default 10 s, at least 1 s. Unused on SQLite.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -87,6 +108,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(15),
             live_window_bytes: 1024 * 1024,
             reply_form: None,
+            tasks: TasksConfig::default(),
         }
     }
 }
@@ -108,6 +130,12 @@ impl AgentConfig {
             return Err(kiln_config::Error::rule(
                 "agent.default_timeout",
                 "is longer than agent.max_timeout",
+            ));
+        }
+        if self.tasks.lease < Duration::from_secs(1) {
+            return Err(kiln_config::Error::rule(
+                "agent.tasks.lease",
+                "must be at least 1s (it is renewed every third of it)",
             ));
         }
         if !(0.0..=2.0).contains(&self.temperature) {
