@@ -59,7 +59,11 @@ impl Runs {
 
     /// A new switch for a claimed task (already cancelled when `cancelled`).
     fn start(&self, task_id: &str, cancelled: bool) -> Claim {
-        let first = if cancelled { Signal::Cancel } else { Signal::Run };
+        let first = if cancelled {
+            Signal::Cancel
+        } else {
+            Signal::Run
+        };
         let (tx, rx) = watch::channel(first);
         self.lock().insert(task_id.to_owned(), tx);
         Claim {

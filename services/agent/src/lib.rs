@@ -36,8 +36,8 @@ pub use clients::{
     BuildClient, ChannelSlot, Credential, Delegation, Delegator, GrpcBuildClient, GrpcDelegator,
 };
 pub use config::{AgentConfig, AgentFile};
-pub use error::AgentError;
 use control::TaskControl;
+pub use error::AgentError;
 use store::Store;
 use workflow::{Logs, Shared};
 

@@ -179,7 +179,11 @@ async fn tasks_started_on_three_replicas_each_run_exactly_once_and_are_watched_f
             );
         }
         assert_eq!(cluster.build.builds_started(), 9, "one build per task");
-        assert_eq!(model_calls(&cluster), 18, "a plan and a generate call per task");
+        assert_eq!(
+            model_calls(&cluster),
+            18,
+            "a plan and a generate call per task"
+        );
         for r in &replicas {
             r.shutdown(Duration::from_secs(5)).await;
         }
@@ -285,7 +289,10 @@ async fn a_replica_that_dies_mid_task_has_it_continued_by_another_within_a_lease
         assert_dense(&events);
         assert_eq!(result(&events).phase, Phase::Done as i32);
         let done = get(&survivor, "alice", &task.id).await;
-        assert_eq!(done.build_ids, building.build_ids, "the same build, followed");
+        assert_eq!(
+            done.build_ids, building.build_ids,
+            "the same build, followed"
+        );
         assert_eq!(
             cluster.build.builds_started(),
             1,

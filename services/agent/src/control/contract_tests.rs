@@ -49,7 +49,11 @@ async fn a_new_task_is_claimed_once(make: Make) {
     let Some(control) = make().await else {
         return;
     };
-    let claim = control.claim_new("t1").await.expect("claim").expect("claimed");
+    let claim = control
+        .claim_new("t1")
+        .await
+        .expect("claim")
+        .expect("claimed");
     assert_eq!(claim.task_id, "t1");
     assert_eq!(*claim.signal.borrow(), Signal::Run);
     assert!(
@@ -93,12 +97,19 @@ async fn a_cancel_reaches_the_running_task(make: Make) {
     let Some(control) = make().await else {
         return;
     };
-    let mut claim = control.claim_new("t1").await.expect("claim").expect("claimed");
-    assert!(control.cancel("t1").await.expect("cancel"));
-    tokio::time::timeout(Duration::from_secs(2), claim.signal.wait_for(|s| *s == Signal::Cancel))
+    let mut claim = control
+        .claim_new("t1")
         .await
-        .expect("within a second or so")
-        .expect("switch open");
+        .expect("claim")
+        .expect("claimed");
+    assert!(control.cancel("t1").await.expect("cancel"));
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        claim.signal.wait_for(|s| *s == Signal::Cancel),
+    )
+    .await
+    .expect("within a second or so")
+    .expect("switch open");
     control.release("t1", true).await.expect("release");
 }
 
@@ -155,7 +166,10 @@ mod replicas {
         .await
         .expect("the runner on the other replica hears of it")
         .expect("switch open");
-        eprintln!("cross-replica cancel reached the runner in {:?}", started.elapsed());
+        eprintln!(
+            "cross-replica cancel reached the runner in {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -188,8 +202,16 @@ mod replicas {
         let dying = replica(&url, lease, 4).await;
         let living = replica(&url, lease, 4).await;
         let heir = replica(&url, lease, 4).await;
-        let _dead = dying.claim_new("dead").await.expect("claim").expect("claimed");
-        let _live = living.claim_new("live").await.expect("claim").expect("claimed");
+        let _dead = dying
+            .claim_new("dead")
+            .await
+            .expect("claim")
+            .expect("claimed");
+        let _live = living
+            .claim_new("live")
+            .await
+            .expect("claim")
+            .expect("claimed");
         let all = strings(&["dead", "live"]);
         assert!(heir.claim_unowned(&all).await.expect("claim").is_empty());
         // Killed: nothing renews its leases, nothing releases its claims.
@@ -200,11 +222,17 @@ mod replicas {
             if !found.is_empty() {
                 break found;
             }
-            assert!(started.elapsed() < lease * 3, "taken over within a lease or so");
+            assert!(
+                started.elapsed() < lease * 3,
+                "taken over within a lease or so"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(ids(&taken), ["dead"], "only the dead replica's task");
-        eprintln!("a dead replica's task was taken over after {:?}", started.elapsed());
+        eprintln!(
+            "a dead replica's task was taken over after {:?}",
+            started.elapsed()
+        );
         tokio::time::sleep(lease).await;
         assert!(
             heir.claim_unowned(&all).await.expect("claim").is_empty(),
