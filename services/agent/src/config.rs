@@ -193,3 +193,31 @@ impl kiln_config::ConfigFile for AgentFile {
         self.agent.check()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<AgentFile, kiln_config::Error> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, text).expect("write");
+        let mut file: AgentFile = kiln_config::load_file(&AgentFile::default(), &path)?;
+        kiln_config::ConfigFile::finish(&mut file)?;
+        Ok(file)
+    }
+
+    #[test]
+    fn the_task_lease_is_read_from_agent_tasks_and_must_be_at_least_a_second() {
+        let file = load("").expect("defaults");
+        assert_eq!(file.agent.tasks.lease, Duration::from_secs(10));
+        let file = load("[agent.tasks]\nlease = \"3s\"\n").expect("3s");
+        assert_eq!(file.agent.tasks.lease, Duration::from_secs(3));
+        let err = load("[agent.tasks]\nlease = \"500ms\"\n").expect_err("too short");
+        assert!(err.to_string().contains("agent.tasks.lease"), "{err}");
+        assert!(
+            load("[agent.tasks]\nleases = \"3s\"\n").is_err(),
+            "unknown key"
+        );
+    }
+}
