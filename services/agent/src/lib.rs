@@ -200,18 +200,24 @@ async fn claim_unowned(shared: &Arc<Shared>) -> Result<usize, AgentError> {
 /// service stops.
 async fn claim_loop(shared: std::sync::Weak<Shared>, every: Duration) {
     loop {
-        let Some(this) = shared.upgrade() else {
-            return;
+        // Only the control is held while waiting: an AgentApi dropped without a
+        // shutdown ends this loop at its next look.
+        let (control, mut stopping) = match shared.upgrade() {
+            Some(this) => (this.control.clone(), this.stopping.subscribe()),
+            None => return,
         };
-        let mut stopping = this.stopping.subscribe();
         if *stopping.borrow() {
             return;
         }
         tokio::select! {
-            () = this.control.wake().notified() => {}
+            () = control.wake().notified() => {}
             () = tokio::time::sleep(every) => {}
             _ = stopping.changed() => return,
         }
+        drop(control);
+        let Some(this) = shared.upgrade() else {
+            return;
+        };
         match claim_unowned(&this).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(tasks = n, "continuing tasks no other replica runs"),
