@@ -43,8 +43,12 @@ async fn kiln_up_keeps_all_three_services_in_one_postgres_database() {
         .fetch_all(&mut conn)
         .await
         .expect("schemas");
-        // build_control: the queue shared by kiln-build replicas (its own migrations).
-        assert_eq!(schemas, ["agent", "auth", "build", "build_control"]);
+        // build_control: the queue shared by kiln-build replicas; agent_control: the
+        // agent replicas' task claims (each with its own migrations).
+        assert_eq!(
+            schemas,
+            ["agent", "agent_control", "auth", "build", "build_control"]
+        );
         let builds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM build.builds")
             .fetch_one(&mut conn)
             .await

@@ -30,12 +30,18 @@
 //! before anything else. SQL that runs on both uses `$1, $2…` placeholders ([`Sql`]
 //! numbers them in queries built at run time); where the engines really differ, the
 //! service branches on [`Database::backend`].
+//!
+//! Replicas on Postgres learn of each other's appends through [`Appended`]
+//! (`LISTEN`/`NOTIFY` on a channel per service, announced in the append's transaction),
+//! so a watcher wakes as soon as another replica stores an event it follows.
 
+pub mod appended;
 mod dir_lock;
 mod sql;
 mod unavailable;
 mod url;
 
+pub use appended::Appended;
 pub use dir_lock::{DirLock, LOCK_FILE, LockError};
 pub use sql::{Sql, Tuple};
 pub use unavailable::is_unavailable;

@@ -61,6 +61,27 @@ pub struct AgentConfig {
     /// "json" | "text"`.
     #[serde(rename = "reply_format", with = "reply_format")]
     pub reply_form: Option<ReplyForm>,
+    /// Who runs which task when several replicas share a Postgres store.
+    pub tasks: TasksConfig,
+}
+
+/// `[agent.tasks]`: task ownership across replicas (Postgres only).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// How long a replica's claim on a task it runs lasts without renewal: a dead
+    /// replica's tasks are continued by another within about this long. Renewed every
+    /// third of it. Default 10 s, at least 1 s. Unused on SQLite.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -87,6 +108,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(15),
             live_window_bytes: 1024 * 1024,
             reply_form: None,
+            tasks: TasksConfig::default(),
         }
     }
 }
@@ -108,6 +130,12 @@ impl AgentConfig {
             return Err(kiln_config::Error::rule(
                 "agent.default_timeout",
                 "is longer than agent.max_timeout",
+            ));
+        }
+        if self.tasks.lease < Duration::from_secs(1) {
+            return Err(kiln_config::Error::rule(
+                "agent.tasks.lease",
+                "must be at least 1s (it is renewed every third of it)",
             ));
         }
         if !(0.0..=2.0).contains(&self.temperature) {
@@ -163,5 +191,33 @@ impl kiln_config::ConfigFile for AgentFile {
     fn finish(&mut self) -> Result<(), kiln_config::Error> {
         self.agent.data_dir = self.server.effective_data_dir().join("agent");
         self.agent.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<AgentFile, kiln_config::Error> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, text).expect("write");
+        let mut file: AgentFile = kiln_config::load_file(&AgentFile::default(), &path)?;
+        kiln_config::ConfigFile::finish(&mut file)?;
+        Ok(file)
+    }
+
+    #[test]
+    fn the_task_lease_is_read_from_agent_tasks_and_must_be_at_least_a_second() {
+        let file = load("").expect("defaults");
+        assert_eq!(file.agent.tasks.lease, Duration::from_secs(10));
+        let file = load("[agent.tasks]\nlease = \"3s\"\n").expect("3s");
+        assert_eq!(file.agent.tasks.lease, Duration::from_secs(3));
+        let err = load("[agent.tasks]\nlease = \"500ms\"\n").expect_err("too short");
+        assert!(err.to_string().contains("agent.tasks.lease"), "{err}");
+        assert!(
+            load("[agent.tasks]\nleases = \"3s\"\n").is_err(),
+            "unknown key"
+        );
     }
 }

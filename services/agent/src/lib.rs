@@ -12,6 +12,7 @@
 
 pub mod clients;
 pub mod config;
+pub mod control;
 pub mod diagnose;
 pub mod error;
 pub mod guard;
@@ -35,6 +36,7 @@ pub use clients::{
     BuildClient, ChannelSlot, Credential, Delegation, Delegator, GrpcBuildClient, GrpcDelegator,
 };
 pub use config::{AgentConfig, AgentFile};
+use control::TaskControl;
 pub use error::AgentError;
 use store::Store;
 use workflow::{Logs, Shared};
@@ -43,13 +45,38 @@ use workflow::{Logs, Shared};
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     shared: Arc<Shared>,
-    /// Held while the service runs (released by [`shutdown`](Self::shutdown)): another
-    /// process on the same data directory would run the same tasks twice.
+    /// Held while the service runs (released by [`shutdown`](Self::shutdown)) when it
+    /// runs its tasks alone (SQLite): another process on the same data directory would
+    /// run the same tasks twice. Replicas on Postgres share the tasks through
+    /// [`control::PgControl`] instead, and take no lock.
     dir_lock: Arc<Mutex<Option<kiln_store::DirLock>>>,
+    /// The loop that claims tasks nobody runs (replicas on Postgres only).
+    claimer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+/// The task control for `url`: shared by every replica on Postgres, in memory on SQLite.
+async fn open_control(
+    config: &AgentConfig,
+    url: &kiln_store::DatabaseUrl,
+) -> Result<Arc<dyn TaskControl>, AgentError> {
+    Ok(match url {
+        kiln_store::DatabaseUrl::Postgres(_) => Arc::new(
+            control::PgControl::open(
+                &url.expose(),
+                config.tasks.lease,
+                config.max_running_tasks.max(1),
+            )
+            .await?,
+        ),
+        kiln_store::DatabaseUrl::Sqlite(_) => Arc::new(control::LocalControl::new()),
+    })
 }
 
 impl AgentApi {
-    /// Opens the store, and continues every task a previous run left unfinished.
+    /// Opens the store and continues the unfinished tasks that no other process runs:
+    /// on SQLite every one a previous run left; on Postgres those whose replica is gone
+    /// or stopped, as many as this replica runs at once (and from then on, whatever
+    /// other replicas leave behind).
     pub async fn open(
         config: AgentConfig,
         build: Arc<dyn BuildClient>,
@@ -58,8 +85,15 @@ impl AgentApi {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             AgentError::Open(format!("creating {}: {e}", config.data_dir.display()))
         })?;
-        let dir_lock = kiln_store::DirLock::acquire(&config.data_dir)?;
-        let store = Store::open(&config.database()).await?;
+        let url = config.database();
+        let dir_lock = match url {
+            kiln_store::DatabaseUrl::Sqlite(_) => {
+                Some(kiln_store::DirLock::acquire(&config.data_dir)?)
+            }
+            kiln_store::DatabaseUrl::Postgres(_) => None,
+        };
+        let store = Store::open(&url).await?;
+        let control = open_control(&config, &url).await?;
         let provider =
             kiln_llm::from_config(&config.provider).map_err(|e| AgentError::Open(e.to_string()))?;
         let reply_form = config
@@ -74,21 +108,23 @@ impl AgentApi {
             reply_form,
             build,
             delegator,
-            cancels: Mutex::new(Default::default()),
+            control,
             stopping: watch::channel(false).0,
             runners: Mutex::new(Vec::new()),
             metrics: metrics::AgentMetrics::default(),
         });
-        let unfinished = shared.store.unfinished().await?;
-        if !unfinished.is_empty() {
-            tracing::info!(tasks = unfinished.len(), "continuing unfinished tasks");
+        let continued = claim_unowned(&shared).await?;
+        if continued > 0 {
+            tracing::info!(tasks = continued, "continuing unfinished tasks");
         }
-        for task in unfinished {
-            workflow::spawn(&shared, task);
-        }
+        let claimer = shared
+            .control
+            .reclaim_interval()
+            .map(|every| tokio::spawn(claim_loop(Arc::downgrade(&shared), every)));
         Ok(Self {
             shared,
-            dir_lock: Arc::new(Mutex::new(Some(dir_lock))),
+            dir_lock: Arc::new(Mutex::new(dir_lock)),
+            claimer: Arc::new(Mutex::new(claimer)),
         })
     }
 
@@ -111,6 +147,14 @@ impl AgentApi {
     /// start continues it. Waits up to `grace` for them to let go.
     pub async fn shutdown(&self, grace: Duration) {
         self.shared.stopping.send_replace(true);
+        if let Some(claimer) = self
+            .claimer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            claimer.abort();
+        }
         let handles: Vec<_> = std::mem::take(
             &mut *self
                 .shared
@@ -127,6 +171,58 @@ impl AgentApi {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+    }
+}
+
+/// Claims the unfinished tasks nobody runs and starts their runners, each from its state
+/// as stored once claimed (the previous holder may have written until it let go).
+/// Returns how many it started.
+async fn claim_unowned(shared: &Arc<Shared>) -> Result<usize, AgentError> {
+    let unfinished = shared.store.unfinished().await?;
+    let ids: Vec<String> = unfinished.into_iter().map(|t| t.record.id).collect();
+    let claims = shared.control.claim_unowned(&ids).await?;
+    let mut started = 0;
+    for claim in claims {
+        match shared.store.get(&claim.task_id).await? {
+            Some(task) if !task.record.is_final() => {
+                workflow::spawn(shared, task, claim);
+                started += 1;
+            }
+            // It ended meanwhile.
+            _ => shared.control.release(&claim.task_id, true).await?,
+        }
+    }
+    Ok(started)
+}
+
+/// Looks for tasks nobody runs (a replica died, stopped, or was too busy to take a new
+/// one) every `every` and whenever the control says some may have appeared, until the
+/// service stops.
+async fn claim_loop(shared: std::sync::Weak<Shared>, every: Duration) {
+    loop {
+        // Only the control is held while waiting: an AgentApi dropped without a
+        // shutdown ends this loop at its next look.
+        let (control, mut stopping) = match shared.upgrade() {
+            Some(this) => (this.control.clone(), this.stopping.subscribe()),
+            None => return,
+        };
+        if *stopping.borrow() {
+            return;
+        }
+        tokio::select! {
+            () = control.wake().notified() => {}
+            () = tokio::time::sleep(every) => {}
+            _ = stopping.changed() => return,
+        }
+        drop(control);
+        let Some(this) = shared.upgrade() else {
+            return;
+        };
+        match claim_unowned(&this).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tasks = n, "continuing tasks no other replica runs"),
+            Err(e) => tracing::warn!(error = %e, "looking for tasks no replica runs failed"),
+        }
     }
 }
 

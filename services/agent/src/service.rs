@@ -499,7 +499,15 @@ impl AgentApi {
             delegated_token: delegation.token.token().to_owned(),
             request_hash: Some(hash),
         };
-        workflow::spawn(&shared, stored.clone());
+        // Claimed here at once when there is room; otherwise (or if a replica looking
+        // for unowned tasks found it first) it stays QUEUED for whoever has room.
+        match shared.control.claim_new(&task_id).await {
+            Ok(Some(claim)) => workflow::spawn(&shared, stored.clone(), claim),
+            Ok(None) => tracing::info!(task = %task_id, "task left for another replica to run"),
+            Err(e) => {
+                tracing::warn!(task = %task_id, error = %e, "could not claim the new task; a replica looking for unowned tasks takes it")
+            }
+        }
         Ok(stored)
     }
 
@@ -660,14 +668,8 @@ impl AgentService for AgentApi {
                 task: Some(task.record.to_proto(task.last_sequence)),
             }));
         }
-        let signalled = self
-            .shared
-            .cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .map(|tx| tx.send(true).is_ok())
-            .unwrap_or(false);
+        // Reaches the runner wherever it runs (or whoever claims the task next).
+        let signalled = self.shared.control.cancel(&id).await?;
         tracing::info!(task = %id, by = %p.username, "cancel requested");
         // The runner ends the task (aborting the model call, cancelling the build); wait
         // for it briefly so the answer usually shows CANCELLED.

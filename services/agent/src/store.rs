@@ -1,7 +1,9 @@
 //! The store (SQLite `agent.db` or schema `agent` on Postgres, the same SQL for both):
 //! tasks (a record per task, rewritten at each phase change) and their event logs,
 //! through `kiln-eventlog` so that WatchTask has WatchBuild's guarantees. Queries use
-//! portable SQL built at run time, as kiln-build's do.
+//! portable SQL built at run time, as kiln-build's do. On Postgres every append also
+//! sends `NOTIFY kiln_agent_events, '<task id>'` in its transaction, so a watcher on one
+//! replica follows a task another replica runs as soon as its events are stored.
 
 use kiln_eventlog::{EventKind, EventStore};
 use kiln_proto::agent as pb;
@@ -24,10 +26,15 @@ const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
     postgres: &POSTGRES,
 };
 
+/// The channel of append announcements on Postgres; the payload is the task id.
+const EVENTS_CHANNEL: &str = "kiln_agent_events";
+
 /// The connections to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: kiln_store::Database,
+    /// Wakes this process's watchers of tasks other replicas run (Postgres only).
+    appended: Option<std::sync::Arc<kiln_store::Appended>>,
 }
 
 /// `write`, `read` and `backend` of the database.
@@ -106,7 +113,13 @@ impl Store {
     /// embedded migrations.
     pub async fn open(url: &kiln_store::DatabaseUrl) -> Result<Self> {
         let db = kiln_store::Database::open(url, SCHEMA, MIGRATIONS).await?;
-        Ok(Self { db })
+        let appended = match url {
+            kiln_store::DatabaseUrl::Postgres(_) => {
+                Some(kiln_store::Appended::start(url.expose(), EVENTS_CHANNEL))
+            }
+            kiln_store::DatabaseUrl::Sqlite(_) => None,
+        };
+        Ok(Self { db, appended })
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -368,6 +381,10 @@ impl EventStore for Store {
         }
         q.push(" WHERE id = ").bind(task_id.to_owned());
         q.build().execute(&mut *tx).await?;
+        if self.appended.is_some() {
+            // Delivered at commit, to every replica's watchers of this task.
+            kiln_store::appended::notify(&mut tx, EVENTS_CHANNEL, task_id).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -401,6 +418,15 @@ impl EventStore for Store {
             None => true,
             Some(t) => t.record.is_final(),
         })
+    }
+
+    /// On Postgres, woken by another replica's append; on SQLite (one process, whose
+    /// running tasks are live logs) a plain wait.
+    async fn wait_for_append(&self, task_id: &str, timeout: std::time::Duration) {
+        match &self.appended {
+            Some(appended) => appended.wait(task_id, timeout).await,
+            None => tokio::time::sleep(timeout).await,
+        }
     }
 }
 

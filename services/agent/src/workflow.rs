@@ -15,10 +15,12 @@
 //! again by id (its events relayed from where the log stopped), a build that a restart
 //! of kiln-build interrupted is started again.
 //!
-//! Every step runs under the task's three stops: CancelTask, the time budget, and the
-//! service shutting down. The first two end the task (the model call's HTTP request is
-//! dropped, a running build is cancelled); a shutdown leaves it as persisted for the
-//! next start. Appends are spawned, so a stop never cuts one in half.
+//! Every step runs under the task's four stops: CancelTask, the time budget, the service
+//! shutting down, and the loss of the task's claim ([`crate::control`]). The first two
+//! end the task (the model call's HTTP request is dropped, a running build is
+//! cancelled); a shutdown or a lost claim leaves it as persisted, for whichever process
+//! claims it next to continue. Appends are spawned, so a stop never cuts one in half,
+//! and the runner waits for the one in flight before it lets the claim go.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::clients::{BuildClient, Credential, Delegator};
 use crate::config::AgentConfig;
+use crate::control::{Claim, Signal, TaskControl};
 use crate::diagnose;
 use crate::guard;
 use crate::metrics::{AgentMetrics, CallOutcome, CallTimer};
@@ -75,8 +78,8 @@ pub struct Shared {
     pub delegator: Arc<dyn Delegator>,
     /// Tasks running at once (the rest wait in QUEUED).
     pub slots: Arc<Semaphore>,
-    /// CancelTask's signal to each running task.
-    pub cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Who runs which task; how CancelTask reaches a runner.
+    pub control: Arc<dyn TaskControl>,
     /// The service is stopping: runners leave their tasks as persisted.
     pub stopping: watch::Sender<bool>,
     pub runners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -96,11 +99,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Starts the runner of a task (new, or found unfinished at start).
-pub fn spawn(shared: &Arc<Shared>, stored: StoredTask) {
+/// Starts the runner of a task this process claimed (new, or found unowned), from its
+/// stored state read after the claim.
+pub fn spawn(shared: &Arc<Shared>, stored: StoredTask, claim: Claim) {
     let id = stored.record.id.clone();
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    lock(&shared.cancels).insert(id.clone(), cancel_tx);
     let log = LiveLog::new(
         &id,
         stored.last_sequence,
@@ -116,7 +118,8 @@ pub fn spawn(shared: &Arc<Shared>, stored: StoredTask) {
         relayed: stored.relayed_build_sequence,
         rec: stored.record,
         carry: None,
-        cancel: cancel_rx,
+        signal: claim.signal,
+        appending: Arc::new(tokio::sync::Mutex::new(())),
     };
     // A span of the StartTask call's trace (when there is one: a task resumed at start
     // has none), so its phases and its calls to kiln-build join that trace.
@@ -134,6 +137,8 @@ enum Stop {
     Cancelled,
     TimedOut,
     Shutdown,
+    /// Another process may hold the task now: write nothing more.
+    Lost,
     /// The task cannot go on: FAILED with this reason and message.
     Fail(&'static str, String),
 }
@@ -149,13 +154,26 @@ struct Runner {
     relayed: u64,
     /// A record change that the next relayed events carry into the store.
     carry: Option<TaskUpdate>,
-    cancel: watch::Receiver<bool>,
+    /// Cancels and the loss of the claim, from [`TaskControl`].
+    signal: watch::Receiver<Signal>,
+    /// Held by the append in flight (which runs on even if the step is stopped).
+    appending: Arc<tokio::sync::Mutex<()>>,
 }
 
 async fn until_true(rx: &mut watch::Receiver<bool>) {
     // A dropped sender never says true: wait forever then.
     if rx.wait_for(|v| *v).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Waits until the control cancels the task or takes it away.
+async fn signalled(rx: &mut watch::Receiver<Signal>) -> Stop {
+    match rx.wait_for(|s| *s != Signal::Run).await.map(|s| *s) {
+        Ok(Signal::Cancel) => Stop::Cancelled,
+        Ok(_) => Stop::Lost,
+        // The control dropped the switch: this process no longer holds the task.
+        Err(_) => Stop::Lost,
     }
 }
 
@@ -169,7 +187,7 @@ impl Runner {
         let result = self.drive().await;
         let finished = match result {
             Ok(()) => true,
-            Err(Stop::Shutdown) => false,
+            Err(Stop::Shutdown | Stop::Lost) => false,
             Err(stop) => {
                 if matches!(stop, Stop::Cancelled | Stop::TimedOut) {
                     self.stop_build().await;
@@ -189,7 +207,7 @@ impl Runner {
                         ),
                     ),
                     Stop::Fail(reason, message) => (pb::Phase::Failed, reason, message),
-                    Stop::Shutdown => unreachable!("handled above"),
+                    Stop::Shutdown | Stop::Lost => unreachable!("handled above"),
                 };
                 match self.finish(phase, reason, message).await {
                     Ok(()) => true,
@@ -200,32 +218,37 @@ impl Runner {
                 }
             }
         };
-        lock(&self.shared.cancels).remove(&id);
+        // A stopped step's append may still be running: the next holder must find it
+        // committed, or it would number its own events the same.
+        drop(self.appending.lock().await);
         // Watchers holding the live log finish from it; new ones read the store.
         self.shared.logs.remove(&id);
         if !finished {
             self.shared.metrics.task_left(self.rec.phase());
-            tracing::info!(task = %id, "task left as persisted; it continues at the next start");
+            tracing::info!(task = %id, "task left as persisted; whoever claims it next continues it");
+        }
+        if let Err(e) = self.shared.control.release(&id, finished).await {
+            tracing::warn!(task = %id, error = %e, "could not let go of the task's claim; it lapses with its lease");
         }
     }
 
     /// Runs steps until the task is final; a stop ends it early.
     async fn drive(&mut self) -> StepResult {
-        let mut cancel = self.cancel.clone();
+        let mut signal = self.signal.clone();
         let mut stopping = self.shared.stopping.subscribe();
         let slots = self.shared.slots.clone();
         let deadline = self.deadline();
         // A slot first (QUEUED until then), under the same stops as any step.
         let _permit = tokio::select! {
             p = slots.acquire_owned() => p.map_err(|_| Stop::Shutdown)?,
-            () = until_true(&mut cancel) => return Err(Stop::Cancelled),
+            stop = signalled(&mut signal) => return Err(stop),
             () = tokio::time::sleep_until(deadline) => return Err(Stop::TimedOut),
             () = until_true(&mut stopping) => return Err(Stop::Shutdown),
         };
         while !self.rec.is_final() {
             tokio::select! {
                 r = self.step() => r?,
-                () = until_true(&mut cancel) => return Err(Stop::Cancelled),
+                stop = signalled(&mut signal) => return Err(stop),
                 () = tokio::time::sleep_until(deadline) => return Err(Stop::TimedOut),
                 () = until_true(&mut stopping) => return Err(Stop::Shutdown),
             }
@@ -274,7 +297,12 @@ impl Runner {
                 event: Some(e),
             })
             .collect();
-        let appended = tokio::spawn(async move { log.append(&store, events, update).await }).await;
+        let appending = self.appending.clone().lock_owned().await;
+        let appended = tokio::spawn(async move {
+            let _appending = appending;
+            log.append(&store, events, update).await
+        })
+        .await;
         match appended {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {

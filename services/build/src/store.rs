@@ -19,7 +19,6 @@ use crate::error::{BuildError, Result};
 use crate::model::{Build, BuildState, StepResult};
 use crate::outputs::OutputFiles;
 
-mod appended;
 mod build_events;
 mod legacy;
 #[cfg(test)]
@@ -31,6 +30,11 @@ static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 /// The schema of this service's tables on Postgres.
 pub const SCHEMA: &str = "build";
+
+/// The channel on which every append announces its build (the payload is the build
+/// id), so that watchers on other replicas read the store at once
+/// (`kiln_store::Appended`).
+const EVENTS_CHANNEL: &str = "kiln_build_events";
 
 const MIGRATIONS: kiln_store::Migrations = kiln_store::Migrations {
     sqlite: &SQLITE,
@@ -58,7 +62,7 @@ pub struct Store {
     /// Output bytes, one append-only file per build (see `OutputFiles`).
     outputs: OutputFiles,
     /// On Postgres: appends announced by any replica, for watchers here.
-    appended: Option<std::sync::Arc<appended::Appended>>,
+    appended: Option<std::sync::Arc<kiln_store::Appended>>,
 }
 
 /// A workspace row.
@@ -133,7 +137,9 @@ impl Store {
         legacy::backfill(&db).await?;
         // Where other replicas may write the logs this one's watchers follow.
         let appended = match url {
-            kiln_store::DatabaseUrl::Postgres(_) => Some(appended::Appended::start(url.expose())),
+            kiln_store::DatabaseUrl::Postgres(_) => {
+                Some(kiln_store::Appended::start(url.expose(), EVENTS_CHANNEL))
+            }
             kiln_store::DatabaseUrl::Sqlite(_) => None,
         };
         Ok(Self {

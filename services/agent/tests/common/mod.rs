@@ -54,6 +54,9 @@ pub struct FakeBuild {
     /// While true, builds stay RUNNING after their Started event.
     hold: watch::Sender<bool>,
     pub allowed_programs: Vec<String>,
+    /// Where builds run: the runtime that made the fake, as kiln-build is a process of
+    /// its own that outlives an agent replica killed mid-build (tests/replicas.rs).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for FakeBuild {
@@ -71,6 +74,7 @@ impl FakeBuild {
             allowed_programs: ["python3", "cc", "make", "node", "cargo"]
                 .map(String::from)
                 .to_vec(),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -147,7 +151,7 @@ impl FakeBuild {
         use build_pb::build_event::Event as B;
         let state = self.state.clone();
         let mut hold = self.hold.subscribe();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let push = |e: B| {
                 let mut s = state.lock().unwrap();
                 let events = s.builds.get_mut(&id).unwrap();

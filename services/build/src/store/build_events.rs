@@ -59,13 +59,8 @@ impl EventStore for Store {
         q.push(" WHERE id = ").bind(build_id.to_owned());
         q.build().execute(&mut *tx).await?;
         if self.backend == kiln_store::Backend::Postgres {
-            // Delivered at commit, to every replica's watchers of this build. Wrapped
-            // in a count: `pg_notify` returns `void`, which `Any` cannot decode.
-            sqlx::query("SELECT count(*) FROM (SELECT pg_notify($1, $2)) AS announced")
-                .bind(super::appended::CHANNEL)
-                .bind(build_id)
-                .execute(&mut *tx)
-                .await?;
+            // Delivered at commit, to every replica's watchers of this build.
+            kiln_store::appended::notify(&mut tx, super::EVENTS_CHANNEL, build_id).await?;
         }
         tx.commit().await?;
         Ok(())
