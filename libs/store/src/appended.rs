@@ -103,3 +103,26 @@ async fn listen(url: String, channel: &'static str, appended: Weak<Appended>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// Sends the payload of every notification `listener` receives to `tx`, until `tx` is
+/// closed. `recv` reconnects by itself after an error; what was sent meanwhile is lost,
+/// which the receiver's polling must cover. `what` names the listener in the log.
+pub async fn forward_notifications(
+    mut listener: PgListener,
+    tx: tokio::sync::mpsc::Sender<String>,
+    what: &'static str,
+) {
+    loop {
+        match listener.recv().await {
+            Ok(n) => {
+                if tx.send(n.payload().to_owned()).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: listening failed; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}

@@ -41,7 +41,7 @@ mod sql;
 mod unavailable;
 mod url;
 
-pub use appended::Appended;
+pub use appended::{Appended, forward_notifications};
 pub use dir_lock::{DirLock, LOCK_FILE, LockError};
 pub use sql::{Sql, Tuple};
 pub use unavailable::is_unavailable;

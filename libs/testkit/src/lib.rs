@@ -188,6 +188,25 @@ pub async fn on_postgres<F: Future<Output = ()>>(test: F) {
     }
 }
 
+/// Contract tests of a trait with several implementations: each case is an
+/// `async fn(Make)` of the calling module, and `make` a function (or constant) of the
+/// calling module that the case is given, so that
+/// `contract!(local: a_case, another)` makes `mod local { #[tokio::test] async fn
+/// a_case() }` and so on, each calling `super::a_case(super::local)`.
+#[macro_export]
+macro_rules! contract {
+    ($implementation:ident: $($case:ident),* $(,)?) => {
+        mod $implementation {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::$implementation).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Each test inside becomes a module with two tests, `sqlite` and `postgres`, running
 /// the same body with [`backend`] answering each engine in turn:
 ///

@@ -113,26 +113,13 @@ async fn a_cancel_reaches_the_running_task(make: Make) {
     control.release("t1", true).await.expect("release");
 }
 
-macro_rules! contract {
-    ($implementation:ident: $($case:ident),* $(,)?) => {
-        mod $implementation {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::$implementation).await;
-                }
-            )*
-        }
-    };
-}
-
-contract!(local:
+kiln_testkit::contract!(local:
     a_new_task_is_claimed_once,
     unowned_tasks_are_claimed_once_and_a_released_one_again,
     a_cancel_reaches_the_running_task,
 );
 
-contract!(postgres:
+kiln_testkit::contract!(postgres:
     a_new_task_is_claimed_once,
     unowned_tasks_are_claimed_once_and_a_released_one_again,
     a_cancel_reaches_the_running_task,

@@ -112,7 +112,11 @@ impl PgControl {
         });
         let (tx, rx) = mpsc::channel(256);
         let tasks = vec![
-            tokio::spawn(listen(listener, tx)),
+            tokio::spawn(kiln_store::forward_notifications(
+                listener,
+                tx,
+                "agent task control",
+            )),
             tokio::spawn(keep(Arc::downgrade(&inner), rx)),
         ];
         tracing::info!(replica = %inner.replica, "agent task control on Postgres");
@@ -132,24 +136,6 @@ impl PgControl {
     #[cfg(test)]
     pub(super) async fn renew_now(&self) -> Result<()> {
         self.inner.renew().await
-    }
-}
-
-/// Forwards notifications to the keeper. `recv` reconnects by itself after an error;
-/// what was sent meanwhile is lost, which the keeper's polling covers.
-async fn listen(mut listener: PgListener, tx: mpsc::Sender<String>) {
-    loop {
-        match listener.recv().await {
-            Ok(n) => {
-                if tx.send(n.payload().to_owned()).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "agent task control: listening failed; reconnecting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
     }
 }
 

@@ -289,20 +289,7 @@ pub(super) mod pg {
     }
 }
 
-macro_rules! contract {
-    ($implementation:ident: $($case:ident),* $(,)?) => {
-        mod $implementation {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::$implementation).await;
-                }
-            )*
-        }
-    };
-}
-
-contract!(postgres:
+kiln_testkit::contract!(postgres:
     users_take_turns_within_the_global_and_per_user_limits,
     the_queued_limit_counts_reservations_and_a_dropped_one_is_given_back,
     a_queued_build_is_cancelled_out_of_the_queue_once,
@@ -312,7 +299,7 @@ contract!(postgres:
     a_closed_control_hands_out_nothing_and_shutdown_interrupts_and_waits,
 );
 
-contract!(local:
+kiln_testkit::contract!(local:
     users_take_turns_within_the_global_and_per_user_limits,
     the_queued_limit_counts_reservations_and_a_dropped_one_is_given_back,
     a_queued_build_is_cancelled_out_of_the_queue_once,

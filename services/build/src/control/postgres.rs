@@ -138,7 +138,11 @@ impl PgControl {
         });
         let (tx, rx) = mpsc::channel(256);
         let tasks = vec![
-            tokio::spawn(listen(listener, tx)),
+            tokio::spawn(kiln_store::forward_notifications(
+                listener,
+                tx,
+                "build control",
+            )),
             tokio::spawn(keep(Arc::downgrade(&inner), rx)),
         ];
         tracing::info!(replica = %inner.replica, "build control on Postgres");
@@ -172,24 +176,6 @@ async fn create_schema(pool: &PgPool) -> Result<()> {
         // and the schema is there.
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Forwards notifications to the keeper. `recv` reconnects by itself after an error;
-/// what was sent meanwhile is lost, which the keeper's polling covers.
-async fn listen(mut listener: PgListener, tx: mpsc::Sender<String>) {
-    loop {
-        match listener.recv().await {
-            Ok(n) => {
-                if tx.send(n.payload().to_owned()).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "build control: listening failed; reconnecting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
     }
 }
 
