@@ -12,7 +12,8 @@
 //!    cached (what a hot client pays), EdDSA vs ES256.
 //! 3. Login's cost: one Argon2id verification with the OWASP parameters kiln uses.
 //!
-//! `cargo run --release -p kiln-bench --bin layer_chain [seconds-per-case]`
+//! `cargo run --release -p kiln-bench --bin layer_chain [seconds-per-case] [telemetry]`
+//! (`telemetry` runs case 4 alone, e.g. to profile it: `perf record` sees nothing else.)
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -174,6 +175,39 @@ async fn throughput(
     .await
 }
 
+/// Rounds of [`throughput`] against each of `urls` in turn (bare first), so that drift
+/// in the machine's speed — large on a shared 2-core VM — hits every target alike.
+/// Returns, per target, its median calls/s and its median ratio to `urls[0]` over the
+/// rounds (each round's ratio is taken within that round).
+async fn compare(
+    urls: &[&str],
+    ca: &str,
+    token: &str,
+    clients: usize,
+    round: Duration,
+) -> Vec<(f64, f64)> {
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); urls.len()];
+    for _ in 0..ROUNDS {
+        for (i, url) in urls.iter().enumerate() {
+            rates[i].push(throughput(url, ca, token, clients, round).await);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    rates
+        .iter()
+        .map(|r| {
+            let ratios = r.iter().zip(&rates[0]).map(|(x, bare)| x / bare).collect();
+            (median(r.clone()), median(ratios))
+        })
+        .collect()
+}
+
+/// Rounds per comparison (odd, so the median is one of them).
+const ROUNDS: usize = 5;
+
 fn per_call<F: FnMut()>(iterations: u32, mut f: F) -> Duration {
     for _ in 0..iterations / 10 {
         f();
@@ -222,6 +256,9 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let duration = Duration::from_secs(seconds);
+    // As many seconds per target as the two best-of runs took before the rounds.
+    let round = duration * 2 / ROUNDS as u32;
+    let telemetry_only = std::env::args().nth(2).as_deref() == Some("telemetry");
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = ensure_dev_pki(dir.path(), "kiln.local", &["auth"]).expect("pki");
     let ca = std::fs::read_to_string(pki.ca_cert()).expect("ca");
@@ -249,7 +286,54 @@ async fn main() {
     let mut registry = kiln_metrics::registry();
     let metered_addr = start_chain(&pki, &ca, service, Some(&mut registry)).await;
 
-    println!("kiln layer chain benchmark: {seconds} s per case, 2 runs each, best kept\n");
+    // `layer_chain <s> alone:<bare|chain|metered|telemetry>[:<clients>]`: one listener only, for
+    // profiling what it costs (`perf record` then sees only that listener's calls).
+    if let Some(alone) = std::env::args()
+        .nth(2)
+        .and_then(|a| a.strip_prefix("alone:").map(str::to_owned))
+    {
+        let (target, clients) = alone.split_once(':').unwrap_or((&alone, "1"));
+        let clients: usize = clients.parse().expect("clients is a number");
+        let addr = match target {
+            "bare" => bare_addr,
+            "chain" => chain_addr,
+            "metered" | "telemetry" => metered_addr,
+            other => panic!("alone:{other}: expected bare, chain, metered or telemetry"),
+        };
+        // `telemetry`: the metered chain with spans exported to rotel, as in case 4.
+        let _telemetry = match target {
+            "telemetry" => {
+                let binary = Rotel::binary().expect("rotel is installed (`make tools`)");
+                let rotel = Rotel::start(&binary).await;
+                let mut config =
+                    kiln_telemetry::TelemetryConfig::new("kiln-bench", env!("CARGO_PKG_VERSION"));
+                config.otlp_endpoint = Some(rotel.endpoint.clone());
+                config.default_log_level = "warn".into();
+                Some((kiln_telemetry::init(&config).expect("telemetry"), rotel))
+            }
+            _ => None,
+        };
+        let url = format!("https://{addr}");
+        throughput(&url, &ca, &token, 1, Duration::from_millis(200)).await;
+        let rate = throughput(&url, &ca, &token, clients, duration).await;
+        println!("{target} alone, {clients} client(s): {rate:.0}/s");
+        return;
+    }
+    if telemetry_only {
+        // telemetry_on warms the metered chain's JWKS and token caches itself.
+        println!(
+            "kiln layer chain benchmark, case 4 only: {ROUNDS} rounds of {round:?} per target, median ratio"
+        );
+        let (bare_url, metered_url) = (
+            format!("https://{bare_addr}"),
+            format!("https://{metered_addr}"),
+        );
+        telemetry_on(&bare_url, &metered_url, &ca, &token, round).await;
+        return;
+    }
+    println!(
+        "kiln layer chain benchmark: {ROUNDS} rounds of {round:?} per target, interleaved; median calls/s and median ratio to bare tonic\n"
+    );
     println!("1. unary WhoAmI over TLS, calls/s (higher is better)");
     for clients in [1usize, 16] {
         let bare_url = format!("https://{bare_addr}");
@@ -258,25 +342,19 @@ async fn main() {
         // Warm the chains' JWKS and token caches before measuring.
         throughput(&chain_url, &ca, &token, 1, Duration::from_millis(200)).await;
         throughput(&metered_url, &ca, &token, 1, Duration::from_millis(200)).await;
-        let mut best = (0.0f64, 0.0f64, 0.0f64);
-        for _ in 0..2 {
-            best.0 = best
-                .0
-                .max(throughput(&bare_url, &ca, &token, clients, duration).await);
-            best.1 = best
-                .1
-                .max(throughput(&chain_url, &ca, &token, clients, duration).await);
-            best.2 = best
-                .2
-                .max(throughput(&metered_url, &ca, &token, clients, duration).await);
-        }
+        let [bare, chain, metered] = compare(
+            &[&bare_url, &chain_url, &metered_url],
+            &ca,
+            &token,
+            clients,
+            round,
+        )
+        .await[..] else {
+            unreachable!("three targets")
+        };
         println!(
             "   {clients:>2} client(s): bare tonic {:>8.0}/s   kiln chain {:>8.0}/s ({:.2})   with metrics {:>8.0}/s ({:.2} of bare)",
-            best.0,
-            best.1,
-            best.1 / best.0,
-            best.2,
-            best.2 / best.0
+            bare.0, chain.0, chain.1, metered.0, metered.1
         );
     }
     let read = |p: std::path::PathBuf| std::fs::read_to_string(p).expect("pki file");
@@ -367,7 +445,7 @@ async fn main() {
 
     let bare_url = format!("https://{bare_addr}");
     let metered_url = format!("https://{metered_addr}");
-    telemetry_on(&bare_url, &metered_url, &ca, &token, duration).await;
+    telemetry_on(&bare_url, &metered_url, &ca, &token, round).await;
 }
 
 /// A rotel collector on loopback that accepts OTLP gRPC and drops what it gets
@@ -427,13 +505,7 @@ impl Drop for Rotel {
 
 /// Case 4: the metered chain and bare tonic again, with kiln-telemetry exporting every
 /// span over OTLP to rotel (the batch processor's default queue, as a service runs it).
-async fn telemetry_on(
-    bare_url: &str,
-    metered_url: &str,
-    ca: &str,
-    token: &str,
-    duration: Duration,
-) {
+async fn telemetry_on(bare_url: &str, metered_url: &str, ca: &str, token: &str, round: Duration) {
     println!("\n4. telemetry on: OTLP span export to a local rotel collector + metrics");
     let Some(binary) = Rotel::binary() else {
         println!("   skipped: rotel is not installed (`make tools` installs it into .tools/)");
@@ -446,20 +518,14 @@ async fn telemetry_on(
     let mut telemetry = kiln_telemetry::init(&config).expect("telemetry");
     for clients in [1usize, 16] {
         throughput(metered_url, ca, token, 1, Duration::from_millis(200)).await;
-        let mut best = (0.0f64, 0.0f64);
-        for _ in 0..2 {
-            best.0 = best
-                .0
-                .max(throughput(bare_url, ca, token, clients, duration).await);
-            best.1 = best
-                .1
-                .max(throughput(metered_url, ca, token, clients, duration).await);
-        }
+        let [bare, metered] =
+            compare(&[bare_url, metered_url], ca, token, clients, round).await[..]
+        else {
+            unreachable!("two targets")
+        };
         println!(
             "   {clients:>2} client(s): bare tonic {:>8.0}/s   chain + metrics + OTLP {:>8.0}/s ({:.2} of bare)",
-            best.0,
-            best.1,
-            best.1 / best.0
+            bare.0, metered.0, metered.1
         );
     }
     telemetry.shutdown();
