@@ -120,13 +120,18 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
             // needs none of it: propagation reads the span's own context
             // (`OpenTelemetrySpanExt`), not the thread's active OpenTelemetry context;
             // busy/idle time of async spans entered at each poll says little; and the
-            // thread a span started on is a tokio worker's.
+            // thread a span started on is a tokio worker's. Nor does a span need the
+            // source file, module, line and target of its callsite: kiln's span names
+            // say what ran (`kiln.auth.v1.AuthService/WhoAmI`, `build.queue`), and those
+            // four attributes were each copied, encoded and sent with every span.
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
                     .with_context_activation(false)
                     .with_tracked_inactivity(false)
                     .with_threads(false)
+                    .with_location(false)
+                    .with_target(false)
                     .with_filter(filter),
             )
         }

@@ -51,11 +51,12 @@ where
             .unwrap_or((path, ""));
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %path.trim_start_matches('/'),
+            // `&str`s, not `%` (Display): recorded as strings without the formatter.
+            otel.name = path.trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = service,
+            rpc.method = method,
             // Recorded by kiln-rpc's chain: its request id layer and authentication.
             request_id = tracing::field::Empty,
             principal = tracing::field::Empty,

@@ -108,9 +108,12 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let mut response = inner.call(request).await?;
-            response
-                .headers_mut()
-                .insert(REQUEST_ID_HEADER, request_id.0);
+            // A value new on every response gains nothing from HTTP/2 header
+            // compression's table, and adding it there on both ends of the connection
+            // (evicting what does repeat) costs on every call: sent "never indexed".
+            let mut value = request_id.0;
+            value.set_sensitive(true);
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
             response.headers_mut().insert(
                 VERSION_HEADER,
                 HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
