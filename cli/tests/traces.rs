@@ -325,6 +325,68 @@ async fn one_trace_spans_cli_build_and_auth_with_the_queue_and_the_steps() {
     }
     let run = named(&spans, "build.run");
     assert_eq!(named(&spans, "build.step").parent, run.span_id);
+
+    // The same command with the CLI not sampling it (`always_off`): its trace id reaches
+    // every service flagged not sampled, and none records anything of it — neither its
+    // spans nor, for a call or a queued build that lost the context, a trace of its own
+    // (the services sample every new trace: the default sampler).
+    let unsampled = cli
+        .command(&["--trace", "build", "run", "--from"])
+        .arg(source.path())
+        .args(["--", "cat", "hello.txt"])
+        .env("KILN_TOKEN", &key)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint())
+        .env("OTEL_TRACES_SAMPLER", "always_off")
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&unsampled.stderr);
+    assert!(unsampled.status.success(), "build run failed: {stderr}");
+    let unsampled_trace = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln: trace "))
+        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
+        .trim()
+        .to_owned();
+    // A sampled command after it: once its spans are in, the services have exported
+    // whatever they recorded of the one before.
+    let after = cli
+        .command(&["--trace", "build", "run", "--from"])
+        .arg(source.path())
+        .args(["--", "cat", "hello.txt"])
+        .env("KILN_TOKEN", &key)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint())
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&after.stderr);
+    assert!(after.status.success(), "build run failed: {stderr}");
+    let after_trace = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln: trace "))
+        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
+        .trim()
+        .to_owned();
+    receiver
+        .wait_for(
+            &after_trace,
+            &["kiln build run", RUN_BUILD, "build.step"],
+            &rotel,
+        )
+        .await;
+    let all = receiver.spans();
+    assert!(
+        !all.iter().any(|s| s.trace_id == unsampled_trace),
+        "spans of the unsampled command were recorded"
+    );
+    for name in [RUN_BUILD, "build.queue_wait", "build.run", "build.step"] {
+        let elsewhere: Vec<&Got> = all
+            .iter()
+            .filter(|s| s.name == name && s.trace_id != trace_id && s.trace_id != after_trace)
+            .collect();
+        assert!(
+            elsewhere.is_empty(),
+            "{name} recorded outside the sampled commands' traces (the unsampled one's context was lost): {elsewhere:?}"
+        );
+    }
 }
 
 /// A collector that takes the connection and never answers: every export hangs.

@@ -12,6 +12,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::resource::EnvResourceDetector;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -100,6 +101,7 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         TraceExport::Off if config.trace_without_export => Some(
             SdkTracerProvider::builder()
                 .with_resource(resource(config))
+                .with_sampler(up_front_sampler())
                 .build(),
         ),
         TraceExport::Off | TraceExport::Disabled => None,
@@ -114,6 +116,22 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
                 }
                 Err(_) => EnvFilter::new(DEFAULT_TRACE_FILTER),
             };
+            // Nothing of a call the sampler dropped up front reaches the layer
+            // (crate::sampling). A dynamic filter, asked for every span and event: a
+            // plain FilterFn's answer is cached per callsite, so the first call through
+            // a callsite would decide for all that follow. Callsites the EnvFilter never
+            // wants stay "never" (`and`), and the hint keeps its level: without one every
+            // callsite of every level would be worth asking about.
+            let hint = <EnvFilter as tracing_subscriber::layer::Filter<
+                tracing_subscriber::Registry,
+            >>::max_level_hint(&filter);
+            let mut recording_here = tracing_subscriber::filter::DynFilterFn::new(|_, _| {
+                crate::sampling::recording_here()
+            });
+            if let Some(hint) = hint {
+                recording_here = recording_here.with_max_level_hint(hint);
+            }
+            let filter = filter.and(recording_here);
             let tracer = provider.tracer("kiln");
             // What the layer does on every enter and exit of a span is most of
             // telemetry's cost per call (bench/README.md, layer_chain case 4), and kiln
@@ -248,6 +266,17 @@ fn otlp_provider(
     };
     Ok(SdkTracerProvider::builder()
         .with_resource(resource(config))
+        .with_sampler(up_front_sampler())
         .with_span_processor(processor)
         .build())
+}
+
+/// The sampler `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` configure (read by the
+/// SDK, as the spec defines them; `parentbased_always_on` without them), made the one
+/// `TraceContextLayer` decides calls by before their spans open, and, for the
+/// provider, wrapped so the SDK does not decide those calls a second time.
+fn up_front_sampler() -> crate::sampling::UpFront {
+    let sampler = opentelemetry_sdk::trace::Config::default().sampler;
+    crate::sampling::install(sampler.clone());
+    crate::sampling::UpFront { inner: sampler }
 }

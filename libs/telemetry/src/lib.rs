@@ -8,6 +8,8 @@
 //!   takes it from every incoming call, [`inject_current`] puts the current span's
 //!   context on every outgoing kiln call, and [`TraceParent`] carries a request's context
 //!   to work that runs later in another task (a queued build).
+//! - Sampling is decided before a call's span opens (`sampling`): a call the sampler
+//!   drops costs about what it costs without tracing, and still hands its trace id on.
 //!
 //! Spans are exported in batches from the SDK's own thread: a request only pushes its
 //! finished span into a bounded queue and never waits for the collector. A collector
@@ -19,6 +21,7 @@ mod export;
 mod init;
 mod layer;
 mod propagation;
+mod sampling;
 
 pub use config::{DEFAULT_TRACE_FILTER, LogFormat, TelemetryConfig, TraceExport, env};
 pub use init::{TelemetryError, TelemetryGuard, init, install_propagator};

@@ -1,16 +1,30 @@
 //! W3C trace context and baggage on the wire, and carried to later work.
 
+use std::future::Future;
+
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TraceContextExt;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Puts the current span's trace context (`traceparent`, `tracestate`) and baggage on an
-/// outgoing call's metadata. Nothing is added when the current span has no trace (trace
-/// export off, or a span the trace filter leaves out).
-pub fn inject_current(metadata: &mut MetadataMap) {
+/// The trace context work running now belongs to: the current span's, or, inside a call
+/// the sampler dropped ([`crate::sampling`]), whose spans the OpenTelemetry layer never
+/// sees, that call's.
+fn current_context() -> Context {
     let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        return cx;
+    }
+    crate::sampling::unrecorded().unwrap_or(cx)
+}
+
+/// Puts the current span's trace context (`traceparent`, `tracestate`) and baggage on an
+/// outgoing call's metadata (flagged not sampled inside a call the sampler dropped).
+/// Nothing is added when the current span has no trace (trace export off, or a span the
+/// trace filter leaves out).
+pub fn inject_current(metadata: &mut MetadataMap) {
+    let cx = current_context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&cx, &mut MetadataInjector(metadata));
     });
@@ -26,7 +40,7 @@ pub fn extract(headers: &http::HeaderMap) -> Context {
 
 /// The trace id of the current span, as 32 hex digits; `None` without a trace.
 pub fn current_trace_id() -> Option<String> {
-    let cx = tracing::Span::current().context();
+    let cx = current_context();
     let span = cx.span();
     let sc = span.span_context();
     sc.is_valid().then(|| sc.trace_id().to_string())
@@ -41,9 +55,25 @@ pub struct TraceParent(Option<Context>);
 impl TraceParent {
     /// The current span's context.
     pub fn current() -> Self {
-        let cx = tracing::Span::current().context();
+        let cx = current_context();
         let valid = cx.span().span_context().is_valid();
         Self(valid.then_some(cx))
+    }
+
+    /// Runs `work` (spawned from the call this context was taken in, so outside its task)
+    /// as part of the same trace when that trace is not recorded: then, as in the call
+    /// itself, nothing `work` does reaches the OpenTelemetry layer, and its calls hand on
+    /// the trace id flagged not sampled. A recorded trace needs nothing of this (its
+    /// spans carry it: [`Self::adopt`]); `work` then runs as it is.
+    pub fn carry<F: Future>(
+        &self,
+        work: F,
+    ) -> tokio::task::futures::TaskLocalFuture<Option<Context>, F> {
+        let unrecorded = self
+            .0
+            .clone()
+            .filter(|cx| !cx.span().span_context().is_sampled());
+        crate::sampling::UNRECORDED.scope(unrecorded, work)
     }
 
     /// No parent: spans adopted by it start their own trace (a build recovered at start).

@@ -123,9 +123,12 @@ pub fn spawn(shared: &Arc<Shared>, stored: StoredTask, claim: Claim) {
     };
     // A span of the StartTask call's trace (when there is one: a task resumed at start
     // has none), so its phases and its calls to kiln-build join that trace.
+    // When the trace is not recorded, `carry` keeps the task (which leaves the call's
+    // task) out of it too, its calls flagged not sampled.
     let span = tracing::info_span!("agent.task", task_id = %id);
-    kiln_telemetry::TraceParent::current().adopt(&span);
-    let handle = tokio::spawn(runner.run().instrument(span));
+    let trace = kiln_telemetry::TraceParent::current();
+    trace.adopt(&span);
+    let handle = tokio::spawn(trace.carry(runner.run()).instrument(span));
     let mut runners = lock(&shared.runners);
     runners.retain(|h| !h.is_finished());
     runners.push(handle);

@@ -244,9 +244,15 @@ async fn scheduler(shared: Arc<Shared>) {
             };
             claim.entry.end_queue_wait();
             // A span of the StartBuild call's trace, though that call returned long ago.
+            // When that trace is not recorded, `carry` keeps the run out of it too.
             let span = tracing::info_span!("build.run", build_id = %claim.entry.build_id);
-            claim.entry.trace.adopt(&span);
-            tokio::spawn(runner::run(shared.clone(), claim).instrument(span));
+            let trace = claim.entry.trace.clone();
+            trace.adopt(&span);
+            tokio::spawn(
+                trace
+                    .carry(runner::run(shared.clone(), claim))
+                    .instrument(span),
+            );
         }
         if control.is_closed() {
             return;
