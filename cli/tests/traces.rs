@@ -228,6 +228,38 @@ fn named<'a>(spans: &'a [Got], name: &str) -> &'a Got {
 const RUN_BUILD: &str = "kiln.build.v1.BuildService/RunBuild";
 const AUTHENTICATE_API_KEY: &str = "kiln.auth.v1.AuthService/AuthenticateApiKey";
 
+/// Runs `kiln --trace build run --from <source> -- cat hello.txt` as the API key's
+/// holder, exporting to `rotel`, with `OTEL_TRACES_SAMPLER` when given; returns the trace
+/// id it printed.
+fn traced_build_run(
+    cli: &Cli<'_>,
+    source: &std::path::Path,
+    key: &str,
+    rotel: &Rotel,
+    sampler: Option<&str>,
+) -> String {
+    let mut command = cli.command(&["--trace", "build", "run", "--from"]);
+    command
+        .arg(source)
+        .args(["--", "cat", "hello.txt"])
+        .env("KILN_TOKEN", key)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint());
+    if let Some(sampler) = sampler {
+        command.env("OTEL_TRACES_SAMPLER", sampler);
+    }
+    let output = command.output().expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "build run failed: {stderr}");
+    let trace_id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln: trace "))
+        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
+        .trim()
+        .to_owned();
+    assert_eq!(trace_id.len(), 32, "a W3C trace id: {trace_id}");
+    trace_id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_spans_cli_build_and_auth_with_the_queue_and_the_steps() {
     let Some(rotel_bin) = rotel_binary() else {
@@ -251,23 +283,7 @@ async fn one_trace_spans_cli_build_and_auth_with_the_queue_and_the_steps() {
     // A fresh CLI, authenticated by the API key only: the build service asks kiln-auth
     // about the key, inside this command's trace.
     let cli = Cli::new(&suite);
-    let output = cli
-        .command(&["--trace", "build", "run", "--from"])
-        .arg(source.path())
-        .args(["--", "cat", "hello.txt"])
-        .env("KILN_TOKEN", &key)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint())
-        .output()
-        .expect("kiln runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "build run failed: {stderr}");
-    let trace_id = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("kiln: trace "))
-        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
-        .trim()
-        .to_owned();
-    assert_eq!(trace_id.len(), 32, "a W3C trace id: {trace_id}");
+    let trace_id = traced_build_run(&cli, source.path(), &key, &rotel, None);
 
     let spans = receiver
         .wait_for(
@@ -330,41 +346,10 @@ async fn one_trace_spans_cli_build_and_auth_with_the_queue_and_the_steps() {
     // every service flagged not sampled, and none records anything of it — neither its
     // spans nor, for a call or a queued build that lost the context, a trace of its own
     // (the services sample every new trace: the default sampler).
-    let unsampled = cli
-        .command(&["--trace", "build", "run", "--from"])
-        .arg(source.path())
-        .args(["--", "cat", "hello.txt"])
-        .env("KILN_TOKEN", &key)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint())
-        .env("OTEL_TRACES_SAMPLER", "always_off")
-        .output()
-        .expect("kiln runs");
-    let stderr = String::from_utf8_lossy(&unsampled.stderr);
-    assert!(unsampled.status.success(), "build run failed: {stderr}");
-    let unsampled_trace = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("kiln: trace "))
-        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
-        .trim()
-        .to_owned();
+    let unsampled_trace = traced_build_run(&cli, source.path(), &key, &rotel, Some("always_off"));
     // A sampled command after it: once its spans are in, the services have exported
     // whatever they recorded of the one before.
-    let after = cli
-        .command(&["--trace", "build", "run", "--from"])
-        .arg(source.path())
-        .args(["--", "cat", "hello.txt"])
-        .env("KILN_TOKEN", &key)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint())
-        .output()
-        .expect("kiln runs");
-    let stderr = String::from_utf8_lossy(&after.stderr);
-    assert!(after.status.success(), "build run failed: {stderr}");
-    let after_trace = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("kiln: trace "))
-        .unwrap_or_else(|| panic!("--trace printed no trace id: {stderr}"))
-        .trim()
-        .to_owned();
+    let after_trace = traced_build_run(&cli, source.path(), &key, &rotel, None);
     receiver
         .wait_for(
             &after_trace,
