@@ -116,6 +116,12 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
                 }
                 Err(_) => EnvFilter::new(DEFAULT_TRACE_FILTER),
             };
+            // A dropped call's server span (crate::layer), whatever the directives say.
+            let filter = filter.add_directive(
+                format!("{}=off", crate::layer::UNRECORDED_TARGET)
+                    .parse()
+                    .expect("a valid directive"),
+            );
             // Nothing of a call the sampler dropped up front reaches the layer
             // (crate::sampling). A dynamic filter, asked for every span and event: a
             // plain FilterFn's answer is cached per callsite, so the first call through

@@ -37,6 +37,34 @@ pub struct TraceContextService<S> {
     inner: S,
 }
 
+/// The target of a dropped call's server span. The OpenTelemetry layer's filter turns
+/// it off by name (init), so the callsite's interest is settled once: with logs at WARN
+/// the span is not made at all. (Left to the dynamic filter alone, the registry still
+/// makes every such span though no layer takes it.)
+pub(crate) const UNRECORDED_TARGET: &str = "kiln_telemetry::unrecorded";
+
+/// The server span of a call to `name` ("kiln.build.v1.BuildService/StartBuild"), at the
+/// given target (or this module's).
+macro_rules! server_span {
+    ($name:expr $(, target: $target:expr)?) => {{
+        let name: &str = $name;
+        let (service, method) = name.split_once('/').unwrap_or((name, ""));
+        tracing::info_span!(
+            $(target: $target,)?
+            "grpc.server",
+            // `&str`s, not `%` (Display): recorded as strings without the formatter.
+            otel.name = name,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            // Recorded by kiln-rpc's chain: its request id layer and authentication.
+            request_id = tracing::field::Empty,
+            principal = tracing::field::Empty,
+        )
+    }};
+}
+
 impl<S, B> Service<Request<B>> for TraceContextService<S>
 where
     S: Service<Request<B>>,
@@ -53,7 +81,7 @@ where
         let parent = crate::propagation::extract(request.headers());
         match crate::sampling::decide(&parent, name_of(&request)) {
             Decision::Record => {
-                let span = server_span(name_of(&request));
+                let span = server_span!(name_of(&request));
                 if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
                     let _ = span.set_parent(parent);
                 }
@@ -66,7 +94,7 @@ where
             Decision::Skip(cx) => {
                 let inner = &mut self.inner;
                 let (span, future) = UNRECORDED.sync_scope(Some(cx.clone()), move || {
-                    let span = server_span(name_of(&request));
+                    let span = server_span!(name_of(&request), target: UNRECORDED_TARGET);
                     let future = span.in_scope(|| inner.call(request));
                     (span, future)
                 });
@@ -79,21 +107,4 @@ where
 /// "/kiln.build.v1.BuildService/StartBuild" → "kiln.build.v1.BuildService/StartBuild".
 fn name_of<B>(request: &Request<B>) -> &str {
     request.uri().path().trim_start_matches('/')
-}
-
-/// The server span of a call to `name` ("kiln.build.v1.BuildService/StartBuild").
-fn server_span(name: &str) -> tracing::Span {
-    let (service, method) = name.split_once('/').unwrap_or((name, ""));
-    tracing::info_span!(
-        "grpc.server",
-        // `&str`s, not `%` (Display): recorded as strings without the formatter.
-        otel.name = name,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        // Recorded by kiln-rpc's chain: its request id layer and authentication.
-        request_id = tracing::field::Empty,
-        principal = tracing::field::Empty,
-    )
 }

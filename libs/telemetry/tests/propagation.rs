@@ -144,6 +144,8 @@ struct Seen {
     /// Whether its span (and a span it opens) reached the OpenTelemetry layer, sampled.
     span_recorded: bool,
     inner_span_recorded: bool,
+    /// Whether its span was made at all (logs are at WARN here, so only tracing wants it).
+    span_made: bool,
     trace_id: Option<String>,
     outgoing: MetadataMap,
     kept: String,
@@ -155,6 +157,7 @@ struct Seen {
 async fn serve_sampled(headers: &[(&str, &str)]) -> Seen {
     let handler = service_fn(|_request: Request<()>| async {
         let span_recorded = recorded(&tracing::Span::current());
+        let span_made = !tracing::Span::current().is_disabled();
         let inner = tracing::info_span!("handler.work");
         let inner_span_recorded = recorded(&inner);
         tracing::info!("an event inside the call");
@@ -177,6 +180,7 @@ async fn serve_sampled(headers: &[(&str, &str)]) -> Seen {
         Ok::<_, Infallible>(Response::new(Seen {
             span_recorded,
             inner_span_recorded,
+            span_made,
             trace_id: current_trace_id(),
             outgoing,
             kept: parent.to_traceparent(),
@@ -250,6 +254,7 @@ async fn in_a_process_of_its_own() {
     // A new trace at a ratio of 0: nothing reaches the layer, the id goes on unsampled.
     let root = serve_sampled(&[]).await;
     assert!(!root.span_recorded, "{root:?}");
+    assert!(!root.span_made, "a dropped call costs no span: {root:?}");
     assert!(!root.inner_span_recorded, "{root:?}");
     let traceparent = header(&root.outgoing, "traceparent");
     let parts: Vec<&str> = traceparent.split('-').collect();
@@ -271,6 +276,7 @@ async fn in_a_process_of_its_own() {
     ])
     .await;
     assert!(sampled.span_recorded, "{sampled:?}");
+    assert!(sampled.span_made);
     assert!(sampled.inner_span_recorded);
     let traceparent = header(&sampled.outgoing, "traceparent");
     assert!(
@@ -294,6 +300,7 @@ async fn in_a_process_of_its_own() {
     ])
     .await;
     assert!(!unsampled.span_recorded, "{unsampled:?}");
+    assert!(!unsampled.span_made, "{unsampled:?}");
     assert!(!unsampled.inner_span_recorded);
     let expected = format!("00-{TRACE_ID}-{CALLER_SPAN}-00");
     assert_eq!(header(&unsampled.outgoing, "traceparent"), expected);
