@@ -362,7 +362,14 @@ async fn one_trace_spans_cli_build_and_auth_with_the_queue_and_the_steps() {
         !all.iter().any(|s| s.trace_id == unsampled_trace),
         "spans of the unsampled command were recorded"
     );
-    for name in [RUN_BUILD, "build.queue_wait", "build.run", "build.step"] {
+    // (AuthenticateApiKey too: the sampled commands' own look-ups are in their traces.)
+    for name in [
+        RUN_BUILD,
+        AUTHENTICATE_API_KEY,
+        "build.queue_wait",
+        "build.run",
+        "build.step",
+    ] {
         let elsewhere: Vec<&Got> = all
             .iter()
             .filter(|s| s.name == name && s.trace_id != trace_id && s.trace_id != after_trace)

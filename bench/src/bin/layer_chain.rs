@@ -13,7 +13,8 @@
 //! 3. Login's cost: one Argon2id verification with the OWASP parameters kiln uses.
 //!
 //! `cargo run --release -p kiln-bench --bin layer_chain [seconds-per-case] [telemetry]`
-//! (`telemetry` runs case 4 alone, e.g. to profile it: `perf record` sees nothing else.)
+//! (`telemetry` runs case 4 alone; `alone:<bare|chain|metered|telemetry>[:<clients>]`
+//! in its place measures one listener only, e.g. under `perf record`.)
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -304,12 +305,7 @@ async fn main() {
         let _telemetry = match target {
             "telemetry" => {
                 let binary = Rotel::binary().expect("rotel is installed (`make tools`)");
-                let rotel = Rotel::start(&binary).await;
-                let mut config =
-                    kiln_telemetry::TelemetryConfig::new("kiln-bench", env!("CARGO_PKG_VERSION"));
-                config.otlp_endpoint = Some(rotel.endpoint.clone());
-                config.default_log_level = "warn".into();
-                Some((kiln_telemetry::init(&config).expect("telemetry"), rotel))
+                Some(export_to_rotel(&binary).await)
             }
             _ => None,
         };
@@ -503,6 +499,16 @@ impl Drop for Rotel {
     }
 }
 
+/// Starts rotel and kiln-telemetry exporting every span to it, as a service runs it
+/// (the batch processor's default queue; logs at WARN). Hold both while measuring.
+async fn export_to_rotel(binary: &std::path::Path) -> (kiln_telemetry::TelemetryGuard, Rotel) {
+    let rotel = Rotel::start(binary).await;
+    let mut config = kiln_telemetry::TelemetryConfig::new("kiln-bench", env!("CARGO_PKG_VERSION"));
+    config.otlp_endpoint = Some(rotel.endpoint.clone());
+    config.default_log_level = "warn".into();
+    (kiln_telemetry::init(&config).expect("telemetry"), rotel)
+}
+
 /// Case 4: the metered chain and bare tonic again, with kiln-telemetry exporting every
 /// span over OTLP to rotel (the batch processor's default queue, as a service runs it).
 async fn telemetry_on(bare_url: &str, metered_url: &str, ca: &str, token: &str, round: Duration) {
@@ -511,11 +517,7 @@ async fn telemetry_on(bare_url: &str, metered_url: &str, ca: &str, token: &str, 
         println!("   skipped: rotel is not installed (`make tools` installs it into .tools/)");
         return;
     };
-    let rotel = Rotel::start(&binary).await;
-    let mut config = kiln_telemetry::TelemetryConfig::new("kiln-bench", env!("CARGO_PKG_VERSION"));
-    config.otlp_endpoint = Some(rotel.endpoint.clone());
-    config.default_log_level = "warn".into();
-    let mut telemetry = kiln_telemetry::init(&config).expect("telemetry");
+    let (mut telemetry, rotel) = export_to_rotel(&binary).await;
     for clients in [1usize, 16] {
         throughput(metered_url, ca, token, 1, Duration::from_millis(200)).await;
         let [bare, metered] =

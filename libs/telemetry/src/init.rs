@@ -139,7 +139,7 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
             }
             let filter = filter.and(recording_here);
             let tracer = provider.tracer("kiln");
-            // What the layer does on every enter and exit of a span is most of
+            // What the layer does on every enter and exit of a span was a large part of
             // telemetry's cost per call (bench/README.md, layer_chain case 4), and kiln
             // needs none of it: propagation reads the span's own context
             // (`OpenTelemetrySpanExt`), not the thread's active OpenTelemetry context;

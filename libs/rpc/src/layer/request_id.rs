@@ -100,9 +100,10 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let mut inner = take_ready(&mut self.inner);
         let request_id = RequestId::from_request(&request);
-        // One span per call, the server span: every span costs the OpenTelemetry layer's
-        // bookkeeping, sampled or not (bench/README.md, layer_chain case 4). `principal`
-        // is recorded on it by authentication once the caller is known.
+        // One span per call, the server span: every recorded span costs the OpenTelemetry
+        // layer's bookkeeping (bench/README.md, layer_chain case 4). `principal` is
+        // recorded on it by authentication once the caller is known. (In a call the
+        // sampler dropped there may be no span: then this records nothing.)
         tracing::Span::current().record("request_id", tracing::field::display(&request_id));
         request.extensions_mut().insert(request_id.clone());
         Box::pin(async move {
