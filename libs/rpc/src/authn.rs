@@ -289,13 +289,19 @@ impl State {
 
     /// Fails closed while the revocation view is older than the bound; waits (at most
     /// the bound) for the first poll or a late one instead of refusing at once.
+    /// Whether the revocation view is recent enough to trust without waiting.
+    fn revocations_fresh(&self) -> bool {
+        let limit = self.config.revocation_max_staleness;
+        self.synced.borrow().is_some_and(|at| at.elapsed() <= limit)
+    }
+
     async fn fresh_revocations(&self) -> Result<(), ApiError> {
+        if self.revocations_fresh() {
+            return Ok(());
+        }
         let limit = self.config.revocation_max_staleness;
         let fresh = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() <= limit);
         let mut synced = self.synced.subscribe();
-        if fresh(&synced.borrow()) {
-            return Ok(());
-        }
         let _ = tokio::time::timeout(limit, synced.wait_for(fresh)).await;
         if fresh(&synced.borrow()) {
             return Ok(());
@@ -356,16 +362,10 @@ impl State {
         let arrived = Instant::now();
         let key = digest(token);
         let now = unix_now();
-        let cached = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .filter(|(_, exp, _)| *exp > now)
-            .cloned();
+        let cached = self.cached_token(&key, now);
         self.count_lookup("token", cached.is_some());
         let (principal, iat_ms) = match cached {
-            Some((principal, _, iat_ms)) => (principal, iat_ms),
+            Some(hit) => hit,
             None => {
                 let claims = match self.current_verifier().verify(token) {
                     Err(TokenError::UnknownKey) => {
@@ -389,6 +389,34 @@ impl State {
             }
         };
         self.fresh_revocations().await?;
+        self.not_revoked(principal, iat_ms)
+    }
+
+    /// [`Self::verify_jwt`] for a token verified before, when revocations are fresh: no
+    /// signature, no wait. `None` otherwise (nothing counted: `verify_jwt` then does).
+    fn verify_cached_jwt(&self, token: &str) -> Option<Result<Principal, ApiError>> {
+        let (principal, iat_ms) = self.cached_token(&digest(token), unix_now())?;
+        if !self.revocations_fresh() {
+            return None;
+        }
+        self.count_lookup("token", true);
+        Some(self.not_revoked(principal, iat_ms))
+    }
+
+    /// The cached principal and `iat_ms` of a token verified before, unless it has
+    /// expired since (`now` in Unix seconds).
+    fn cached_token(&self, key: &Digest, now: u64) -> Option<(Principal, u64)> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .filter(|(_, exp, _)| *exp > now)
+            .map(|(principal, _, iat_ms)| (principal.clone(), *iat_ms))
+    }
+
+    /// `principal`, unless the current revocations revoke its token (issued at
+    /// `iat_ms`).
+    fn not_revoked(&self, principal: Principal, iat_ms: u64) -> Result<Principal, ApiError> {
         let revoked = self
             .revocations
             .read()
@@ -404,15 +432,27 @@ impl State {
         Ok(principal)
     }
 
-    async fn resolve_api_key(&self, key: &str) -> Result<Principal, ApiError> {
-        let digest = digest(key);
-        let cached = self
-            .api_keys
+    /// kiln-auth's answer for an API key, when it is cached and still holds: the
+    /// principal, or `None` for a key it refused.
+    fn cached_api_key(&self, digest: &Digest) -> Option<Option<Principal>> {
+        self.api_keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
+            .get(digest)
             .filter(|(_, until)| *until > Instant::now())
-            .map(|(answer, _)| answer.clone());
+            .map(|(answer, _)| answer.clone())
+    }
+
+    /// [`Self::resolve_api_key`] for a key whose answer is cached; `None` otherwise.
+    fn resolve_cached_api_key(&self, key: &str) -> Option<Result<Principal, ApiError>> {
+        let answer = self.cached_api_key(&digest(key))?;
+        self.count_lookup("api_key", true);
+        Some(answer.ok_or_else(|| invalid_token("the API key is not valid")))
+    }
+
+    async fn resolve_api_key(&self, key: &str) -> Result<Principal, ApiError> {
+        let digest = digest(key);
+        let cached = self.cached_api_key(&digest);
         self.count_lookup("api_key", cached.is_some());
         if let Some(answer) = cached {
             return answer.ok_or_else(|| invalid_token("the API key is not valid"));
@@ -508,18 +548,41 @@ impl Authenticator for SuiteAuthenticator {
         self.start_poller();
         Box::pin(async move {
             let token = token.as_str();
-            let principal = if token.starts_with("kiln_") {
-                self.shared.resolve_api_key(token).await?
+            let principal = if token.starts_with(API_KEY_PREFIX) {
+                self.shared.resolve_api_key(token).await
             } else {
-                self.shared.verify_jwt(token).await?
+                self.shared.verify_jwt(token).await
             };
-            if principal
-                .expires_at
-                .is_some_and(|at| at <= SystemTime::now())
-            {
-                return Err(invalid_token("the credential has expired"));
-            }
-            Ok(principal)
+            unexpired(principal?)
         })
     }
+
+    fn authenticate_now(
+        &self,
+        token: &BearerToken,
+        _peer: &PeerInfo,
+    ) -> Option<Result<Principal, ApiError>> {
+        self.start_poller();
+        let token = token.as_str();
+        let principal = if token.starts_with(API_KEY_PREFIX) {
+            self.shared.resolve_cached_api_key(token)
+        } else {
+            self.shared.verify_cached_jwt(token)
+        }?;
+        Some(principal.and_then(unexpired))
+    }
+}
+
+/// What every API key starts with (an access token never does).
+const API_KEY_PREFIX: &str = "kiln_";
+
+/// `principal`, unless its credential has expired.
+fn unexpired(principal: Principal) -> Result<Principal, ApiError> {
+    if principal
+        .expires_at
+        .is_some_and(|at| at <= SystemTime::now())
+    {
+        return Err(invalid_token("the credential has expired"));
+    }
+    Ok(principal)
 }

@@ -245,13 +245,26 @@ impl fmt::Debug for BearerToken {
 }
 
 /// The seam where token verification plugs in: JWTs against the JWKS, API keys through
-/// kiln-auth. The layer calls it for every RPC above PUBLIC.
+/// kiln-auth. The layer calls it for every RPC above PUBLIC: [`Self::authenticate_now`]
+/// first, [`Self::authenticate`] when that cannot decide.
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate<'a>(
         &'a self,
         token: &'a BearerToken,
         peer: &'a PeerInfo,
     ) -> BoxFuture<'a, Result<Principal, ApiError>>;
+
+    /// The outcome when it needs no I/O — a token verified before, still cached, with
+    /// revocations fresh — so that a hot client's calls are decided without a future;
+    /// `None` (the default) sends the token to [`Self::authenticate`]. It must come to the
+    /// same answer `authenticate` would.
+    fn authenticate_now(
+        &self,
+        _token: &BearerToken,
+        _peer: &PeerInfo,
+    ) -> Option<Result<Principal, ApiError>> {
+        None
+    }
 }
 
 /// The authenticator of a server that has no identity provider: every token is refused

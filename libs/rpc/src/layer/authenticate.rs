@@ -48,21 +48,20 @@ impl Authenticate {
         }
     }
 
-    /// The caller of a request for a kiln RPC of `access` level; `None` for PUBLIC.
-    async fn principal(
+    /// The end user behind the bearer credential, when that is known without I/O;
+    /// `None` to ask [`Self::user_principal`].
+    fn user_principal_now(
         &self,
-        access: Access,
-        peer: &PeerInfo,
         authorization: Option<&HeaderValue>,
+        peer: &PeerInfo,
         path: &str,
     ) -> Option<Result<Principal, ApiError>> {
-        match access {
-            Access::Public => None,
-            Access::Service => Some(self.workload_principal(peer)),
-            Access::Viewer | Access::User | Access::Admin => {
-                Some(self.user_principal(authorization, peer, path).await)
-            }
-        }
+        let token = match bearer_token(authorization) {
+            Ok(token) => token,
+            Err(err) => return Some(Err(err)),
+        };
+        let outcome = self.authenticator.authenticate_now(&token, peer)?;
+        Some(outcome.and_then(|principal| within_audience(principal, path)))
     }
 
     /// The end user behind the bearer credential.
@@ -72,28 +71,9 @@ impl Authenticate {
         peer: &PeerInfo,
         path: &str,
     ) -> Result<Principal, ApiError> {
-        let token = BearerToken::from_header(authorization)?.ok_or_else(|| {
-            ApiError::unauthenticated(
-                reason::MISSING_CREDENTIALS,
-                "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
-            )
-        })?;
+        let token = bearer_token(authorization)?;
         let principal = self.authenticator.authenticate(&token, peer).await?;
-        // A delegated token is valid at the one service it was minted for: never at
-        // kiln-auth (no API keys, sessions or further delegations from it), never at the
-        // agent. Checked here, for every authenticator, before any handler runs.
-        if let Some(scope) = &principal.scope
-            && !audience_admits(&scope.audience, path)
-        {
-            return Err(ApiError::unauthenticated(
-                reason::TOKEN_AUDIENCE_MISMATCH,
-                format!(
-                    "this delegated token is for {}, not for {path}",
-                    scope.audience
-                ),
-            ));
-        }
-        Ok(principal)
+        within_audience(principal, path)
     }
 
     fn workload_principal(&self, peer: &PeerInfo) -> Result<Principal, ApiError> {
@@ -115,16 +95,97 @@ impl Authenticate {
     }
 }
 
+/// The bearer credential of a call that needs one.
+fn bearer_token(authorization: Option<&HeaderValue>) -> Result<BearerToken, ApiError> {
+    BearerToken::from_header(authorization)?.ok_or_else(|| {
+        ApiError::unauthenticated(
+            reason::MISSING_CREDENTIALS,
+            "this RPC needs `authorization: Bearer <token>` (log in, or use an API key)",
+        )
+    })
+}
+
+/// `principal`, unless it is a delegation and `path` is outside its audience: a
+/// delegated token is valid at the one service it was minted for — never at kiln-auth (no
+/// API keys, sessions or further delegations from it), never at the agent. Checked here,
+/// for every authenticator and on both paths, before any handler runs.
+fn within_audience(principal: Principal, path: &str) -> Result<Principal, ApiError> {
+    if let Some(scope) = &principal.scope
+        && !audience_admits(&scope.audience, path)
+    {
+        return Err(ApiError::unauthenticated(
+            reason::TOKEN_AUDIENCE_MISMATCH,
+            format!(
+                "this delegated token is for {}, not for {path}",
+                scope.audience
+            ),
+        ));
+    }
+    Ok(principal)
+}
+
+/// Leaves the outcome in the extensions (`None`: a PUBLIC call, nobody to name).
+fn record(request: &mut Request<Body>, outcome: Option<Result<Principal, ApiError>>) {
+    match outcome {
+        None => {}
+        Some(Ok(principal)) => {
+            let span = tracing::Span::current();
+            if !span.is_disabled() {
+                // "spiffe://…/service/agent on behalf of alice" for a delegation.
+                span.record("principal", principal.describe().as_str());
+            }
+            request.extensions_mut().insert(principal);
+        }
+        Some(Err(err)) => {
+            request.extensions_mut().insert(AuthenticationFailed(err));
+        }
+    }
+}
+
 impl Admission for Authenticate {
-    fn admit<'a>(&'a self, request: &'a mut Request<Body>) -> BoxFuture<'a, Result<(), ApiError>> {
+    fn admit_now(&self, request: &mut Request<Body>) -> Option<Result<(), ApiError>> {
+        let access = match Route::of(request) {
+            None => return Some(Err(Route::missing())),
+            Some(Route::Infrastructure) => return Some(Ok(())),
+            Some(Route::Rpc(access)) => access,
+        };
+        let outcome = match access {
+            Access::Public => None,
+            Access::Service => {
+                let peer = request.extensions().get::<PeerInfo>();
+                Some(self.workload_principal(peer.unwrap_or(&PeerInfo::default())))
+            }
+            Access::Viewer | Access::User | Access::Admin => {
+                let default_peer = PeerInfo::default();
+                let peer = request
+                    .extensions()
+                    .get::<PeerInfo>()
+                    .unwrap_or(&default_peer);
+                let authorization = request.headers().get(http::header::AUTHORIZATION);
+                Some(self.user_principal_now(authorization, peer, request.uri().path())?)
+            }
+        };
+        record(request, outcome);
+        Some(Ok(()))
+    }
+
+    fn admit_later<'a>(
+        &'a self,
+        request: &'a mut Request<Body>,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            let access = match Route::of(request) {
-                None => return Err(Route::missing()),
-                Some(Route::Infrastructure) => return Ok(()),
-                Some(Route::Rpc(access)) => access,
-            };
-            // Copied out: the request (its body) is not Sync, so it is not held across
-            // the verification's await.
+            // Only user credentials need I/O; anything else admit_now decides.
+            if !matches!(
+                Route::of(request),
+                Some(Route::Rpc(Access::Viewer | Access::User | Access::Admin))
+            ) {
+                return self
+                    .admit_now(request)
+                    .unwrap_or_else(|| Err(Route::missing()));
+            }
+            // Copied out:
+            // the request (its body) is not Sync, so it is not held across the
+            // verification's await.
             let peer = request
                 .extensions()
                 .get::<PeerInfo>()
@@ -133,19 +194,9 @@ impl Admission for Authenticate {
             let authorization = request.headers().get(http::header::AUTHORIZATION).cloned();
             let path = request.uri().path().to_owned();
             let outcome = self
-                .principal(access, &peer, authorization.as_ref(), &path)
+                .user_principal(authorization.as_ref(), &peer, &path)
                 .await;
-            match outcome {
-                None => {}
-                Some(Ok(principal)) => {
-                    // "spiffe://…/service/agent on behalf of alice" for a delegation.
-                    tracing::Span::current().record("principal", principal.describe().as_str());
-                    request.extensions_mut().insert(principal);
-                }
-                Some(Err(err)) => {
-                    request.extensions_mut().insert(AuthenticationFailed(err));
-                }
-            }
+            record(request, Some(outcome));
             Ok(())
         })
     }
@@ -156,8 +207,37 @@ mod tests {
     use super::*;
     use crate::identity::{AuthMethod, DelegationScope, Role, WorkloadId};
 
-    /// Accepts the token `alice` (role user) and `delegated` (scoped to kiln-build).
-    struct Fixed;
+    /// Accepts the token `alice` (role user) and `delegated` (scoped to kiln-build),
+    /// through `authenticate` only (as for a token not seen before) or through
+    /// `authenticate_now` too (as for a cached one).
+    struct Fixed {
+        decides_now: bool,
+    }
+
+    impl Fixed {
+        fn check(token: &BearerToken) -> Result<Principal, ApiError> {
+            let scope = match token.as_str() {
+                "alice" => None,
+                "delegated" => Some(DelegationScope {
+                    audience: crate::token::BUILD_AUDIENCE.into(),
+                    task_id: "t1".into(),
+                    workspace_id: None,
+                }),
+                _ => return Err(ApiError::unauthenticated(reason::INVALID_TOKEN, "no")),
+            };
+            Ok(Principal {
+                subject: "u-alice".into(),
+                username: "alice".into(),
+                role: Some(Role::User),
+                auth_method: AuthMethod::Token,
+                expires_at: None,
+                session_id: None,
+                api_key_id: None,
+                actor: None,
+                scope,
+            })
+        }
+    }
 
     impl Authenticator for Fixed {
         fn authenticate<'a>(
@@ -165,60 +245,62 @@ mod tests {
             token: &'a BearerToken,
             _peer: &'a PeerInfo,
         ) -> BoxFuture<'a, Result<Principal, ApiError>> {
-            Box::pin(async move {
-                let scope = match token.as_str() {
-                    "alice" => None,
-                    "delegated" => Some(DelegationScope {
-                        audience: crate::token::BUILD_AUDIENCE.into(),
-                        task_id: "t1".into(),
-                        workspace_id: None,
-                    }),
-                    _ => return Err(ApiError::unauthenticated(reason::INVALID_TOKEN, "no")),
-                };
-                Ok(Principal {
-                    subject: "u-alice".into(),
-                    username: "alice".into(),
-                    role: Some(Role::User),
-                    auth_method: AuthMethod::Token,
-                    expires_at: None,
-                    session_id: None,
-                    api_key_id: None,
-                    actor: None,
-                    scope,
-                })
-            })
+            Box::pin(async move { Self::check(token) })
+        }
+
+        fn authenticate_now(
+            &self,
+            token: &BearerToken,
+            _peer: &PeerInfo,
+        ) -> Option<Result<Principal, ApiError>> {
+            self.decides_now.then(|| Self::check(token))
         }
     }
 
-    fn authenticate() -> Authenticate {
-        Authenticate::new(Arc::new(Fixed), "kiln.local".into())
-    }
-
+    /// What the layer leaves for a call, the same whether the authenticator decides at
+    /// once or only after I/O: the principal, the failure's reason, the request.
     async fn outcome(
         path: &str,
         access: Access,
         token: Option<&str>,
         peer: PeerInfo,
     ) -> (Option<Principal>, Option<String>, Request<Body>) {
-        let mut request = crate::layer::testing::request(path);
-        request.extensions_mut().insert(Route::Rpc(access));
-        request.extensions_mut().insert(peer);
-        if let Some(token) = token {
-            request.headers_mut().insert(
-                http::header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
-            );
+        let mut outcomes = Vec::new();
+        for decides_now in [false, true] {
+            let layer = Authenticate::new(Arc::new(Fixed { decides_now }), "kiln.local".into());
+            let mut request = crate::layer::testing::request(path);
+            request.extensions_mut().insert(Route::Rpc(access));
+            request.extensions_mut().insert(peer.clone());
+            if let Some(token) = token {
+                request.headers_mut().insert(
+                    http::header::AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+                );
+            }
+            match layer.admit_now(&mut request) {
+                Some(admitted) => admitted.expect("refuses nothing"),
+                None => {
+                    assert!(
+                        !decides_now,
+                        "an authenticator that decides now is not waited for"
+                    );
+                    layer
+                        .admit_later(&mut request)
+                        .await
+                        .expect("refuses nothing");
+                }
+            }
+            let principal = request.extensions().get::<Principal>().cloned();
+            let failure = request
+                .extensions()
+                .get::<AuthenticationFailed>()
+                .map(|f| f.0.reason().to_owned());
+            outcomes.push((principal, failure, request));
         }
-        authenticate()
-            .admit(&mut request)
-            .await
-            .expect("refuses nothing");
-        let principal = request.extensions().get::<Principal>().cloned();
-        let failure = request
-            .extensions()
-            .get::<AuthenticationFailed>()
-            .map(|f| f.0.reason().to_owned());
-        (principal, failure, request)
+        let now = outcomes.pop().expect("two");
+        let later = outcomes.pop().expect("two");
+        assert_eq!((&now.0, &now.1), (&later.0, &later.1), "both paths agree");
+        now
     }
 
     const GET_BUILD: &str = "/kiln.build.v1.BuildService/GetBuild";

@@ -2,7 +2,6 @@
 //! error, a role below the RPC's declared level with PERMISSION_DENIED. It trusts only
 //! what [`super::authenticate`] left, and refuses when that is missing.
 
-use futures::future::BoxFuture;
 use http::Request;
 use tonic::body::Body;
 
@@ -53,9 +52,8 @@ impl Authorize {
 }
 
 impl Admission for Authorize {
-    fn admit<'a>(&'a self, request: &'a mut Request<Body>) -> BoxFuture<'a, Result<(), ApiError>> {
-        let checked = Self::check(request);
-        Box::pin(async move { checked })
+    fn admit_now(&self, request: &mut Request<Body>) -> Option<Result<(), ApiError>> {
+        Some(Self::check(request))
     }
 }
 

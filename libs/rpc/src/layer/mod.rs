@@ -27,7 +27,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http::{Request, Response};
 use tonic::Status;
 use tonic::body::Body;
@@ -53,8 +53,30 @@ pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer, VERSION_HEADE
 
 /// A concern that looks at a request before its handler and lets it through (perhaps
 /// leaving something in its extensions) or refuses it. Wrapped in [`AdmissionLayer`].
+///
+/// Two steps because almost every decision needs no I/O (a check of what the request
+/// carries, a credential already verified): [`Self::admit_now`] decides those in the
+/// call itself, so the layer hands the request straight on, with no future of its own to
+/// allocate and no copy of the rest of the chain to carry (bench/README.md, layer
+/// chain). Only what needs I/O — an API key looked up at kiln-auth, a token whose keys
+/// are not fetched yet — goes on to [`Self::admit_later`].
 pub trait Admission: Send + Sync + 'static {
-    fn admit<'a>(&'a self, request: &'a mut Request<Body>) -> BoxFuture<'a, Result<(), ApiError>>;
+    /// The decision when it needs no I/O; `None` hands the request to
+    /// [`Self::admit_later`].
+    fn admit_now(&self, request: &mut Request<Body>) -> Option<Result<(), ApiError>>;
+
+    /// The decision that needs I/O, for a request [`Self::admit_now`] left undecided.
+    /// An admission that always decides now need not write it: this one refuses (fails
+    /// closed) rather than let such a request through.
+    fn admit_later<'a>(
+        &'a self,
+        _request: &'a mut Request<Body>,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(std::future::ready(Err(ApiError::internal(
+            "admitting the request",
+            &"an admission left it undecided but has no asynchronous check",
+        ))))
+    }
 }
 
 /// The tower layer of one [`Admission`].
@@ -117,21 +139,30 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    /// The rest of the chain's own future when the admission decided at once (most
+    /// calls), a boxed one for a refusal or a decision that waits for I/O.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        let admission = self.admission.clone();
-        Box::pin(async move {
-            match admission.admit(&mut request).await {
-                Ok(()) => inner.call(request).await,
-                Err(err) => Ok(refusal(err)),
+        match self.admission.admit_now(&mut request) {
+            // `inner` is the instance `poll_ready` made ready: it takes the call itself.
+            Some(Ok(())) => Either::Left(self.inner.call(request)),
+            Some(Err(err)) => Either::Right(Box::pin(std::future::ready(Ok(refusal(err))))),
+            None => {
+                let mut inner = take_ready(&mut self.inner);
+                let admission = self.admission.clone();
+                Either::Right(Box::pin(async move {
+                    match admission.admit_later(&mut request).await {
+                        Ok(()) => inner.call(request).await,
+                        Err(err) => Ok(refusal(err)),
+                    }
+                }))
             }
-        })
+        }
     }
 }
 

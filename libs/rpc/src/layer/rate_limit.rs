@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use http::Request;
 use tonic::body::Body;
 
@@ -91,7 +90,7 @@ impl RateLimitCheck {
 }
 
 impl Admission for RateLimitCheck {
-    fn admit<'a>(&'a self, request: &'a mut Request<Body>) -> BoxFuture<'a, Result<(), ApiError>> {
+    fn admit_now(&self, request: &mut Request<Body>) -> Option<Result<(), ApiError>> {
         let checked = self.check(request);
         if let (Err(err), Some(refused)) = (&checked, &self.refused)
             && err.reason() == crate::error::reason::RATE_LIMITED
@@ -101,7 +100,7 @@ impl Admission for RateLimitCheck {
                 .get_or_create(&MethodLabels::of_path(request.uri().path()))
                 .inc();
         }
-        Box::pin(async move { checked })
+        Some(checked)
     }
 }
 
