@@ -82,7 +82,10 @@ where
         match crate::sampling::decide(&parent, name_of(&request)) {
             Decision::Record => {
                 let span = server_span!(name_of(&request));
-                if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+                // The caller's trace, or just its baggage (which goes on in a new trace).
+                if opentelemetry::trace::TraceContextExt::has_active_span(&parent)
+                    || opentelemetry::baggage::BaggageExt::baggage(&parent).len() > 0
+                {
                     let _ = span.set_parent(parent);
                 }
                 let future = span.in_scope(|| self.inner.call(request));

@@ -33,6 +33,15 @@ pub fn inject_current(metadata: &mut MetadataMap) {
 /// The trace context and baggage an incoming call carries (an empty context when it
 /// carries none, or a malformed one: the W3C rule is to start a new trace then).
 pub fn extract(headers: &http::HeaderMap) -> Context {
+    // Most calls carry neither (the clients kiln's own services do not trace, probes,
+    // grpcurl): they skip the global propagator's lock and its propagators' look-ups.
+    // `tracestate` means nothing without `traceparent`. The propagators are the two
+    // `install_propagator` sets.
+    const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+    const BAGGAGE: http::HeaderName = http::HeaderName::from_static("baggage");
+    if !headers.contains_key(TRACEPARENT) && !headers.contains_key(BAGGAGE) {
+        return Context::current();
+    }
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))
     })

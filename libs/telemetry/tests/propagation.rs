@@ -97,6 +97,20 @@ fn a_call_without_one_or_with_a_malformed_one_starts_a_new_trace() {
 }
 
 #[test]
+fn baggage_without_a_traceparent_is_passed_on_in_a_new_trace() {
+    let (trace_id, outgoing) =
+        with_tracing(|| serve(&[("baggage", "tenant=acme"), ("tracestate", "vendor=opaque")]));
+    let trace_id = trace_id.expect("a new trace");
+    assert!(header(&outgoing, "traceparent").contains(&trace_id));
+    assert_eq!(header(&outgoing, "baggage"), "tenant=acme");
+    assert_eq!(
+        header(&outgoing, "tracestate"),
+        "",
+        "a tracestate belongs to the traceparent it came with"
+    );
+}
+
+#[test]
 fn without_tracing_nothing_is_sent() {
     kiln_telemetry::install_propagator();
     let mut outgoing = MetadataMap::new();

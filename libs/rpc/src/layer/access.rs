@@ -8,12 +8,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http::{Request, Response};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::{refusal, take_ready};
+use super::refusal;
 use crate::access::{Access, AccessPolicy, Verdict};
 use crate::error::{ApiError, reason};
 use crate::identity::PeerInfo;
@@ -129,33 +129,34 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    /// The rest of the chain's own future, boxed only to hold a stream's slot or for a
+    /// refusal.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        let admitted = self.layer.admit(&request);
-        Box::pin(async move {
-            let (route, slot) = match admitted {
-                Ok(admitted) => admitted,
-                Err(err) => return Ok(refusal(err)),
-            };
-            request.extensions_mut().insert(route);
-            let response = inner.call(request).await?;
-            Ok(match slot {
-                // The slot lives as long as the response stream.
-                Some(slot) => response.map(|body| {
+        let (route, slot) = match self.layer.admit(&request) {
+            Ok(admitted) => admitted,
+            Err(err) => return Either::Right(Box::pin(std::future::ready(Ok(refusal(err))))),
+        };
+        request.extensions_mut().insert(route);
+        // `inner` is the instance `poll_ready` made ready: it takes the call itself.
+        let response = self.inner.call(request);
+        match slot {
+            None => Either::Left(response),
+            // The slot lives as long as the response stream.
+            Some(slot) => Either::Right(Box::pin(async move {
+                Ok(response.await?.map(|body| {
                     Body::new(SlotBody {
                         inner: body,
                         _slot: slot,
                     })
-                }),
-                None => response,
-            })
-        })
+                }))
+            })),
+        }
     }
 }
 

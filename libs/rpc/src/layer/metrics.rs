@@ -19,8 +19,6 @@ use kiln_metrics::{Counter, EncodeLabelSet, Family, Gauge, Histogram, Registry, 
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use super::take_ready;
-
 /// Long-lived and short infrastructure methods, labelled like the contract's.
 const INFRASTRUCTURE_METHODS: &[&str] = &[
     "/grpc.health.v1.Health/Check",
@@ -218,10 +216,12 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
         let call = Call::start(self.layer.series(request.uri().path()));
+        // The instance `poll_ready` made ready takes the call now (no copy of the rest of
+        // the chain in the future).
+        let response = self.inner.call(request);
         Box::pin(async move {
-            let response = inner.call(request).await?;
+            let response = response.await?;
             let (parts, body) = response.into_parts();
             let mut call = call;
             call.code = grpc_code(&parts.headers);
