@@ -84,7 +84,7 @@ where
                 let span = server_span!(name_of(&request));
                 // The caller's trace, or just its baggage (which goes on in a new trace).
                 if opentelemetry::trace::TraceContextExt::has_active_span(&parent)
-                    || opentelemetry::baggage::BaggageExt::baggage(&parent).len() > 0
+                    || !opentelemetry::baggage::BaggageExt::baggage(&parent).is_empty()
                 {
                     let _ = span.set_parent(parent);
                 }
