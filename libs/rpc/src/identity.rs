@@ -192,8 +192,14 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, ApiError>
 
 /// A credential taken from the `authorization` header: `Bearer <token>` where the token
 /// is an access JWT or an API key (`kiln_…`).
+///
+/// It keeps the header value (a reference-counted buffer) and where the token lies in
+/// it, not a copy: this is parsed on every authenticated call.
 #[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
+pub struct BearerToken {
+    header: http::HeaderValue,
+    token: std::ops::Range<usize>,
+}
 
 impl BearerToken {
     /// Longest `authorization` header accepted; real tokens are well under 2 KiB.
@@ -229,11 +235,20 @@ impl BearerToken {
         if token.is_empty() || token.bytes().any(|b| b.is_ascii_whitespace()) {
             return Err(malformed("has an empty or broken token"));
         }
-        Ok(Some(Self(token.to_owned())))
+        let start = token.as_ptr() as usize - text.as_ptr() as usize;
+        Ok(Some(Self {
+            header: value.clone(),
+            token: start..start + token.len(),
+        }))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // The header was checked to be ASCII, so this neither fails nor splits a char.
+        self.header
+            .to_str()
+            .ok()
+            .and_then(|text| text.get(self.token.clone()))
+            .unwrap_or_default()
     }
 }
 
